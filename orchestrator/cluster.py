@@ -1,0 +1,291 @@
+"""Lifecycle of the Ray cluster and the Serve application behind `colocate up/down/status`.
+
+A local cluster is started as `ray start --head --block` in a process group of its own, so that
+`down` can stop exactly what `up` started (never `ray stop`, which would stop every cluster on the
+machine). What `up` did is written to a state file that `down` and `status` read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import ClusterConfig, ColocateConfig
+
+STATE_DIR_ENV = "COLOCATE_STATE_DIR"
+NAMESPACE = "colocate"
+# Ray Serve LLM names each model's deployment "<server class>:<model id>".
+LLM_DEPLOYMENT_PREFIX = "ColocateLLMServer:"
+# Local clusters are single-user and loopback-only; token auth would make every CLI call
+# (including `ray job submit`) carry a token for no gain.
+CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV, ".colocate")).resolve()
+
+
+@dataclass
+class StackState:
+    """What `colocate up` created; read back by `down` and `status`."""
+
+    address: str
+    dashboard_url: str | None
+    endpoint: str
+    app_name: str
+    started_cluster: bool
+    ray_start_pid: int | None = None
+    temp_dir: str | None = None
+
+    @classmethod
+    def path(cls) -> Path:
+        return state_dir() / "stack.json"
+
+    def save(self) -> None:
+        p = self.path()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(p)
+
+    @classmethod
+    def load(cls) -> StackState | None:
+        p = cls.path()
+        if not p.exists():
+            return None
+        return cls(**json.loads(p.read_text()))
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.path().unlink(missing_ok=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def _ray_executable() -> str:
+    candidate = Path(sys.executable).parent / "ray"
+    return str(candidate) if candidate.exists() else "ray"
+
+
+def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackState:
+    """Start `ray start --head --block` on loopback with our own ports and temp dir."""
+    for name, port in (("cluster.gcs_port", cfg.gcs_port), ("cluster.dashboard_port", cfg.dashboard_port)):
+        if port_in_use(cfg.node_ip, port):
+            raise RuntimeError(f"{name} {port} is already in use on {cfg.node_ip}; choose another port")
+    temp_dir = cfg.temp_dir or f"/tmp/colocate-{cfg.gcs_port}"
+    Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    cmd = [
+        _ray_executable(), "start", "--head", "--block",
+        f"--port={cfg.gcs_port}",
+        f"--node-ip-address={cfg.node_ip}",
+        f"--num-cpus={cfg.num_cpus}",
+        "--num-gpus=0" if not _has_gpu() else "",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=true",
+        f"--dashboard-host={cfg.node_ip}",
+        f"--dashboard-port={cfg.dashboard_port}",
+        # Every port Ray would otherwise take at a fixed default is chosen free, so clusters of
+        # other users on the same machine are never disturbed.
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--object-store-memory={cfg.object_store_memory_bytes}",
+        "--disable-usage-stats",
+    ]
+    cmd = [c for c in cmd if c]
+    log = open(Path(temp_dir) / "colocate-ray-start.log", "ab")
+    env = {**os.environ, **CLUSTER_ENV}
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True, env=env,
+    )
+    dashboard_url = f"http://{cfg.node_ip}:{cfg.dashboard_port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"ray start exited with code {proc.returncode}; see {temp_dir}/colocate-ray-start.log"
+            )
+        if _http_ok(f"{dashboard_url}/api/version"):
+            break
+        time.sleep(0.5)
+    else:
+        _kill_group(proc.pid)
+        raise TimeoutError(f"local Ray cluster not up after {timeout_s:.0f}s; see {temp_dir}")
+    return StackState(
+        address=f"{cfg.node_ip}:{cfg.gcs_port}",
+        dashboard_url=dashboard_url,
+        endpoint="",
+        app_name="",
+        started_cluster=True,
+        ray_start_pid=proc.pid,
+        temp_dir=temp_dir,
+    )
+
+
+def _has_gpu() -> bool:
+    return Path("/dev/nvidia0").exists()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _kill_group(pid: int, grace_s: float = 30.0) -> None:
+    """Stop the `ray start` process led by `pid` and every process it spawned (ours alone).
+
+    Ray's workers are started by the raylet in sessions of their own, so a process-group signal
+    misses them; the process tree is collected first, then SIGTERM, then SIGKILL after `grace_s`.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    alive = _wait_gone(procs, grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _wait_gone(alive, 5.0)
+
+
+def _wait_gone(procs, timeout_s: float):
+    """Wait until every process has exited; a zombie counts as exited (its parent may be gone)."""
+    import psutil
+
+    def running(proc) -> bool:
+        try:
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    alive = [p for p in procs if running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if running(p)]
+    return alive
+
+
+def connect(address: str) -> None:
+    import ray
+
+    for k, v in CLUSTER_ENV.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return
+    ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+
+
+def deploy(config: ColocateConfig, model_source: str) -> None:
+    from ray import serve
+
+    from orchestrator.app import build_app
+
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    # _run with _blocking=False returns once the deploy is submitted; wait_until_healthy then
+    # waits with a timeout and progress, which serve.run cannot give.
+    serve._run(build_app(config, model_source), name=config.serve.app_name, route_prefix="/", _blocking=False)
+
+
+def wait_until_healthy(
+    config: ColocateConfig, on_progress: Callable[[str], None] = lambda _: None
+) -> float:
+    """Wait for the application to be RUNNING and /v1/models to answer; returns seconds waited."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    start = time.monotonic()
+    last = ""
+    while True:
+        elapsed = time.monotonic() - start
+        if elapsed > config.serve.health_timeout_s:
+            raise TimeoutError(f"application not healthy after {elapsed:.0f}s (last status: {last})")
+        app = serve.status().applications.get(config.serve.app_name)
+        status = app.status.value if app else "NOT_STARTED"
+        if app and status == ApplicationStatus.DEPLOY_FAILED.value:
+            raise RuntimeError(f"deploy failed: {app.message}")
+        if status == ApplicationStatus.RUNNING.value and _http_ok(f"{config.endpoint}/models"):
+            return elapsed
+        line = f"{status}: " + ", ".join(
+            f"{name} {dict(d.replica_states)}" for name, d in (app.deployments.items() if app else [])
+        )
+        if line != last:
+            on_progress(f"[{elapsed:5.0f}s] {line}")
+            last = line
+        time.sleep(1.0)
+
+
+def teardown(state: StackState) -> list[str]:
+    """Remove what `up` created. Returns what was done, for the CLI to print."""
+    done = []
+    if state.started_cluster and state.ray_start_pid:
+        _kill_group(state.ray_start_pid)
+        done.append(f"stopped the local Ray cluster (process group {state.ray_start_pid})")
+    else:
+        from ray import serve
+
+        connect(state.address)
+        serve.delete(state.app_name)
+        done.append(f"deleted application {state.app_name!r} from {state.address}")
+    StackState.clear()
+    return done
+
+
+def replica_rows(app_name: str) -> list[dict[str, Any]]:
+    """One row per LLM replica: actor state joined with the replica's own load report."""
+    from ray.util.state import list_actors
+
+    from orchestrator.registry import get_or_create_registry
+
+    import ray
+
+    reports = {r["replica_id"]: r for r in ray.get(get_or_create_registry().snapshot.remote())}
+    rows = []
+    for actor in list_actors(filters=[("ray_namespace", "=", "serve")], limit=1000):
+        name = actor.name or ""
+        # SERVE_REPLICA::<app>#<deployment>#<replica id>
+        if not name.startswith(f"SERVE_REPLICA::{app_name}#{LLM_DEPLOYMENT_PREFIX}"):
+            continue
+        replica_id = name.rsplit("#", 1)[-1]
+        report = reports.get(replica_id, {})
+        if actor.state != "ALIVE":
+            state = actor.state
+        else:
+            state = "RUNNING" if report else "STARTING"
+        rows.append({"replica_id": replica_id, "state": state, **{k: v for k, v in report.items() if k != "replica_id"}})
+    return rows

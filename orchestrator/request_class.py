@@ -1,0 +1,40 @@
+"""Request classes: every request is `online` (interactive chat) or `offline` (batch work).
+
+The class is set explicitly by whoever submits the request, in the request body's
+`request_class` field; it is never inferred from the prompt or the client. A request without the
+field is chat, the default the OpenAI API's own clients get.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+REQUEST_CLASS_FIELD = "request_class"
+
+
+class RequestClass(str, Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+# vLLM's priority scheduler runs lower values first; online work always sorts ahead of offline.
+_PRIORITY = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 10}
+
+
+def vllm_priority(request_class: RequestClass) -> int:
+    return _PRIORITY[request_class]
+
+
+def parse_request_class(value: object) -> RequestClass:
+    """Map the body field to a class. None (field absent) is online; anything unknown is an error."""
+    if value is None:
+        return RequestClass.ONLINE
+    if isinstance(value, RequestClass):
+        return value
+    if isinstance(value, str):
+        try:
+            return RequestClass(value)
+        except ValueError:
+            pass
+    known = ", ".join(repr(c.value) for c in RequestClass)
+    raise ValueError(f"'{REQUEST_CLASS_FIELD}' must be one of {known}, got {value!r}")

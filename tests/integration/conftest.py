@@ -1,0 +1,56 @@
+"""A real local Ray cluster with a real vLLM-on-CPU replica, started once per test session.
+
+The stack is brought up through the `colocate` CLI itself, on free loopback ports, with its own
+state and temp directories, and torn down with `colocate down`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cluster import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_CACHE = ROOT / ".colocate" / "models" / "tiny-test"
+
+
+def colocate_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", *args]
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    work = tmp_path_factory.mktemp("stack")
+    serve_port, gcs_port, dash_port = free_port(), free_port(), free_port()
+    config = {
+        "model": {"id": "colocate-tiny", "source": str(MODEL_CACHE), "build_tiny": "test"},
+        "replicas": {"num_replicas": 1, "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": 32}},
+        "serve": {"port": serve_port, "health_timeout_s": 420},
+        "cluster": {"gcs_port": gcs_port, "dashboard_port": dash_port, "temp_dir": f"/tmp/colocate-test-{gcs_port}"},
+    }
+    config_path = work / "colocate.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "COLOCATE_STATE_DIR": str(work / "state")}
+    up = subprocess.run(colocate_cmd("up", "-c", str(config_path)), cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+    if up.returncode != 0:
+        subprocess.run(colocate_cmd("down"), cwd=ROOT, env=env, timeout=120)
+        pytest.fail(f"colocate up failed ({up.returncode}):\n{up.stdout}\n{up.stderr[-4000:]}")
+    info = {
+        "endpoint": f"http://127.0.0.1:{serve_port}/v1",
+        "model": "colocate-tiny",
+        "env": env,
+        "config_path": config_path,
+        "dashboard_url": f"http://127.0.0.1:{dash_port}",
+        "up_stdout": up.stdout,
+    }
+    try:
+        yield info
+    finally:
+        subprocess.run(colocate_cmd("down"), cwd=ROOT, env=env, timeout=120)
