@@ -83,3 +83,22 @@ def build_app(config: ColocateConfig, model_source: str | None = None):
             "ingress_cls_config": {"ingress_cls": INGRESS_CLS},
         }
     )
+
+
+def build_from_args(args: dict[str, Any]):
+    """Ray Serve application builder for `serve run` / `serve deploy` / KubeRay serveConfigV2.
+
+    args: `config_path` (a ColocateConfig YAML; relative paths resolve against the working
+    directory of the process that builds the app) and/or `config` (an inline ColocateConfig
+    mapping, overriding the file's top-level sections).
+    """
+    from orchestrator.config import load_config, parse_config
+
+    unknown = set(args) - {"config_path", "config"}
+    if unknown:
+        raise ValueError(f"unknown application args {sorted(unknown)}; expected config_path and/or config")
+    config = load_config(args.get("config_path"))
+    if args.get("config"):
+        merged = {**config.model_dump(mode="json"), **args["config"]}
+        config = parse_config(merged, "application args")
+    return build_app(config)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from orchestrator.config import ConfigError, ColocateConfig, load_config
+from orchestrator.config import ColocateConfig, ConfigError, load_config
 
 app = typer.Typer(help="Colocate: online chat and offline batch inference on the same vLLM replicas.",
                   no_args_is_help=True, add_completion=False)
@@ -23,7 +22,7 @@ def _echo(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-def _load(config_path: Optional[str], address: Optional[str] = None) -> ColocateConfig:
+def _load(config_path: str | None, address: str | None = None) -> ColocateConfig:
     """Load the config or exit 2 with the field path and reason, before anything starts."""
     path = config_path
     if path is None and Path(DEFAULT_CONFIG).exists():
@@ -57,49 +56,18 @@ def model_tiny(
 
 @app.command()
 def up(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
-    address: Optional[str] = typer.Option(None, "--address", help="Existing Ray cluster; none starts a local one."),
+    config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
+    address: str | None = typer.Option(None, "--address", help="Existing Ray cluster; none starts a local one."),
 ) -> None:
     """Start (or join) a Ray cluster, deploy the chat application, wait until it is healthy."""
     from orchestrator import cluster
-    from orchestrator.app import resolve_model_source
 
     cfg = _load(config, address)
-    existing = cluster.StackState.load()
-    if existing is not None:
-        _echo(f"error: a stack is already up ({existing.endpoint} on {existing.address}); run `colocate down` first")
-        raise typer.Exit(1)
     try:
-        model_source = resolve_model_source(cfg)
-    except (FileNotFoundError, ValueError) as err:
+        cluster.bring_up(cfg, on_progress=_echo)
+    except cluster.StackError as err:
         _echo(f"error: {err}")
-        raise typer.Exit(2) from None
-    if cfg.cluster.address:
-        state = cluster.StackState(address=cfg.cluster.address, dashboard_url=None, endpoint="",
-                                   app_name="", started_cluster=False)
-        _echo(f"joining Ray cluster at {cfg.cluster.address}")
-    else:
-        _echo(f"starting a local Ray cluster on {cfg.cluster.node_ip}:{cfg.cluster.gcs_port} "
-              f"({cfg.cluster.num_cpus} logical CPUs)")
-        try:
-            state = cluster.start_local_cluster(cfg.cluster)
-        except (RuntimeError, TimeoutError) as err:
-            _echo(f"error: {err}")
-            raise typer.Exit(1) from None
-    state.endpoint, state.app_name = cfg.endpoint, cfg.serve.app_name
-    state.save()
-    try:
-        cluster.connect(state.address)
-        _echo(f"deploying {cfg.replicas.num_replicas} replica(s) of {cfg.model.id} from {model_source}")
-        cluster.deploy(cfg, model_source)
-        waited_s = cluster.wait_until_healthy(cfg, on_progress=_echo)
-    except BaseException as err:
-        _echo(f"error: {err}; removing what was started")
-        cluster.teardown(state)
-        raise typer.Exit(1) from None
-    _echo(f"healthy after {waited_s:.0f}s")
-    if state.dashboard_url:
-        _echo(f"Ray dashboard and job API: {state.dashboard_url}")
+        raise typer.Exit(err.exit_code) from None
     typer.echo(f"endpoint: {cfg.endpoint}")
 
 
@@ -161,6 +129,30 @@ def collect_status(state) -> dict:
         ],
         "replicas": cluster.replica_rows(state.app_name),
     }
+
+
+@app.command()
+def demo(
+    config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
+    duration_s: float = typer.Option(45.0, "--duration-s", help="Seconds of chat traffic."),
+    chat_rate: float = typer.Option(1.0, "--chat-rate", help="Mean chat requests per second."),
+    num_offline: int = typer.Option(60, "--num-offline", help="Requests in the batch job."),
+    keep: bool = typer.Option(False, "--keep", help="Leave the stack running afterwards."),
+) -> None:
+    """The main job: bring the stack up, run chat traffic and a batch job together, summarize."""
+    from orchestrator import cluster
+    from orchestrator.demo import format_summary, run_demo
+
+    cfg = _load(config)
+    try:
+        summary = run_demo(cfg, duration_s=duration_s, chat_rate_per_s=chat_rate,
+                           num_offline=num_offline, keep=keep, on_progress=_echo)
+    except (cluster.StackError, FileNotFoundError) as err:
+        _echo(f"error: {err}")
+        raise typer.Exit(1) from None
+    typer.echo(format_summary(summary))
+    if summary["batch"]["status"] != "SUCCEEDED" or summary["chat"]["num_ok"] == 0:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -115,7 +115,9 @@ def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackSta
     ]
     cmd = [c for c in cmd if c]
     log = open(Path(temp_dir) / "colocate-ray-start.log", "ab")
-    env = {**os.environ, **CLUSTER_ENV}
+    # Job entrypoints (`python -m jobs.batch`) run with the head node's PATH: make it ours.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, **CLUSTER_ENV, "PATH": path}
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True, env=env,
@@ -212,10 +214,14 @@ def connect(address: str) -> None:
 
 
 def deploy(config: ColocateConfig, model_source: str) -> None:
+    import logging
+
     from ray import serve
 
     from orchestrator.app import build_app
 
+    # Serve logs every deployment option at INFO on the driver; `up` reports progress itself.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     # _run with _blocking=False returns once the deploy is submitted; wait_until_healthy then
     # waits with a timeout and progress, which serve.run cannot give.
@@ -268,11 +274,10 @@ def teardown(state: StackState) -> list[str]:
 
 def replica_rows(app_name: str) -> list[dict[str, Any]]:
     """One row per LLM replica: actor state joined with the replica's own load report."""
+    import ray
     from ray.util.state import list_actors
 
     from orchestrator.registry import get_or_create_registry
-
-    import ray
 
     reports = {r["replica_id"]: r for r in ray.get(get_or_create_registry().snapshot.remote())}
     rows = []
@@ -289,3 +294,51 @@ def replica_rows(app_name: str) -> list[dict[str, Any]]:
             state = "RUNNING" if report else "STARTING"
         rows.append({"replica_id": replica_id, "state": state, **{k: v for k, v in report.items() if k != "replica_id"}})
     return rows
+
+
+class StackError(RuntimeError):
+    """`bring_up` could not bring the stack up; whatever it started has been removed."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def bring_up(config: ColocateConfig, on_progress: Callable[[str], None] = lambda _: None) -> StackState:
+    """Start or join a cluster, deploy the app, wait until healthy, record the state."""
+    from orchestrator.app import resolve_model_source
+
+    existing = StackState.load()
+    if existing is not None:
+        raise StackError(f"a stack is already up ({existing.endpoint} on {existing.address}); "
+                         "run `colocate down` first")
+    try:
+        model_source = resolve_model_source(config)
+    except (FileNotFoundError, ValueError) as err:
+        raise StackError(str(err), exit_code=2) from None
+    if config.cluster.address:
+        state = StackState(address=config.cluster.address, dashboard_url=None, endpoint="",
+                           app_name="", started_cluster=False)
+        on_progress(f"joining Ray cluster at {config.cluster.address}")
+    else:
+        on_progress(f"starting a local Ray cluster on {config.cluster.node_ip}:{config.cluster.gcs_port} "
+                    f"({config.cluster.num_cpus} logical CPUs)")
+        try:
+            state = start_local_cluster(config.cluster)
+        except (RuntimeError, TimeoutError) as err:
+            raise StackError(str(err)) from None
+    state.endpoint, state.app_name = config.endpoint, config.serve.app_name
+    state.save()
+    try:
+        connect(state.address)
+        on_progress(f"deploying {config.replicas.num_replicas} replica(s) of {config.model.id} from {model_source}")
+        deploy(config, model_source)
+        waited_s = wait_until_healthy(config, on_progress=on_progress)
+    except BaseException as err:
+        on_progress(f"error: {err}; removing what was started")
+        teardown(state)
+        raise StackError(str(err)) from None
+    on_progress(f"healthy after {waited_s:.0f}s")
+    if state.dashboard_url:
+        on_progress(f"Ray dashboard and job API: {state.dashboard_url}")
+    return state

@@ -1,0 +1,241 @@
+"""Run an offline batch job on the co-located replicas.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python -m jobs.batch --input IN --output OUT [--model M] [--weight W]
+
+Every request is sent as `request_class: offline`, to the same OpenAI endpoint that serves chat,
+and only as many at once as the offline admission actor allows this job (its weighted share of
+the offline budget). Results are checkpointed line by line; resubmitting the same command resumes
+where the last run stopped, without redoing or duplicating finished work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.checkpoint import ResultLog
+from jobs.formats import BatchItem, output_record, read_input, write_parquet_output
+
+log = logging.getLogger("colocate.batch")
+
+DEFAULT_ENDPOINT = os.environ.get("COLOCATE_ENDPOINT", "http://127.0.0.1:8000/v1")
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class Progress:
+    total: int
+    done: int = 0
+    num_failed: int = 0
+    num_input_errors: int = 0
+    num_retries: int = 0
+    completion_tokens: int = 0
+    started_s: float = field(default_factory=time.monotonic)
+    done_at_start: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        elapsed_s = max(time.monotonic() - self.started_s, 1e-6)
+        rate = (self.done - self.done_at_start) / elapsed_s
+        remaining = self.total - self.done
+        return {
+            "done": self.done,
+            "total": self.total,
+            "num_failed": self.num_failed,
+            "num_input_errors": self.num_input_errors,
+            "num_retries": self.num_retries,
+            "tokens_per_s": self.completion_tokens / elapsed_s,
+            "eta_s": remaining / rate if rate > 0 else None,
+            "elapsed_s": elapsed_s,
+        }
+
+    def line(self) -> str:
+        s = self.snapshot()
+        eta = f"{s['eta_s']:.0f}s" if s["eta_s"] is not None else "?"
+        pct = 100.0 * s["done"] / max(s["total"], 1)
+        return (f"progress: {s['done']}/{s['total']} ({pct:.1f}%), {s['tokens_per_s']:.1f} tok/s, "
+                f"ETA {eta}, failed {s['num_failed']}, retries {s['num_retries']}")
+
+
+class Admission:
+    """This job's in-flight allowance, from the cluster's admission actor when there is one."""
+
+    def __init__(self, key: str, weight: float, default_cap: int, use_ray: bool) -> None:
+        self.key, self.weight, self.default_cap = key, weight, default_cap
+        self.allowed = default_cap
+        self._actor = None
+        self._use_ray = use_ray
+
+    def _heartbeat_blocking(self, progress: dict[str, Any]) -> int:
+        import ray
+
+        from orchestrator.admission import get_or_create_admission
+
+        if self._actor is None:
+            self._actor = get_or_create_admission()
+        return ray.get(self._actor.heartbeat.remote(self.key, self.weight, self.default_cap, progress), timeout=5)
+
+    async def heartbeat(self, progress: dict[str, Any]) -> None:
+        if not self._use_ray:
+            return
+        try:
+            self.allowed = await asyncio.to_thread(self._heartbeat_blocking, progress)
+        except Exception as err:  # noqa: BLE001 - admission gone (restarting): keep the static cap
+            log.warning("admission unavailable (%s); using the static cap %d", type(err).__name__, self.default_cap)
+            self._actor = None
+            self.allowed = self.default_cap
+
+
+def _connect_ray() -> bool:
+    """Join the Ray cluster the job runs in (RAY_ADDRESS is set by `ray job submit`)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace="colocate",
+                     logging_level="WARNING", log_to_driver=False)
+        return True
+    except Exception as err:  # noqa: BLE001
+        log.warning("not connected to a Ray cluster (%s); running with the static cap", err)
+        return False
+
+
+async def _send(client, item: BatchItem, model: str | None, progress: Progress,
+                max_attempts: int) -> dict[str, Any]:
+    import openai
+
+    body = dict(item.body)
+    if model:
+        body["model"] = model
+    body["request_class"] = "offline"
+    path = item.url.removeprefix("/v1")
+    delay_s = 0.5
+    for attempt in range(1, max_attempts + 1):
+        try:
+            raw = await client.post(path, body=body, cast_to=object, options={"headers": {}})
+            return output_record(item, 200, raw, None, (raw or {}).get("id"))
+        except openai.APIStatusError as err:
+            if err.status_code not in RETRYABLE_STATUS or attempt == max_attempts:
+                err_body = err.body if isinstance(err.body, dict) else {"message": str(err.message)}
+                return output_record(item, err.status_code, {"error": err_body}, None, None)
+        except (openai.APIConnectionError, openai.APITimeoutError) as err:
+            if attempt == max_attempts:
+                return output_record(item, 0, None, {"code": "connection_error", "message": str(err)}, None)
+        progress.num_retries += 1
+        log.info("retrying %s (attempt %d): replica unavailable", item.custom_id, attempt)
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, 10.0)
+    raise AssertionError("unreachable")
+
+
+async def _resolve_model(client, model: str | None) -> str | None:
+    if model:
+        return model
+    models = await client.models.list()
+    ids = [m.id for m in models.data]
+    return ids[0] if len(ids) == 1 else None
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from openai import AsyncOpenAI
+
+    output = Path(args.output)
+    errors_path = Path(args.errors) if args.errors else output.with_name(output.name + ".errors.jsonl")
+    results_path = output if output.suffix != ".parquet" else output.with_name(output.name + ".partial.jsonl")
+    items, input_errors = read_input(args.input)
+    errors_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(errors_path, "w") as f:
+        for e in input_errors:
+            f.write(json.dumps(e.to_json()) + "\n")
+    if input_errors:
+        log.warning("%d malformed input line(s) written to %s", len(input_errors), errors_path)
+
+    results = ResultLog(results_path).open()
+    wanted = {i.custom_id for i in items}
+    progress = Progress(total=len(items), num_input_errors=len(input_errors))
+    progress.done = progress.done_at_start = sum(1 for c in results.done if c in wanted)
+    todo = [i for i in items if i.custom_id not in results.done]
+    log.info("%d requests, %d already done, %d to run", len(items), progress.done, len(todo))
+
+    key = hashlib.sha1(str(output.resolve()).encode()).hexdigest()[:12]
+    admission = Admission(key, args.weight, args.concurrency, use_ray=not args.no_ray and _connect_ray())
+    client = AsyncOpenAI(base_url=args.endpoint, api_key="unused", max_retries=0, timeout=args.request_timeout_s)
+    model = await _resolve_model(client, args.model)
+
+    inflight: set[asyncio.Task] = set()
+    queue = list(reversed(todo))
+    last_report = 0.0
+    await admission.heartbeat({**progress.snapshot(), "input": str(args.input), "output": str(output)})
+    while queue or inflight:
+        while queue and len(inflight) < max(admission.allowed, 1):
+            item = queue.pop()
+            inflight.add(asyncio.create_task(_send(client, item, model, progress, args.max_attempts)))
+        done, inflight = await asyncio.wait(inflight, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            record = task.result()
+            results.append(record)
+            progress.done += 1
+            body = (record.get("response") or {}).get("body") or {}
+            progress.completion_tokens += (body.get("usage") or {}).get("completion_tokens", 0) or 0
+            if record["error"] or (record["response"] or {}).get("status_code") != 200:
+                progress.num_failed += 1
+        now = time.monotonic()
+        if now - last_report >= args.progress_interval_s:
+            last_report = now
+            log.info(progress.line())
+            await admission.heartbeat({**progress.snapshot(), "input": str(args.input), "output": str(output)})
+
+    final = progress.snapshot()
+    await admission.heartbeat({**final, "finished": True, "input": str(args.input), "output": str(output)})
+    if output.suffix == ".parquet":
+        write_parquet_output([results.done[i.custom_id] for i in items], output)
+    results.close()
+    log.info(progress.line())
+    summary = {**final, "output": str(output), "errors_file": str(errors_path)}
+    print("batch summary: " + json.dumps(summary), flush=True)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.batch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help="OpenAI Batch JSONL or Parquet file")
+    p.add_argument("--output", required=True, help="output .jsonl (OpenAI Batch output) or .parquet")
+    p.add_argument("--errors", help="malformed input lines (default: OUTPUT.errors.jsonl)")
+    p.add_argument("--model", help="model for every request (default: each body's, else the served one)")
+    p.add_argument("--weight", type=float, default=1.0, help="share of offline capacity relative to other jobs")
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="OpenAI base URL of the chat service")
+    p.add_argument("--concurrency", type=int, default=4,
+                   help="offline requests in flight when no controller sets the budget")
+    p.add_argument("--max-attempts", type=int, default=20, help="tries per request on 5xx or connection errors")
+    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument("--progress-interval-s", type=float, default=5.0)
+    p.add_argument("--no-ray", action="store_true", help="do not join a Ray cluster (static cap only)")
+    args = p.parse_args(argv)
+    if args.weight <= 0:
+        p.error("--weight must be positive")
+    if args.concurrency < 1:
+        p.error("--concurrency must be at least 1")
+    if not Path(args.input).is_file():
+        p.error(f"--input {args.input}: no such file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator.app import engine_kwargs, resolve_model_source
+from orchestrator.cli import app
+from orchestrator.config import parse_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLOCATE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "state"
+
+
+def test_up_with_invalid_config_fails_before_starting_anything(tmp_path, state_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("replicas:\n  num_replicas: -1\nserve:\n  host: 127.0.0.1\n  colour: blue\n")
+    result = runner.invoke(app, ["up", "--config", str(bad)])
+    assert result.exit_code == 2
+    assert "replicas.num_replicas: Input should be greater than or equal to 1" in result.output
+    assert "serve.colour: Extra inputs are not permitted" in result.output
+    assert not state_dir.exists()
+
+
+def test_up_refuses_when_a_stack_is_already_recorded(tmp_path, state_dir):
+    state_dir.mkdir()
+    (state_dir / "stack.json").write_text(json.dumps({
+        "address": "127.0.0.1:1", "dashboard_url": None, "endpoint": "http://127.0.0.1:1/v1",
+        "app_name": "colocate", "started_cluster": False,
+    }))
+    result = runner.invoke(app, ["up"])
+    assert result.exit_code == 1
+    assert "already up" in result.output
+
+
+def test_down_and_status_without_a_stack():
+    result = runner.invoke(app, ["down"])
+    assert result.exit_code == 0 and "nothing to stop" in result.output
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 1 and "no stack is up" in result.output
+
+
+def test_model_tiny_rejects_unknown_size(tmp_path):
+    result = runner.invoke(app, ["model", "tiny", "--out", str(tmp_path / "m"), "--size", "huge"])
+    assert result.exit_code == 2 and "--size must be one of" in result.output
+
+
+def test_model_tiny_is_deterministic_and_has_a_chat_template(tmp_path):
+    for name in ("a", "b"):
+        result = runner.invoke(app, ["model", "tiny", "--out", str(tmp_path / name), "--size", "test"])
+        assert result.exit_code == 0, result.output
+    for f in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    text = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|assistant|>\n") and "<|user|>\nhello<|end|>" in text
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["hidden_size"] // cfg["num_attention_heads"] in (32, 64, 80, 96, 112, 128)
+
+
+def test_cpu_engine_kwargs_force_priority_and_keep_user_settings():
+    cfg = parse_config({"replicas": {"engine_kwargs": {"max_num_seqs": 8, "dtype": "float32"}}})
+    kwargs = engine_kwargs(cfg)
+    assert kwargs["scheduling_policy"] == "priority"
+    assert kwargs["max_num_seqs"] == 8 and kwargs["dtype"] == "float32"
+    assert kwargs["enforce_eager"] is True
+
+
+def test_gpu_engine_kwargs_set_tensor_parallel_from_replica_gpus():
+    cfg = parse_config({"replicas": {"accelerator": "gpu", "num_gpus_per_replica": 2}})
+    kwargs = engine_kwargs(cfg)
+    assert kwargs["tensor_parallel_size"] == 2 and "enforce_eager" not in kwargs
+
+
+def test_model_source_hub_id_passes_through_and_missing_dir_without_build_is_an_error(tmp_path):
+    hub = parse_config({"model": {"source": "meta-llama/Llama-3.1-8B-Instruct", "build_tiny": None}})
+    assert resolve_model_source(hub) == "meta-llama/Llama-3.1-8B-Instruct"
+    missing = parse_config({"model": {"source": str(tmp_path / "nope"), "build_tiny": None}})
+    with pytest.raises(FileNotFoundError, match="no model directory"):
+        resolve_model_source(missing)
+    built = parse_config({"model": {"source": str(tmp_path / "built"), "build_tiny": "test"}})
+    assert Path(resolve_model_source(built), "config.json").is_file()
