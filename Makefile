@@ -1,0 +1,33 @@
+# The few commands a newcomer needs. Each one creates or reuses .venv by itself.
+.PHONY: demo test test-unit test-integration test-gpu lint venv up down status
+
+venv:
+	scripts/bootstrap
+
+demo: venv  ## the main job: local cluster, tiny model, chat traffic + a batch job, a summary
+	.venv/bin/colocate demo
+
+test: venv  ## lint, then unit + integration tests (real Ray, real vLLM-on-CPU)
+	.venv/bin/ruff check orchestrator profiler latency_model jobs tests
+	.venv/bin/python -m pytest tests/unit tests/integration -q
+
+test-unit: venv
+	.venv/bin/python -m pytest tests/unit -q
+
+test-integration: venv
+	.venv/bin/python -m pytest tests/integration -q
+
+test-gpu: venv  ## opt-in, on a GPU node with COLOCATE_EXTRA=gpu
+	.venv/bin/python -m pytest tests/gpu -q -m gpu
+
+lint: venv
+	.venv/bin/ruff check orchestrator profiler latency_model jobs tests
+
+up: venv
+	.venv/bin/colocate up
+
+down: venv
+	.venv/bin/colocate down
+
+status: venv
+	.venv/bin/colocate status
