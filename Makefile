@@ -8,7 +8,7 @@ demo: venv  ## the main job: local cluster, tiny model, chat traffic + a batch j
 	.venv/bin/colocate demo
 
 test: venv  ## lint, then unit + integration tests (real Ray, real vLLM-on-CPU)
-	.venv/bin/ruff check orchestrator profiler latency_model jobs tests
+	.venv/bin/ruff check .
 	.venv/bin/python -m pytest tests/unit tests/integration -q
 
 test-unit: venv
@@ -21,7 +21,7 @@ test-gpu: venv  ## opt-in, on a GPU node with COLOCATE_EXTRA=gpu
 	.venv/bin/python -m pytest tests/gpu -q -m gpu
 
 lint: venv
-	.venv/bin/ruff check orchestrator profiler latency_model jobs tests
+	.venv/bin/ruff check .
 
 up: venv
 	.venv/bin/colocate up
