@@ -32,7 +32,8 @@ def share_budget(total: int, weights: dict[str, float]) -> dict[str, int]:
     exact = {k: total * w / weight_sum for k, w in positive.items()}
     shares = {k: max(1, math.floor(v)) for k, v in exact.items()}
     leftover = total - sum(shares.values())
-    for k in sorted(exact, key=lambda k: (exact[k] - math.floor(exact[k]), positive[k], k), reverse=True):
+    # Largest remainder first; ties go to the heavier job, then by name, so shares are stable.
+    for k in sorted(exact, key=lambda k: (-(exact[k] - math.floor(exact[k])), -positive[k], k)):
         if leftover <= 0:
             break
         shares[k] += 1

@@ -131,6 +131,62 @@ def collect_status(state) -> dict:
     }
 
 
+def _job_api() -> str:
+    from orchestrator import cluster
+
+    state = cluster.StackState.load()
+    if state is None or not state.dashboard_url:
+        _echo("error: no local stack with a job API is up (run `colocate up`), or use `ray job submit --address ...`")
+        raise typer.Exit(1)
+    return state.dashboard_url
+
+
+@app.command()
+def submit(
+    input_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="OpenAI Batch JSONL or Parquet."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output .jsonl or .parquet."),
+    model: str | None = typer.Option(None, "--model"),
+    weight: float = typer.Option(1.0, "--weight", min=0.001, help="Share of offline capacity relative to other jobs."),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, help="Offline requests in flight without a controller."),
+) -> None:
+    """Submit a batch job through Ray's job API (the same as `ray job submit ... -- python -m jobs.batch`)."""
+    from orchestrator import cluster
+    from orchestrator.demo import submit_batch_job
+
+    dashboard_url = _job_api()
+    state = cluster.StackState.load()
+    args = ["--input", str(input_path.resolve()), "--output", str(output.resolve()),
+            "--endpoint", state.endpoint, "--weight", str(weight), "--concurrency", str(concurrency)]
+    if model:
+        args += ["--model", model]
+    job_id = submit_batch_job(dashboard_url, args, metadata={
+        "colocate": "batch", "input": str(input_path.resolve()), "output": str(output.resolve()), "weight": str(weight)})
+    typer.echo(job_id)
+
+
+@app.command()
+def jobs(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Batch jobs on the cluster with their progress (done/total, tokens/s, ETA)."""
+    from ray.job_submission import JobSubmissionClient
+
+    from orchestrator import cluster
+    from orchestrator.jobs_view import job_rows
+
+    dashboard_url = _job_api()
+    state = cluster.StackState.load()
+    cluster.connect(state.address)
+    rows = job_rows(JobSubmissionClient(dashboard_url).list_jobs())
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'job':<28} {'status':<10} {'done/total':>12} {'tok/s':>8} {'ETA':>7}  output")
+    for r in rows:
+        eta = f"{r['eta_s']:.0f}s" if r.get("eta_s") is not None else "-"
+        done = f"{r['done']}/{r['total']}" if r.get("total") is not None else "-"
+        tps = f"{r['tokens_per_s']:.1f}" if r.get("tokens_per_s") is not None else "-"
+        typer.echo(f"{r['job_id']:<28} {r['status']:<10} {done:>12} {tps:>8} {eta:>7}  {r.get('output') or '-'}")
+
+
 @app.command()
 def demo(
     config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),

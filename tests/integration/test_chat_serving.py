@@ -25,7 +25,8 @@ def client(stack) -> OpenAI:
 
 def status_json(stack) -> dict:
     out = subprocess.run(colocate_cmd("status", "--json"), cwd=ROOT, env=stack["env"],
-                         capture_output=True, text=True, timeout=120, check=True)
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
 

@@ -1,0 +1,125 @@
+"""Batch jobs submitted with the real `ray job submit` CLI to the local cluster, on vLLM-on-CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from tests.integration.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def write_input(path: Path, n: int, max_tokens: int, malformed: bool = False) -> list[str]:
+    ids = []
+    with open(path, "w") as f:
+        for i in range(n):
+            cid = f"item-{i:03d}"
+            ids.append(cid)
+            f.write(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": {
+                "model": "colocate-tiny", "messages": [{"role": "user", "content": f"summarize item {i} " * 20}],
+                "max_tokens": max_tokens, "ignore_eos": True}}) + "\n")
+            if malformed and i == 2:
+                f.write("{this is not json\n")
+                f.write(json.dumps({"custom_id": "item-000", "method": "POST", "url": "/v1/chat/completions",
+                                    "body": {"messages": [{"role": "user", "content": "dup"}]}}) + "\n")
+                f.write(json.dumps({"custom_id": "emb", "method": "POST", "url": "/v1/embeddings",
+                                    "body": {"input": "x"}}) + "\n")
+    return ids
+
+
+def submit(stack, inp: Path, out: Path, *extra: str, wait: bool = True,
+           submission_id: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [RAY, "job", "submit", "--address", stack["dashboard_url"], "--working-dir", str(ROOT)]
+    if submission_id:
+        cmd += ["--submission-id", submission_id]
+    if not wait:
+        cmd.append("--no-wait")
+    cmd += ["--", "python", "-m", "jobs.batch", "--input", str(inp), "--output", str(out),
+            "--endpoint", stack["endpoint"], "--progress-interval-s", "1", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=stack["env"], capture_output=True, text=True, timeout=600)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in out.read_text().splitlines()]
+
+
+def test_job_with_malformed_lines_completes_the_rest(stack, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ids = write_input(inp, 6, max_tokens=4, malformed=True)
+    result = submit(stack, inp, out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout.lower()
+    assert "progress: 6/6" in result.stdout
+    got = records(out)
+    assert sorted(r["custom_id"] for r in got) == ids
+    assert all(r["response"]["status_code"] == 200 for r in got)
+    assert all(r["response"]["body"]["usage"]["completion_tokens"] == 4 for r in got)
+    errors = [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["custom_id"]) for e in errors] == [(4, None), (5, "item-000"), (6, "emb")]
+    assert "duplicate" in errors[1]["reason"] and "unknown url" in errors[2]["reason"]
+
+
+def test_stopped_job_leaves_consistent_output_and_resubmit_completes_without_redoing(stack, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ids = write_input(inp, 120, max_tokens=64)
+    job_id = f"colocate-test-stop-{int(time.time())}"
+    result = submit(stack, inp, out, "--concurrency", "1", wait=False, submission_id=job_id)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = JobSubmissionClient(stack["dashboard_url"])
+    deadline = time.monotonic() + 300
+    while not (out.exists() and len(out.read_text().splitlines()) >= 6):
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(0.5)
+    subprocess.run([RAY, "job", "stop", "--address", stack["dashboard_url"], job_id],
+                   env=stack["env"], check=True, capture_output=True, timeout=120)
+    while client.get_job_status(job_id) not in (JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED):
+        time.sleep(0.5)
+    partial_text = out.read_text()
+    partial = [json.loads(x) for x in partial_text.splitlines()]  # every line is complete JSON
+    assert 6 <= len(partial) < 120
+    assert len({r["custom_id"] for r in partial}) == len(partial)
+
+    result = submit(stack, inp, out, "--concurrency", "16")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"{len(partial)} already done" in result.stdout
+    final_text = out.read_text()
+    assert final_text.startswith(partial_text)  # finished work kept as it was, not redone
+    final = records(out)
+    assert sorted(r["custom_id"] for r in final) == ids
+    assert all(r["response"]["status_code"] == 200 for r in final)
+
+
+def test_colocate_submit_and_jobs_show_progress_to_completion(stack, tmp_path):
+    import pyarrow.parquet as pq
+
+    from tests.integration.conftest import colocate_cmd
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.parquet"
+    ids = write_input(inp, 8, max_tokens=8)
+    sub = subprocess.run(colocate_cmd("submit", str(inp), "--output", str(out), "--weight", "2"),
+                         cwd=ROOT, env=stack["env"], capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    job_id = sub.stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 300
+    while True:
+        listing = subprocess.run(colocate_cmd("jobs", "--json"), cwd=ROOT, env=stack["env"],
+                                 capture_output=True, text=True, timeout=120, check=True)
+        row = next(r for r in json.loads(listing.stdout) if r["job_id"] == job_id)
+        if row["status"] in ("SUCCEEDED", "FAILED", "STOPPED") and row["done"] == row["total"]:
+            break
+        assert time.monotonic() < deadline, row
+        time.sleep(2)
+    assert row["status"] == "SUCCEEDED" and (row["done"], row["total"]) == (8, 8)
+    assert row["tokens_per_s"] > 0
+    table = pq.read_table(out).to_pylist()
+    assert sorted(r["custom_id"] for r in table) == ids
+    assert all(r["completion_tokens"] == 8 for r in table)
