@@ -96,13 +96,18 @@ class Admission:
 
 
 def _connect_ray() -> bool:
-    """Join the Ray cluster the job runs in (RAY_ADDRESS is set by `ray job submit`)."""
+    """Join the Ray cluster the job runs in (RAY_ADDRESS is set by `ray job submit`).
+
+    Never auto-detects: other users' clusters may run on the same machine."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        log.warning("RAY_ADDRESS is not set (not running as a Ray job); running with the static cap")
+        return False
     try:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace="colocate",
-                     logging_level="WARNING", log_to_driver=False)
+            ray.init(address=address, namespace="colocate", logging_level="WARNING", log_to_driver=False)
         return True
     except Exception as err:  # noqa: BLE001
         log.warning("not connected to a Ray cluster (%s); running with the static cap", err)

@@ -127,7 +127,7 @@ def collect_status(state) -> dict:
             {"name": name, "status": str(d.status.value), "replica_states": dict(d.replica_states)}
             for name, d in (app_status.deployments.items() if app_status else [])
         ],
-        "replicas": cluster.replica_rows(state.app_name),
+        "replicas": cluster.replica_rows(state.app_name, state.address),
     }
 
 

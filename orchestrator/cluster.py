@@ -272,7 +272,7 @@ def teardown(state: StackState) -> list[str]:
     return done
 
 
-def replica_rows(app_name: str) -> list[dict[str, Any]]:
+def replica_rows(app_name: str, address: str) -> list[dict[str, Any]]:
     """One row per LLM replica: actor state joined with the replica's own load report."""
     import ray
     from ray.util.state import list_actors
@@ -281,7 +281,8 @@ def replica_rows(app_name: str) -> list[dict[str, Any]]:
 
     reports = {r["replica_id"]: r for r in ray.get(get_or_create_registry().snapshot.remote())}
     rows = []
-    for actor in list_actors(filters=[("ray_namespace", "=", "serve")], limit=1000):
+    # An explicit address: other users' clusters on the same machine make auto-detection fail.
+    for actor in list_actors(address=address, filters=[("ray_namespace", "=", "serve")], limit=1000):
         name = actor.name or ""
         # SERVE_REPLICA::<app>#<deployment>#<replica id>
         if not name.startswith(f"SERVE_REPLICA::{app_name}#{LLM_DEPLOYMENT_PREFIX}"):

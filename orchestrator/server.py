@@ -103,6 +103,9 @@ class ColocateLLMServer(LLMServer):
     async def start(self):
         self._inflight: Counter[RequestClass] = Counter()
         self._completed: Counter[RequestClass] = Counter()
+        # Serve LLM hands a streamed response over in batches (lists of SSE chunks); the largest
+        # batch seen shows whether stream batching is really off (1) or merging tokens (>1).
+        self._max_chunks_per_stream_write = 0
         self._model_id = self._llm_config.model_id
         self._started_at_s = time.time()
         await super().start()
@@ -126,6 +129,8 @@ class ColocateLLMServer(LLMServer):
         self._inflight[request_class] += 1
         try:
             async for item in stream:
+                if isinstance(item, list):
+                    self._max_chunks_per_stream_write = max(self._max_chunks_per_stream_write, len(item))
                 yield item
         finally:
             self._inflight[request_class] -= 1
@@ -151,6 +156,7 @@ class ColocateLLMServer(LLMServer):
             "num_engine_steps": engine_stats.num_steps,
             "num_inflight": {c.value: self._inflight[c] for c in RequestClass},
             "num_completed": {c.value: self._completed[c] for c in RequestClass},
+            "max_chunks_per_stream_write": self._max_chunks_per_stream_write,
             "reported_at_s": time.time(),
         }
 

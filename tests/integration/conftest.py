@@ -48,6 +48,8 @@ def stack(tmp_path_factory):
         "env": env,
         "config_path": config_path,
         "dashboard_url": f"http://127.0.0.1:{dash_port}",
+        "gcs_address": f"127.0.0.1:{gcs_port}",
+        "app_name": "colocate",
         "up_stdout": up.stdout,
     }
     try:

@@ -1,0 +1,56 @@
+"""Killing a replica or the admission actor mid-job loses no batch result and duplicates none.
+
+Named to run last: killing the replica makes Serve start a new one (a new engine), and this test
+waits until the application is healthy again before it ends.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from orchestrator.admission import ADMISSION_NAME
+from orchestrator.admission import NAMESPACE as ADMISSION_NAMESPACE
+from orchestrator.cluster import LLM_DEPLOYMENT_PREFIX, connect
+from tests.integration.test_batch_jobs import records, submit, write_input
+
+pytestmark = pytest.mark.integration
+
+
+def test_killing_the_replica_and_the_admission_actor_mid_job_loses_and_duplicates_nothing(stack, tmp_path):
+    from ray import serve
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ids = write_input(inp, 60, max_tokens=48)
+    job_id = f"colocate-test-kill-{int(time.time())}"
+    result = submit(stack, inp, out, "--concurrency", "2", wait=False, submission_id=job_id)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = JobSubmissionClient(stack["dashboard_url"])
+    deadline = time.monotonic() + 300
+    while not (out.exists() and len(out.read_text().splitlines()) >= 5):
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(0.5)
+
+    connect(stack["gcs_address"])
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["namespace"] == "serve" and f"#{LLM_DEPLOYMENT_PREFIX}" in a["name"])
+    ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=True)
+    ray.kill(ray.get_actor(ADMISSION_NAME, namespace=ADMISSION_NAMESPACE), no_restart=True)
+
+    deadline = time.monotonic() + 600
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "retrying" in logs  # requests in flight on the killed replica were sent again
+    final = records(out)
+    assert sorted(r["custom_id"] for r in final) == ids  # exactly one result per input
+    assert all(r["response"]["status_code"] == 200 for r in final)
+
+    # the application recovered on its own: a new replica serves chat
+    app_status = serve.status().applications[stack["app_name"]]
+    assert app_status.status == "RUNNING"
