@@ -102,11 +102,13 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     typer.echo(f"application: {report['application']} {report['application_status']}")
     for dep in report["deployments"]:
         typer.echo(f"  {dep['name']}: {dep['status']} {dep['replica_states']}")
-    typer.echo(f"{'replica':<12} {'state':<10} {'model':<20} {'running':>7} {'waiting':>7} {'kv_used':>7}")
+    typer.echo(f"{'replica':<12} {'state':<10} {'model':<20} {'running':>7} {'waiting':>7} {'kv_used':>7} "
+               f"{'online':>6} {'offline':>7}")
     for r in report["replicas"]:
         typer.echo(f"{r['replica_id']:<12} {r['state']:<10} {r.get('model', '-'):<20} "
                    f"{r.get('num_running_reqs', '-'):>7} {r.get('num_waiting_reqs', '-'):>7} "
-                   f"{r.get('kv_cache_usage', 0.0):>7.1%}")
+                   f"{r.get('kv_cache_usage', 0.0):>7.1%} "
+                   f"{r.get('num_inflight', {}).get('online', '-'):>6} {r.get('num_inflight', {}).get('offline', '-'):>7}")
 
 
 def collect_status(state) -> dict:

@@ -107,8 +107,9 @@ class ColocateLLMServer(LLMServer):
         # batch seen shows whether stream batching is really off (1) or merging tokens (>1).
         self._max_chunks_per_stream_write = 0
         self._model_id = self._llm_config.model_id
-        self._started_at_s = time.time()
+        start_s = time.monotonic()
         await super().start()
+        self._engine_start_s = time.monotonic() - start_s
         self._report_task = asyncio.create_task(self._report_loop())
 
     def _classify(self, request) -> RequestClass:
@@ -157,6 +158,7 @@ class ColocateLLMServer(LLMServer):
             "num_inflight": {c.value: self._inflight[c] for c in RequestClass},
             "num_completed": {c.value: self._completed[c] for c in RequestClass},
             "max_chunks_per_stream_write": self._max_chunks_per_stream_write,
+            "engine_start_s": self._engine_start_s,
             "reported_at_s": time.time(),
         }
 
