@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs import ray_status
 from jobs.checkpoint import ResultLog
 from jobs.formats import BatchItem, output_record, read_input, write_parquet_output
 
@@ -58,12 +59,13 @@ class Progress:
             "elapsed_s": elapsed_s,
         }
 
-    def line(self) -> str:
+    def line(self, allowed_inflight: int | None = None) -> str:
         s = self.snapshot()
         eta = f"{s['eta_s']:.0f}s" if s["eta_s"] is not None else "?"
         pct = 100.0 * s["done"] / max(s["total"], 1)
         return (f"progress: {s['done']}/{s['total']} ({pct:.1f}%), {s['tokens_per_s']:.1f} tok/s, "
-                f"ETA {eta}, failed {s['num_failed']}, retries {s['num_retries']}")
+                f"ETA {eta}, failed {s['num_failed']}, retries {s['num_retries']}"
+                + (f", in flight <= {allowed_inflight}" if allowed_inflight is not None else ""))
 
 
 class Admission:
@@ -88,7 +90,7 @@ class Admission:
         if not self._use_ray:
             return
         try:
-            self.allowed = await asyncio.to_thread(self._heartbeat_blocking, progress)
+            self.allowed = await asyncio.to_thread(self._heartbeat_blocking, {**progress, "allowed_inflight": self.allowed})
         except Exception as err:  # noqa: BLE001 - admission gone (restarting): keep the static cap
             log.warning("admission unavailable (%s); using the static cap %d", type(err).__name__, self.default_cap)
             self._actor = None
@@ -172,7 +174,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     log.info("%d requests, %d already done, %d to run", len(items), progress.done, len(todo))
 
     key = hashlib.sha1(str(output.resolve()).encode()).hexdigest()[:12]
-    admission = Admission(key, args.weight, args.concurrency, use_ray=not args.no_ray and _connect_ray())
+    use_ray = not args.no_ray and _connect_ray()
+    admission = Admission(key, args.weight, args.concurrency, use_ray=use_ray)
+    job_id = ray_status.submission_id() if use_ray else None
     client = AsyncOpenAI(base_url=args.endpoint, api_key="unused", max_retries=0, timeout=args.request_timeout_s)
     model = await _resolve_model(client, args.model)
 
@@ -196,8 +200,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         now = time.monotonic()
         if now - last_report >= args.progress_interval_s:
             last_report = now
-            log.info(progress.line())
+            log.info(progress.line(admission.allowed))
             await admission.heartbeat({**progress.snapshot(), "input": str(args.input), "output": str(output)})
+            if job_id:
+                await asyncio.to_thread(ray_status.publish_progress, job_id, progress.line(admission.allowed))
 
     final = progress.snapshot()
     await admission.heartbeat({**final, "finished": True, "input": str(args.input), "output": str(output)})

@@ -85,13 +85,8 @@ def build_app(config: ColocateConfig, model_source: str | None = None):
     )
 
 
-def build_from_args(args: dict[str, Any]):
-    """Ray Serve application builder for `serve run` / `serve deploy` / KubeRay serveConfigV2.
-
-    args: `config_path` (a ColocateConfig YAML; relative paths resolve against the working
-    directory of the process that builds the app) and/or `config` (an inline ColocateConfig
-    mapping, overriding the file's top-level sections).
-    """
+def config_from_args(args: dict[str, Any]) -> ColocateConfig:
+    """The ColocateConfig named by Serve application args (see `build_from_args`)."""
     from orchestrator.config import load_config, parse_config
 
     unknown = set(args) - {"config_path", "config"}
@@ -101,4 +96,14 @@ def build_from_args(args: dict[str, Any]):
     if args.get("config"):
         merged = {**config.model_dump(mode="json"), **args["config"]}
         config = parse_config(merged, "application args")
-    return build_app(config)
+    return config
+
+
+def build_from_args(args: dict[str, Any]):
+    """Ray Serve application builder for `serve run` / `serve deploy` / KubeRay serveConfigV2.
+
+    args: `config_path` (a ColocateConfig YAML; relative paths resolve against the working
+    directory of the process that builds the app) and/or `config` (an inline ColocateConfig
+    mapping, overriding the file's top-level sections).
+    """
+    return build_app(config_from_args(args))

@@ -209,7 +209,9 @@ def connect(address: str) -> None:
     for k, v in CLUSTER_ENV.items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
-        return
+        if address in ("auto", ray.get_runtime_context().gcs_address):
+            return
+        ray.shutdown()  # connected elsewhere (say, a local instance a library started)
     ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
 
 

@@ -33,6 +33,7 @@ def job_rows(jobs: list[Any]) -> list[dict[str, Any]]:
             "done": p.get("done"), "total": p.get("total"),
             "tokens_per_s": p.get("tokens_per_s"), "eta_s": p.get("eta_s"),
             "num_failed": p.get("num_failed"), "num_input_errors": p.get("num_input_errors"),
+            "weight": p.get("weight"), "allowed_inflight": p.get("allowed_inflight"),
             "message": job.message,
         })
     return rows

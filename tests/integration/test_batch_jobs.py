@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -123,3 +124,44 @@ def test_colocate_submit_and_jobs_show_progress_to_completion(stack, tmp_path):
     table = pq.read_table(out).to_pylist()
     assert sorted(r["custom_id"] for r in table) == ids
     assert all(r["completion_tokens"] == 8 for r in table)
+
+
+def test_two_jobs_share_offline_capacity_by_weight_and_publish_progress_to_ray(stack, tmp_path):
+    from tests.integration.conftest import colocate_cmd
+
+    client = JobSubmissionClient(stack["dashboard_url"])
+    stamp = int(time.time())
+    jobs = {}
+    for name, weight in (("light", "1"), ("heavy", "3")):
+        inp, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}-out.jsonl"
+        write_input(inp, 80, max_tokens=32)
+        job_id = f"colocate-test-{name}-{stamp}"
+        result = submit(stack, inp, out, "--weight", weight, "--concurrency", "4", wait=False, submission_id=job_id)
+        assert result.returncode == 0, result.stderr[-3000:]
+        jobs[job_id] = (weight, out)
+
+    seen_message = False
+    listed = set()
+    deadline = time.monotonic() + 600
+    while not all(client.get_job_status(j) in (JobStatus.SUCCEEDED, JobStatus.FAILED) for j in jobs):
+        assert time.monotonic() < deadline
+        for j in jobs:
+            info = client.get_job_info(j)
+            seen_message |= info.status == JobStatus.RUNNING and "progress:" in (info.message or "")
+        if len(listed) < len(jobs):
+            listing = subprocess.run(colocate_cmd("jobs", "--json"), cwd=ROOT, env=stack["env"],
+                                     capture_output=True, text=True, timeout=120, check=True)
+            listed |= {r["job_id"] for r in json.loads(listing.stdout) if r["job_id"] in jobs and r["total"] == 80}
+        time.sleep(0.5)
+    assert seen_message, "no progress in the Ray job status message"
+    assert listed == set(jobs)  # `colocate jobs` showed both with their progress
+
+    def allowances(job_id):
+        return {int(m) for m in re.findall(r"in flight <= (\d+)", client.get_job_logs(job_id))}
+
+    light, heavy = (f"colocate-test-{n}-{stamp}" for n in ("light", "heavy"))
+    # While both ran, the static cap of 4 was split 1:3.
+    assert 1 in allowances(light) and 3 in allowances(heavy), (allowances(light), allowances(heavy))
+    for j, (_, out) in jobs.items():
+        assert client.get_job_status(j) == JobStatus.SUCCEEDED
+        assert len({r["custom_id"] for r in records(out)}) == 80

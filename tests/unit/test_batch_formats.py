@@ -130,3 +130,18 @@ def test_share_budget_is_proportional_to_weight_and_never_starves(total, weights
     assert shares == expected
     if weights:
         assert sum(shares.values()) == max(total, len(weights))
+
+
+def test_allowance_shares_among_live_jobs_and_forgets_stale_or_finished_ones():
+    from orchestrator.admission import JOB_STALE_AFTER_S, allowance
+
+    now = 1000.0
+    jobs = {
+        "a": {"weight": 1, "default_cap": 4, "seen_s": now},
+        "b": {"weight": 3, "default_cap": 4, "seen_s": now},
+        "old": {"weight": 5, "default_cap": 4, "seen_s": now - JOB_STALE_AFTER_S - 1},
+        "done": {"weight": 5, "default_cap": 4, "seen_s": now, "finished": True},
+    }
+    assert (allowance(jobs, "a", now, None), allowance(jobs, "b", now, None)) == (1, 3)
+    assert (allowance(jobs, "a", now, 12), allowance(jobs, "b", now, 12)) == (3, 9)
+    assert allowance(jobs, "done", now, None) == 4

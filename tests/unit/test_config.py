@@ -28,20 +28,26 @@ def test_every_yaml_in_manifests_is_known_and_parses():
 
 
 def test_serve_config_manifest_builds_our_application(monkeypatch):
-    from orchestrator.app import build_from_args
+    # Building the Serve application itself starts Ray; that is covered by `colocate up` in the
+    # integration tests. Here: the args resolve to a valid config and our classes are wired in.
+    from orchestrator.app import INGRESS_CLS, SERVER_CLS, build_llm_config, config_from_args
 
     monkeypatch.chdir(ROOT)
     serve_cfg = yaml.safe_load((ROOT / "manifests" / "serve.yaml").read_text())
     [app_cfg] = serve_cfg["applications"]
     assert app_cfg["import_path"] == "orchestrator.app:build_from_args"
     assert serve_cfg["http_options"]["host"] == "127.0.0.1"
-    # Point the model at a hub id so building the app needs no model directory.
-    args = {**app_cfg["args"], "config": {"model": {"source": "org/model", "build_tiny": None}}}
-    app = build_from_args(args)
-    ingress = app._bound_deployment
-    assert ingress.name == "ColocateIngress"
-    [llm_deployment] = ingress.init_kwargs["llm_deployments"].values()
-    assert llm_deployment._bound_deployment.name == "ColocateLLMServer:colocate-tiny"
+    config = config_from_args({**app_cfg["args"], "config": {"model": {"source": "org/model", "build_tiny": None}}})
+    assert config.replicas == load_config(ROOT / "manifests" / "colocate.yaml").replicas
+    llm = build_llm_config(config, "org/model")
+    from orchestrator.server import ColocateLLMServer
+
+    assert SERVER_CLS == "orchestrator.server:ColocateLLMServer" and llm.server_cls is ColocateLLMServer
+    assert INGRESS_CLS == "orchestrator.ingress:ColocateIngress"
+    assert llm.experimental_configs["stream_batching_interval_ms"] == 0
+    assert llm.engine_kwargs["scheduling_policy"] == "priority"
+    with pytest.raises(ValueError, match="unknown application args"):
+        config_from_args({"config_file": "x"})
 
 
 def test_rayservice_manifest_points_at_the_gpu_config():
