@@ -190,6 +190,29 @@ def jobs(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command()
+def train(
+    dataset: Path = typer.Argument(..., help="Step-telemetry Parquet dataset (profiler.schema)."),
+    out: Path = typer.Option(..., "--out", help="Model directory to write."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train the XGBoost step-latency model (p50 and p99 heads) and report hold-out accuracy."""
+    from latency_model.model import train as train_model
+    from profiler.schema import DatasetError, read_steps
+
+    try:
+        table = read_steps(dataset)
+        model, metrics = train_model(table, seed=seed)
+    except (DatasetError, ValueError) as err:
+        _echo(f"error: {err}")
+        raise typer.Exit(2) from None
+    model.save(out)
+    typer.echo(f"trained on {metrics['num_steps']} steps ({metrics['num_holdout']} held out) -> {out}")
+    typer.echo(f"  median-head MAPE        {metrics['median_mape']:.2%}")
+    typer.echo(f"  p99-head coverage       {metrics['p99_coverage']:.3f}")
+    typer.echo(f"  linear (HyGen) MAPE     {metrics['linear_hygen_mape']:.2%}")
+
+
+@app.command()
 def demo(
     config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
     duration_s: float = typer.Option(45.0, "--duration-s", help="Seconds of chat traffic."),

@@ -1,0 +1,1 @@
+"""Step-latency prediction: features shared by training and serving, an XGBoost quantile model."""

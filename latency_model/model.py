@@ -1,0 +1,147 @@
+"""XGBoost quantile model of step latency: a median head and a p99 head.
+
+Trained on a step dataset (`profiler.schema`), with three splits: train, calibration and
+hold-out. The p99 head is conformally calibrated (shifted by the calibration split's residual
+quantile) so that its coverage holds on data it has not seen; the hold-out split only measures.
+
+The artifact is a directory: `model.ubj` (the booster) and `meta.json` (feature schema and its
+hash, training-data hash, calibration offset, hold-out metrics). Loading checks all of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latency_model.features import FEATURE_NAMES, feature_schema_hash, featurize, hygen_features
+
+ARTIFACT_VERSION = 1
+QUANTILES = (0.5, 0.99)
+
+
+class ModelFileError(ValueError):
+    """A model artifact that cannot be used; the message names the file and the problem."""
+
+
+def table_hash(table) -> str:
+    """Content hash of a training table (column names and values), for the artifact's record."""
+    h = hashlib.sha256()
+    for name in table.column_names:
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(table.column(name).to_numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _columns(table) -> dict[str, np.ndarray]:
+    return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+def _mape(y: np.ndarray, pred: np.ndarray) -> float:
+    return float(np.mean(np.abs(pred - y) / np.maximum(y, 1e-9)))
+
+
+@dataclass
+class StepLatencyModel:
+    booster: Any
+    p99_offset_ms: float
+    meta: dict[str, Any]
+
+    def predict_ms(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(p50_ms, p99_ms) for each row of `features` (n, len(FEATURE_NAMES)); one call for many
+        candidates is much cheaper per candidate than one call each."""
+        out = np.asarray(self.booster.inplace_predict(np.asarray(features, dtype=np.float32)))
+        p50 = out[:, 0]
+        p99 = np.maximum(out[:, 1] + self.p99_offset_ms, p50)
+        return p50, p99
+
+    def predict_columns(self, columns) -> tuple[np.ndarray, np.ndarray]:
+        return self.predict_ms(featurize(columns))
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.booster.save_model(str(out / "model.ubj"))
+        (out / "meta.json").write_text(json.dumps({**self.meta, "p99_offset_ms": self.p99_offset_ms}, indent=2) + "\n")
+        return out
+
+
+def train(table, *, seed: int = 0, num_trees: int = 300, max_depth: int = 6,
+          holdout_frac: float = 0.2, calib_frac: float = 0.2) -> tuple[StepLatencyModel, dict[str, float]]:
+    """Fit the model on a step table; return it with its hold-out metrics."""
+    import xgboost as xgb
+
+    cols = _columns(table)
+    y = np.asarray(cols["step_latency_ms"], dtype=np.float64)
+    x = featurize(cols)
+    n = len(y)
+    if n < 50:
+        raise ValueError(f"{n} steps are too few to train and hold out (need at least 50)")
+    order = np.random.default_rng(seed).permutation(n)
+    n_hold, n_cal = int(n * holdout_frac), int(n * calib_frac)
+    hold, cal, fit = order[:n_hold], order[n_hold:n_hold + n_cal], order[n_hold + n_cal:]
+
+    reg = xgb.XGBRegressor(objective="reg:quantileerror", quantile_alpha=np.array(QUANTILES),
+                           n_estimators=num_trees, max_depth=max_depth, learning_rate=0.05,
+                           tree_method="hist", random_state=seed, n_jobs=1)
+    reg.fit(x[fit], y[fit])
+    booster = reg.get_booster()
+    raw_cal = np.asarray(booster.inplace_predict(x[cal]))
+    # Conformal shift: the smallest offset under which 99% of calibration steps are covered.
+    residual = y[cal] - raw_cal[:, 1]
+    k = min(int(np.ceil((len(cal) + 1) * 0.99)) - 1, len(cal) - 1)
+    offset = float(max(np.sort(residual)[k], 0.0))
+    model = StepLatencyModel(booster, offset, {})
+
+    p50, p99 = model.predict_ms(x[hold])
+    lin_x = np.c_[hygen_features(cols), np.ones(n)]
+    coef, *_ = np.linalg.lstsq(lin_x[fit], y[fit], rcond=None)
+    metrics = {
+        "num_steps": n, "num_holdout": len(hold),
+        "median_mape": _mape(y[hold], p50),
+        "p99_coverage": float(np.mean(y[hold] <= p99)),
+        "linear_hygen_mape": _mape(y[hold], lin_x[hold] @ coef),
+    }
+    model.meta = {
+        "artifact_version": ARTIFACT_VERSION,
+        "feature_names": list(FEATURE_NAMES),
+        "feature_schema_hash": feature_schema_hash(),
+        "quantiles": list(QUANTILES),
+        "training_data_hash": table_hash(table),
+        "holdout_metrics": metrics,
+        "seed": seed,
+    }
+    return model, metrics
+
+
+def load(path: str | Path) -> StepLatencyModel:
+    """Load an artifact directory, failing loudly on anything that does not match this code."""
+    import xgboost as xgb
+
+    p = Path(path)
+    meta_path, model_path = p / "meta.json", p / "model.ubj"
+    for f in (meta_path, model_path):
+        if not f.is_file():
+            raise ModelFileError(f"{f}: missing (is {p} a model directory written by `colocate train`?)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFileError(f"{meta_path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if meta.get("artifact_version") != ARTIFACT_VERSION:
+        raise ModelFileError(f"{meta_path}: artifact version {meta.get('artifact_version')}, expected {ARTIFACT_VERSION}")
+    if meta.get("feature_names") != list(FEATURE_NAMES) or meta.get("feature_schema_hash") != feature_schema_hash():
+        raise ModelFileError(
+            f"{meta_path}: feature schema {meta.get('feature_schema_hash')} does not match this code's "
+            f"{feature_schema_hash()} ({meta.get('feature_names')} vs {list(FEATURE_NAMES)}); retrain the model")
+    booster = xgb.Booster()
+    try:
+        booster.load_model(str(model_path))
+    except xgb.core.XGBoostError as err:
+        raise ModelFileError(f"{model_path}: not a loadable XGBoost model ({str(err).splitlines()[0]})") from None
+    if booster.num_features() != len(FEATURE_NAMES):
+        raise ModelFileError(f"{model_path}: expects {booster.num_features()} features, not {len(FEATURE_NAMES)}")
+    return StepLatencyModel(booster, float(meta["p99_offset_ms"]), meta)

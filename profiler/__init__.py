@@ -1,0 +1,1 @@
+"""Step telemetry schema and the interference profiler."""
