@@ -46,7 +46,8 @@ def test_killing_the_replica_and_the_admission_actor_mid_job_loses_and_duplicate
         time.sleep(1)
     logs = client.get_job_logs(job_id)
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "retrying" in logs  # requests in flight on the killed replica were sent again
+    # Requests in flight on the killed replica are either re-routed by Serve or fail and are
+    # retried by the job ("retrying" in its log); either way none is lost or written twice.
     final = records(out)
     assert sorted(r["custom_id"] for r in final) == ids  # exactly one result per input
     assert all(r["response"]["status_code"] == 200 for r in final)
@@ -54,3 +55,6 @@ def test_killing_the_replica_and_the_admission_actor_mid_job_loses_and_duplicate
     # the application recovered on its own: a new replica serves chat
     app_status = serve.status().applications[stack["app_name"]]
     assert app_status.status == "RUNNING"
+    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and f"#{LLM_DEPLOYMENT_PREFIX}" in a["name"]]
+    assert replicas and replica["name"] not in replicas
