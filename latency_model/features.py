@@ -13,18 +13,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-FEATURE_NAMES: tuple[str, ...] = (
-    "num_prefill_tokens",
-    "num_prefill_reqs",
-    "prefill_context_tokens",
-    "prefill_attention_tokens2",
-    "num_decode_reqs",
-    "decode_context_tokens",
-    "max_decode_context_tokens",
-    "mean_decode_context_tokens",
-    "num_batched_tokens",
-    "num_reqs",
-)
 INPUT_COLUMNS: tuple[str, ...] = (
     "num_prefill_tokens",
     "num_prefill_reqs",
@@ -33,6 +21,13 @@ INPUT_COLUMNS: tuple[str, ...] = (
     "num_decode_reqs",
     "decode_context_tokens",
     "max_decode_context_tokens",
+)
+"""Per-step aggregates the features are computed from (columns of `profiler.schema`)."""
+FEATURE_NAMES: tuple[str, ...] = (
+    *INPUT_COLUMNS,
+    "mean_decode_context_tokens",
+    "num_batched_tokens",
+    "num_reqs",
 )
 
 

@@ -10,12 +10,12 @@ import time
 
 import pytest
 import ray
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobStatus
 
 from orchestrator.admission import ADMISSION_NAME
 from orchestrator.admission import NAMESPACE as ADMISSION_NAMESPACE
 from orchestrator.cluster import LLM_DEPLOYMENT_PREFIX, connect
-from tests.integration.test_batch_jobs import records, submit, write_input
+from tests.integration.test_batch_jobs import records, start_job_and_wait_for_results, write_input
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +25,7 @@ def test_killing_the_replica_and_the_admission_actor_mid_job_loses_and_duplicate
 
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = write_input(inp, 60, max_tokens=48)
-    job_id = f"colocate-test-kill-{int(time.time())}"
-    result = submit(stack, inp, out, "--concurrency", "2", wait=False, submission_id=job_id)
-    assert result.returncode == 0, result.stderr[-3000:]
-    client = JobSubmissionClient(stack["dashboard_url"])
-    deadline = time.monotonic() + 300
-    while not (out.exists() and len(out.read_text().splitlines()) >= 5):
-        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
-        time.sleep(0.5)
+    client, job_id = start_job_and_wait_for_results(stack, inp, out, "kill", concurrency=2, min_results=5)
 
     connect(stack["gcs_address"])
     replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
