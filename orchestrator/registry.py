@@ -20,9 +20,6 @@ class ReplicaRegistry:
     def report(self, stats: dict[str, Any]) -> None:
         self._reports[stats["replica_id"]] = stats
 
-    def forget(self, replica_id: str) -> None:
-        self._reports.pop(replica_id, None)
-
     def snapshot(self, max_age_s: float = STALE_AFTER_S) -> list[dict[str, Any]]:
         """Reports younger than `max_age_s`; older ones belong to replicas that went away."""
         now_s = time.time()
