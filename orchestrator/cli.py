@@ -133,14 +133,15 @@ def collect_status(state) -> dict:
     }
 
 
-def _job_api() -> str:
+def _stack_with_job_api():
+    """The recorded stack, if it has a job API (a local cluster `up` started); else exit 1."""
     from orchestrator import cluster
 
     state = cluster.StackState.load()
     if state is None or not state.dashboard_url:
         _echo("error: no local stack with a job API is up (run `colocate up`), or use `ray job submit --address ...`")
         raise typer.Exit(1)
-    return state.dashboard_url
+    return state
 
 
 @app.command()
@@ -152,16 +153,14 @@ def submit(
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Offline requests in flight without a controller."),
 ) -> None:
     """Submit a batch job through Ray's job API (the same as `ray job submit ... -- python -m jobs.batch`)."""
-    from orchestrator import cluster
     from orchestrator.demo import submit_batch_job
 
-    dashboard_url = _job_api()
-    state = cluster.StackState.load()
+    state = _stack_with_job_api()
     args = ["--input", str(input_path.resolve()), "--output", str(output.resolve()),
             "--endpoint", state.endpoint, "--weight", str(weight), "--concurrency", str(concurrency)]
     if model:
         args += ["--model", model]
-    job_id = submit_batch_job(dashboard_url, args, metadata={
+    job_id = submit_batch_job(state.dashboard_url, args, metadata={
         "colocate": "batch", "input": str(input_path.resolve()), "output": str(output.resolve()), "weight": str(weight)})
     typer.echo(job_id)
 
@@ -174,10 +173,9 @@ def jobs(as_json: bool = typer.Option(False, "--json")) -> None:
     from orchestrator import cluster
     from orchestrator.jobs_view import job_rows
 
-    dashboard_url = _job_api()
-    state = cluster.StackState.load()
+    state = _stack_with_job_api()
     cluster.connect(state.address)
-    rows = job_rows(JobSubmissionClient(dashboard_url).list_jobs())
+    rows = job_rows(JobSubmissionClient(state.dashboard_url).list_jobs())
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
