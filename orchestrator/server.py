@@ -7,6 +7,9 @@ replica keeps its own view of load per class, and where later admission and tele
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator
@@ -17,6 +20,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, Er
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm import LLMServer
 
+from orchestrator.engine_channel import CHANNEL_ENV, UNLIMITED, EngineChannel, OfflineBudget, rows_to_columns
 from orchestrator.registry import get_or_create_registry
 from orchestrator.request_class import (
     REQUEST_CLASS_FIELD,
@@ -26,6 +30,70 @@ from orchestrator.request_class import (
 )
 
 REPORT_PERIOD_S = 1.0
+LATENCY_WINDOW_S = 5.0
+"""Observed online TTFT/TPOT are p99s over requests of this recent window."""
+
+log = logging.getLogger("ray.serve")
+
+_ENV_CONTROLLER = "COLOCATE_CONTROLLER_ENABLED"
+_ENV_REPORT_PERIOD = "COLOCATE_CONTROLLER_REPORT_PERIOD_S"
+_ENV_FALLBACK = "COLOCATE_FALLBACK_OFFLINE_BUDGET"
+
+
+def controller_env(controller) -> dict[str, str]:
+    """What a replica needs to know about the controller (a `ControllerConfig`), as env vars."""
+    return {
+        _ENV_CONTROLLER: "1" if controller.enabled else "0",
+        _ENV_REPORT_PERIOD: str(controller.report_period_s),
+        _ENV_FALLBACK: f"{controller.fallback_offline_seqs},{controller.fallback_offline_tokens}",
+    }
+
+
+def _fallback_budget() -> OfflineBudget:
+    if os.environ.get(_ENV_CONTROLLER, "0") != "1":
+        # No controller: offline work is limited only by vLLM's priorities (naive co-location).
+        return OfflineBudget.flat(UNLIMITED, UNLIMITED)
+    seqs, tokens = (int(v) for v in os.environ.get(_ENV_FALLBACK, "1,64").split(","))
+    return OfflineBudget.flat(seqs, tokens)
+
+
+def _p99(values) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))])
+
+
+class OnlineLatencies:
+    """Recent online TTFT and TPOT per request, as a client sees them (measured on the stream)."""
+
+    def __init__(self, window_s: float = LATENCY_WINDOW_S) -> None:
+        self.window_s = window_s
+        self.ttft_ms: collections.deque[tuple[float, float]] = collections.deque()
+        self.tpot_ms: collections.deque[tuple[float, float]] = collections.deque()
+        self.inflight: dict[int, tuple[float, float, int]] = {}  # id -> (start, first, chunks)
+
+    def start(self, key: int, now: float) -> None:
+        self.inflight[key] = (now, 0.0, 0)
+
+    def chunk(self, key: int, now: float) -> None:
+        start, first, n = self.inflight[key]
+        if n == 0:
+            self.ttft_ms.append((now, (now - start) * 1000.0))
+            first = now
+        self.inflight[key] = (start, first, n + 1)
+
+    def end(self, key: int, now: float) -> None:
+        _, first, n = self.inflight.pop(key)
+        if n > 2:
+            self.tpot_ms.append((now, (now - first) * 1000.0 / (n - 1)))
+
+    def p99s(self, now: float) -> tuple[float | None, float | None]:
+        for q in (self.ttft_ms, self.tpot_ms):
+            while q and q[0][0] < now - self.window_s:
+                q.popleft()
+        running = [(now - first) * 1000.0 / (n - 1) for _, first, n in self.inflight.values() if n > 2]
+        return _p99([v for _, v in self.ttft_ms]), _p99([v for _, v in self.tpot_ms] + running)
 
 
 class EngineStatsHolder:
@@ -107,10 +175,24 @@ class ColocateLLMServer(LLMServer):
         # batch seen shows whether stream batching is really off (1) or merging tokens (>1).
         self._max_chunks_per_stream_write = 0
         self._model_id = self._llm_config.model_id
+        self._latencies = OnlineLatencies()
+        self._next_key = 0
+        self._budget: dict[str, Any] | None = None
+        self._steps_seen = 0
+        # The engine process inherits this environment, so it finds the channel by name.
+        self._channel = EngineChannel.create(fallback=_fallback_budget())
+        os.environ[CHANNEL_ENV] = str(self._channel.path)
         start_s = time.monotonic()
         await super().start()
         self._engine_start_s = time.monotonic() - start_s
         self._report_task = asyncio.create_task(self._report_loop())
+        if os.environ.get(_ENV_CONTROLLER, "0") == "1":
+            self._controller_task = asyncio.create_task(self._controller_loop())
+
+    def __del__(self):
+        chan = getattr(self, "_channel", None)
+        if chan is not None:
+            chan.path.unlink(missing_ok=True)
 
     def _classify(self, request) -> RequestClass:
         extra = request.model_extra or {}
@@ -128,14 +210,24 @@ class ColocateLLMServer(LLMServer):
 
     async def _count(self, stream, request_class: RequestClass):
         self._inflight[request_class] += 1
+        online = request_class is RequestClass.ONLINE
+        key = self._next_key
+        self._next_key += 1
+        if online:
+            self._latencies.start(key, time.monotonic())
         try:
             async for item in stream:
                 if isinstance(item, list):
                     self._max_chunks_per_stream_write = max(self._max_chunks_per_stream_write, len(item))
+                if online:
+                    for _ in range(len(item) if isinstance(item, list) else 1):
+                        self._latencies.chunk(key, time.monotonic())
                 yield item
         finally:
             self._inflight[request_class] -= 1
             self._completed[request_class] += 1
+            if online:
+                self._latencies.end(key, time.monotonic())
 
     async def chat(self, request, raw_request_info=None):
         return await self._classified(request, raw_request_info, super().chat)
@@ -160,7 +252,65 @@ class ColocateLLMServer(LLMServer):
             "max_chunks_per_stream_write": self._max_chunks_per_stream_write,
             "engine_start_s": self._engine_start_s,
             "reported_at_s": time.time(),
+            "engine": self._channel.counters(),
+            "budget": self._budget,
         }
+
+    def load_snapshot(self) -> dict[str, Any]:
+        """What the controller decides on: this replica's online and offline load, its recent
+        steps and the online latencies its clients saw."""
+        now = time.monotonic()
+        rows, self._steps_seen = self._channel.steps_since(self._steps_seen)
+        steps = rows_to_columns(rows)
+        counters = self._channel.counters()
+        ttft_p99, tpot_p99 = self._latencies.p99s(now)
+        with_online = steps["num_online_reqs"] > 0
+        online_steps = steps["step_latency_ms"][with_online]
+        return {
+            "replica_id": serve.get_replica_context().replica_id.unique_id,
+            "model": self._model_id,
+            "reported_at_s": time.time(),
+            **{k: counters[k] for k in ("num_online_running", "num_online_waiting", "num_offline_running",
+                                        "num_offline_waiting", "num_offline_paused",
+                                        "num_offline_preempted_total", "num_throttled_steps",
+                                        "num_fallback_steps")},
+            "num_online_inflight": self._inflight[RequestClass.ONLINE],
+            "num_offline_inflight": self._inflight[RequestClass.OFFLINE],
+            "kv_cache_usage": float(steps["kv_cache_usage"][-1]) if len(rows) else None,
+            "num_steps": len(rows),
+            "step_p99_ms": float(sorted(online_steps)[int(0.99 * (len(online_steps) - 1))]) if len(online_steps) else None,
+            "online_decode_context_tokens": float(steps["decode_context_tokens"][-1]) if len(rows) else 0.0,
+            "offline_tokens": float((steps["num_prefill_tokens"] + steps["num_decode_reqs"])[
+                steps["num_offline_reqs"] > 0].sum()) if len(rows) else 0.0,
+            "observed_ttft_p99_ms": ttft_p99,
+            "observed_tpot_p99_ms": tpot_p99,
+            "budget_seq": self._channel.budget_seq(),
+        }
+
+    async def _controller_loop(self) -> None:
+        """Report load to the controller; its reply is this replica's offline budget."""
+        import ray
+
+        from orchestrator.controller import CONTROLLER_NAME, NAMESPACE
+
+        period_s = float(os.environ.get(_ENV_REPORT_PERIOD, "0.1"))
+        controller = None
+        while True:
+            try:
+                if controller is None:
+                    controller = await asyncio.to_thread(ray.get_actor, CONTROLLER_NAME, namespace=NAMESPACE)
+                reply = await controller.report.remote(self.load_snapshot())
+                if reply is not None:
+                    self._budget = reply
+                    self._channel.write_budget(
+                        OfflineBudget(tuple(reply["max_offline_seqs"]), tuple(reply["max_offline_tokens"])),
+                        valid_for_s=reply["valid_for_s"])
+            except Exception as err:  # noqa: BLE001 - the engine falls back on its own when we go quiet
+                if controller is not None:
+                    log.warning("colocate: controller report failed: %s", err)
+                controller = None
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(period_s)
 
     async def _report_loop(self) -> None:
         registry = None

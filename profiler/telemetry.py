@@ -4,7 +4,9 @@ For every step it records the batch composition as the aggregates of `profiler.s
 tokens and requests, prefill attention work, decode requests and the context they read, offline
 requests, KV use) and the measured step latency: the time from the end of `schedule()` to the
 start of `update_from_output()` for that step, which is the model's execution of exactly that
-batch. Records go to a bounded ring, exportable to Parquet with the versioned schema.
+batch. Records go to a bounded ring, exportable to Parquet with the versioned schema, and, when
+the replica gave the engine a channel (`orchestrator.engine_channel`), to the channel's step ring
+too, where the replica and the controller read them while the engine runs.
 
 vLLM marks the scheduler interface as not public; this is pinned to and tested against the
 vllm 0.32 line.
@@ -19,8 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from orchestrator.engine_channel import RING_COLUMNS, EngineChannel
 from orchestrator.request_class import RequestClass, vllm_priority
 from profiler.schema import STEP_SCHEMA
 
@@ -62,6 +66,7 @@ def step_record(scheduler: Scheduler, scheduler_output) -> dict[str, Any]:
         "decode_context_tokens": decode_ctx,
         "max_decode_context_tokens": max_decode_ctx,
         "num_offline_reqs": num_offline,
+        "num_online_reqs": len(scheduler_output.num_scheduled_tokens) - num_offline,
         "kv_cache_usage": float(scheduler.kv_cache_manager.usage),
     }
 
@@ -76,6 +81,12 @@ class TelemetryScheduler(Scheduler):
         # Steps scheduled but not yet answered, oldest first (async scheduling keeps up to two).
         self._pending: collections.deque[tuple[float, dict[str, Any] | None]] = collections.deque()
         self._telemetry_cost_s = 0.0
+        self.channel: EngineChannel | None = None
+        self._publish_steps = True
+        try:
+            self.channel = EngineChannel.from_env()
+        except Exception as err:  # noqa: BLE001 - an engine without a channel still serves
+            log.warning("colocate: engine channel unavailable (%s); telemetry stays in the engine", err)
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
@@ -93,7 +104,20 @@ class TelemetryScheduler(Scheduler):
             if record is not None:
                 record["step_latency_ms"] = (now - scheduled_at) * 1000.0
                 self.telemetry.append(record)
+                if self.channel is not None and self._publish_steps:
+                    self._publish(record)
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _publish(self, record: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        try:
+            record["end_time_s"] = time.time()
+            self.channel.append_step(np.fromiter((record[c] for c in RING_COLUMNS), dtype=np.float64,
+                                                 count=len(RING_COLUMNS)))
+        except Exception as err:  # noqa: BLE001 - telemetry must never take the engine down
+            log.warning("colocate: step ring write failed (%s); no longer publishing steps", err)
+            self._publish_steps = False
+        self._telemetry_cost_s += time.perf_counter() - start
 
     def overhead_fraction(self) -> float:
         """Time spent recording telemetry over the time of the steps in the ring (target < 2%)."""
