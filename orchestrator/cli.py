@@ -14,6 +14,9 @@ app = typer.Typer(help="Colocate: online chat and offline batch inference on the
                   no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Build local models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+slo_app = typer.Typer(help="Operators' SLO targets (manifests/slo.yaml), applied without a restart.",
+                      no_args_is_help=True)
+app.add_typer(slo_app, name="slo")
 
 DEFAULT_CONFIG = "manifests/colocate.yaml"
 
@@ -109,6 +112,30 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
                    f"{r.get('num_running_reqs', '-'):>7} {r.get('num_waiting_reqs', '-'):>7} "
                    f"{r.get('kv_cache_usage', 0.0):>7.1%} "
                    f"{r.get('num_inflight', {}).get('online', '-'):>6} {r.get('num_inflight', {}).get('offline', '-'):>7}")
+    ctl = report.get("controller")
+    if ctl is None:
+        typer.echo("controller:  not running (offline work limited only by vLLM priorities)")
+        return
+    slo = ctl["slo"] or {}
+    typer.echo(f"controller:  SLO TTFT p99 {slo.get('ttft_p99_ms')} ms, TPOT p99 {slo.get('tpot_p99_ms')} ms, "
+               f"headroom {slo.get('headroom')}; latency model: {'yes' if ctl['latency_model'] else 'no (default budget)'}; "
+               f"step budget {ctl['step_budget_ms'] or 'from TPOT'}")
+    if ctl.get("slo_error"):
+        typer.echo(f"  SLO file rejected: {ctl['slo_error']}")
+    for note in ctl.get("notes", []):
+        typer.echo(f"  note: {note}")
+
+    def ms(v):
+        return "-" if v is None else f"{v:.0f}"
+
+    typer.echo(f"{'replica':<12} {'online':>6} {'off.run':>7} {'budget':>8} {'TTFT p99 obs':>12} "
+               f"{'TPOT p99 obs/pred/SLO':>22} {'throttle':>16}")
+    for r in ctl["replicas"]:
+        typer.echo(f"{r['replica_id']:<12} {r['online_requests']:>6} {r['offline_running']:>7} "
+                   f"{r['offline_budget_seqs']:>3}/{r['offline_budget_tokens']:<4} "
+                   f"{ms(r['observed_ttft_p99_ms']):>6}/{ms(r['slo_ttft_p99_ms']):<5} "
+                   f"{ms(r['observed_tpot_p99_ms']):>8}/{ms(r['predicted_step_p99_ms'])}/{ms(r['slo_tpot_p99_ms']):<6} "
+                   f"{r['throttle']:>9} x{r['throttle_scale']:.2f}")
 
 
 def collect_status(state) -> dict:
@@ -130,7 +157,78 @@ def collect_status(state) -> dict:
             for name, d in (app_status.deployments.items() if app_status else [])
         ],
         "replicas": cluster.replica_rows(state.app_name, state.address),
+        "controller": controller_status(),
     }
+
+
+def controller_status() -> dict | None:
+    import ray
+
+    from orchestrator.controller import get_controller
+
+    try:
+        return ray.get(get_controller().status.remote(), timeout=10)
+    except (ValueError, ray.exceptions.RayError):
+        return None
+
+
+def _slo_context(config_path: str | None):
+    cfg = _load(config_path)
+    return cfg, Path(cfg.controller.slo_path)
+
+
+@slo_app.command("show")
+def slo_show(
+    config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The SLO file, and the targets the running controller has in force (with any rejection)."""
+    from orchestrator.slo import SloError, dump_slo, load_slo
+
+    cfg, path = _slo_context(config)
+    try:
+        text = dump_slo(load_slo(path, {cfg.model.id}))
+        file_error = None
+    except SloError as err:
+        text, file_error = None, str(err)
+    in_force = None
+    from orchestrator import cluster
+
+    state = cluster.StackState.load()
+    if state is not None:
+        cluster.connect(state.address)
+        in_force = controller_status()
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), "file_error": file_error, "controller": in_force}, indent=2))
+        return
+    typer.echo(f"# {path}")
+    typer.echo(text if text is not None else f"# invalid: {file_error}")
+    if in_force is not None:
+        typer.echo(f"# in force in the controller for {in_force['model']}: {in_force['slo']}")
+        if in_force.get("slo_error"):
+            typer.echo(f"# the controller rejected the last edit: {in_force['slo_error']}")
+
+
+@slo_app.command("set")
+def slo_set(
+    assignments: list[str] = typer.Argument(..., help="MODEL.FIELD=VALUE or FIELD=VALUE (one served model)."),
+    config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
+) -> None:
+    """Change targets: validated first, then written; the controller applies them within 2 s."""
+    from orchestrator.slo import SloError, apply_setting, diff, load_slo, write_slo_atomically
+
+    cfg, path = _slo_context(config)
+    try:
+        old = load_slo(path, {cfg.model.id})
+        new = old
+        for assignment in assignments:
+            new = apply_setting(new, assignment, {cfg.model.id})
+    except SloError as err:
+        _echo(f"error: {err}")
+        raise typer.Exit(2) from None
+    write_slo_atomically(path, new)
+    for change in diff(old, new) or ["no change"]:
+        typer.echo(change)
 
 
 def _stack_with_job_api():
@@ -185,6 +283,59 @@ def jobs(as_json: bool = typer.Option(False, "--json")) -> None:
         done = f"{r['done']}/{r['total']}" if r.get("total") is not None else "-"
         tps = f"{r['tokens_per_s']:.1f}" if r.get("tokens_per_s") is not None else "-"
         typer.echo(f"{r['job_id']:<28} {r['status']:<10} {done:>12} {tps:>8} {eta:>7}  {r.get('output') or '-'}")
+
+
+@app.command()
+def profile(
+    out: Path = typer.Option(..., "--out", help="Step dataset (Parquet) to write."),
+    config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
+    scenarios: int = typer.Option(60, "--scenarios", help="Scenarios in the sweep (5 corners + random draws)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Drive an engine built like the replicas through a sweep of batch compositions; record every step."""
+    from profiler.sweep import profile as run_profile
+
+    cfg = _load(config)
+    summary = run_profile(cfg, out, num_scenarios=scenarios, seed=seed, on_progress=_echo)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def interference(
+    out: Path = typer.Option(Path("results/interference.json"), "--out", help="Profile file the controller reads."),
+    plot: Path = typer.Option(Path("results/interference.png"), "--plot", help="PNG of p99 TTFT/TPOT vs offline load."),
+    config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
+    rate: float = typer.Option(1.0, "--rate", help="Online chat requests per second."),
+    duration_s: float = typer.Option(30.0, "--duration-s", help="Seconds of chat per measured point."),
+    trace: Path | None = typer.Option(None, "--trace", help="Azure-format CSV (default: the shared Azure conv trace)."),
+    max_seqs: int = typer.Option(32, "--max-seqs", help="Largest offline load to try (sequences per replica)."),
+    ttft_p99_ms: float | None = typer.Option(None, "--ttft-p99-ms", help="Default: the SLO file's target."),
+    tpot_p99_ms: float | None = typer.Option(None, "--tpot-p99-ms", help="Default: the SLO file's target."),
+) -> None:
+    """Search the largest offline load (and per-step latency budget) at which the chat SLO holds."""
+    from orchestrator.slo import SloError, load_slo
+    from profiler.interference import run_interference
+
+    cfg = _load(config)
+    if ttft_p99_ms is None or tpot_p99_ms is None:
+        try:
+            targets = load_slo(cfg.controller.slo_path, {cfg.model.id}).models[cfg.model.id]
+        except SloError as err:
+            _echo(f"error: {err}")
+            raise typer.Exit(2) from None
+        ttft_p99_ms = ttft_p99_ms or targets.ttft_p99_ms
+        tpot_p99_ms = tpot_p99_ms or targets.tpot_p99_ms
+    try:
+        doc = run_interference(cfg, ttft_p99_ms=ttft_p99_ms, tpot_p99_ms=tpot_p99_ms, rate_per_s=rate,
+                               duration_s=duration_s, trace=trace, max_seqs=max_seqs, out=out, plot=plot,
+                               on_progress=_echo)
+    except RuntimeError as err:
+        _echo(f"error: {err}")
+        raise typer.Exit(1) from None
+    typer.echo(f"largest offline load meeting TTFT p99 <= {ttft_p99_ms} ms and TPOT p99 <= {tpot_p99_ms} ms: "
+               f"{doc['offline_seqs']} seq/replica ({doc['offline_tokens_per_s']:.1f} tok/s); "
+               f"per-step budget {doc['step_budget_ms']} ms")
+    typer.echo(f"profile: {out}  plot: {plot}")
 
 
 @app.command()

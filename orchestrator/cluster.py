@@ -270,6 +270,10 @@ def teardown(state: StackState) -> list[str]:
         connect(state.address)
         serve.delete(state.app_name)
         done.append(f"deleted application {state.app_name!r} from {state.address}")
+        from orchestrator.controller import kill_controller
+
+        if kill_controller():
+            done.append("stopped the controller")
     StackState.clear()
     return done
 
@@ -334,6 +338,12 @@ def bring_up(config: ColocateConfig, on_progress: Callable[[str], None] = lambda
     state.save()
     try:
         connect(state.address)
+        if config.controller.enabled:
+            from orchestrator.controller import start_controller
+
+            on_progress(f"starting the controller (SLO file {config.controller.slo_path}, "
+                        f"period {config.controller.period_s * 1000:.0f} ms)")
+            start_controller(config)
         on_progress(f"deploying {config.replicas.num_replicas} replica(s) of {config.model.id} from {model_source}")
         deploy(config, model_source)
         waited_s = wait_until_healthy(config, on_progress=on_progress)

@@ -158,7 +158,9 @@ class ColocateScheduler(TelemetryScheduler):
         throttled = plan.throttled(len(offline_running), len(offline_waiting))
         chan.set_counters(num_online_running=len(online_running), num_online_waiting=len(online_waiting),
                           num_offline_running=len(offline_running) - len(paused),
-                          num_offline_waiting=len(offline_waiting), num_offline_paused=len(paused))
+                          num_offline_waiting=len(offline_waiting), num_offline_paused=len(paused),
+                          online_context_tokens=sum(r.num_computed_tokens for r in online_running),
+                          offline_context_tokens=sum(r.num_computed_tokens for r in offline_running))
         if throttled:
             chan.add_counter("num_throttled_steps", 1)
         if fallback:

@@ -179,6 +179,8 @@ class ColocateLLMServer(LLMServer):
         self._next_key = 0
         self._budget: dict[str, Any] | None = None
         self._steps_seen = 0
+        # Latencies of recent steps that held online requests: (end time, ms), LATENCY_WINDOW_S.
+        self._online_steps: collections.deque[tuple[float, float]] = collections.deque()
         # The engine process inherits this environment, so it finds the channel by name.
         self._channel = EngineChannel.create(fallback=_fallback_budget())
         os.environ[CHANNEL_ENV] = str(self._channel.path)
@@ -265,7 +267,10 @@ class ColocateLLMServer(LLMServer):
         counters = self._channel.counters()
         ttft_p99, tpot_p99 = self._latencies.p99s(now)
         with_online = steps["num_online_reqs"] > 0
-        online_steps = steps["step_latency_ms"][with_online]
+        self._online_steps.extend(zip(steps["end_time_s"][with_online], steps["step_latency_ms"][with_online]))
+        horizon = time.time() - LATENCY_WINDOW_S
+        while self._online_steps and self._online_steps[0][0] < horizon:
+            self._online_steps.popleft()
         return {
             "replica_id": serve.get_replica_context().replica_id.unique_id,
             "model": self._model_id,
@@ -273,13 +278,13 @@ class ColocateLLMServer(LLMServer):
             **{k: counters[k] for k in ("num_online_running", "num_online_waiting", "num_offline_running",
                                         "num_offline_waiting", "num_offline_paused",
                                         "num_offline_preempted_total", "num_throttled_steps",
-                                        "num_fallback_steps")},
+                                        "num_fallback_steps", "online_context_tokens",
+                                        "offline_context_tokens")},
             "num_online_inflight": self._inflight[RequestClass.ONLINE],
             "num_offline_inflight": self._inflight[RequestClass.OFFLINE],
             "kv_cache_usage": float(steps["kv_cache_usage"][-1]) if len(rows) else None,
             "num_steps": len(rows),
-            "step_p99_ms": float(sorted(online_steps)[int(0.99 * (len(online_steps) - 1))]) if len(online_steps) else None,
-            "online_decode_context_tokens": float(steps["decode_context_tokens"][-1]) if len(rows) else 0.0,
+            "step_p99_ms": _p99([ms for _, ms in self._online_steps]),
             "offline_tokens": float((steps["num_prefill_tokens"] + steps["num_decode_reqs"])[
                 steps["num_offline_reqs"] > 0].sum()) if len(rows) else 0.0,
             "observed_ttft_p99_ms": ttft_p99,

@@ -136,13 +136,20 @@ class TelemetryScheduler(Scheduler):
         super().shutdown()
 
 
-def export_parquet(records: list[dict[str, Any]], path: Path) -> Path:
-    """Write records with the versioned step schema (atomically: a partial file never appears)."""
+def export_parquet(records: list[dict[str, Any]] | dict[str, Any], path: Path) -> Path:
+    """Write step records (a list of dicts, or a dict of columns) with the versioned step schema,
+    atomically: a partial file never appears."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if isinstance(records, dict):
+        columns = records
+    else:
+        columns = {f.name: [r[f.name] for r in records] for f in STEP_SCHEMA}
+    arrays = [pa.array(np.asarray(columns[f.name], dtype=np.int64 if pa.types.is_integer(f.type) else np.float64),
+                       type=f.type) for f in STEP_SCHEMA]
+    table = pa.Table.from_arrays(arrays, schema=STEP_SCHEMA)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([{f.name: r[f.name] for f in STEP_SCHEMA} for r in records], schema=STEP_SCHEMA)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)

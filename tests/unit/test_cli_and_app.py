@@ -89,3 +89,11 @@ def test_model_source_hub_id_passes_through_and_missing_dir_without_build_is_an_
         resolve_model_source(missing)
     built = parse_config({"model": {"source": str(tmp_path / "built"), "build_tiny": "test"}})
     assert Path(resolve_model_source(built), "config.json").is_file()
+
+
+def test_cpu_dtype_is_bf16_only_where_the_cpu_computes_it():
+    from orchestrator.app import cpu_dtype
+
+    assert cpu_dtype("flags : fpu avx2 fma") == "float32"
+    assert cpu_dtype("flags : fpu avx2 avx512f avx512_bf16") == "bfloat16"
+    assert cpu_dtype("flags : fpu amx_bf16 amx_tile") == "bfloat16"

@@ -1,0 +1,365 @@
+"""The central controller: a named, restartable Ray actor running observe -> decide -> act -> record.
+
+- observe: the replicas push load snapshots (`report`, every `report_period_s`); the SLO file is
+  polled for edits;
+- decide: `orchestrator.policy.decide`, a pure function of the snapshot, the policy state and
+  the latency model;
+- act: each replica gets its budget as the reply to its next report (it writes it into its
+  engine's channel); the batch jobs' shared offline concurrency follows the replicas' budgets;
+- record: Prometheus metrics (Ray's metrics port), the policy state checkpointed to the GCS, a
+  log line for every SLO change and throttle transition.
+
+The actor restarts on failure (`max_restarts=-1`) and restores its policy state, including the
+hysteresis, and the last good SLO targets from the checkpoint. While it is away, replicas keep
+their last budget until it expires (`silence_timeout_s`) and then fall back to the safe budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from orchestrator.policy import Decision, PolicyConfig, ReplicaLoad, ReplicaState, Snapshot, decide
+
+CONTROLLER_NAME = "colocate-controller"
+NAMESPACE = "colocate"
+CHECKPOINT_KEY = b"colocate/controller/checkpoint"
+STALE_REPORT_S = 2.0
+
+log = logging.getLogger(__name__)
+
+
+def replica_load(report: dict[str, Any]) -> ReplicaLoad:
+    """The policy's view of a replica's `load_snapshot()`."""
+    return ReplicaLoad(
+        replica_id=report["replica_id"],
+        num_online=int(report["num_online_running"] + report["num_online_waiting"]),
+        online_context_tokens=float(report.get("online_context_tokens") or 0.0),
+        num_offline_running=int(report["num_offline_running"] + report["num_offline_paused"]),
+        num_offline_waiting=int(report["num_offline_waiting"]),
+        offline_context_tokens=float(report.get("offline_context_tokens") or 0.0),
+        observed_ttft_p99_ms=report.get("observed_ttft_p99_ms"),
+        observed_tpot_p99_ms=report.get("observed_tpot_p99_ms"),
+        step_p99_ms=report.get("step_p99_ms"),
+        kv_cache_usage=report.get("kv_cache_usage"),
+        reported_at_s=float(report["reported_at_s"]),
+    )
+
+
+def load_profile(path: str | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    from profiler.interference import load_interference_profile
+
+    return load_interference_profile(path)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        tags = ("replica",)
+        self.gauges = {
+            name: Gauge(f"colocate_{name}", description=desc, tag_keys=tags)
+            for name, desc in [
+                ("online_requests", "Online requests running or waiting in the engine"),
+                ("offline_budget_seqs", "Offline sequences allowed at the current online load"),
+                ("offline_budget_tokens", "Offline tokens per step allowed at the current online load"),
+                ("offline_running", "Offline sequences in the engine (running or paused)"),
+                ("observed_ttft_p99_ms", "Observed online p99 time to first token"),
+                ("observed_tpot_p99_ms", "Observed online p99 time per output token"),
+                ("predicted_step_p99_ms", "Predicted p99 step latency of the current batch"),
+                ("throttle_scale", "Share of the model budget granted (1 = open)"),
+                ("slo_ttft_p99_ms", "TTFT p99 target"),
+                ("slo_tpot_p99_ms", "TPOT p99 target"),
+            ]
+        }
+        self.decisions = Counter("colocate_controller_decisions", description="Controller decisions made")
+
+    def record(self, row: dict[str, Any]) -> None:
+        tags = {"replica": row["replica_id"]}
+        for name, gauge in self.gauges.items():
+            value = row.get(name)
+            if value is not None:
+                gauge.set(float(value), tags=tags)
+
+
+class GcsCheckpoint:
+    """The controller's checkpoint in the cluster's GCS key-value store (survives the actor)."""
+
+    def get(self) -> bytes | None:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        return _internal_kv_get(CHECKPOINT_KEY, namespace=NAMESPACE)
+
+    def put(self, data: bytes) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(CHECKPOINT_KEY, data, overwrite=True, namespace=NAMESPACE)
+
+
+class ControllerCore:
+    """The controller's logic; `Controller` is this as a Ray actor. The clock and the checkpoint
+    store are injected, so unit tests run it without Ray."""
+
+    def __init__(self, *, model_id: str, slo_path: str, period_s: float = 0.25,
+                 silence_timeout_s: float = 2.0, model_path: str | None = None,
+                 profile_path: str | None = None, policy: dict[str, Any] | None = None,
+                 clock: Callable[[], float] = time.time, store=None, metrics: bool = True) -> None:
+        from orchestrator.slo import SloFile, SloWatcher
+
+        self.store = store if store is not None else GcsCheckpoint()
+        self.model_id = model_id
+        self.period_s = period_s
+        self.silence_timeout_s = silence_timeout_s
+        self.clock = clock
+        self.policy = PolicyConfig(**(policy or {}))
+        self.latency_model = None
+        self.notes: list[str] = []
+        if model_path:
+            from latency_model.model import load
+
+            try:
+                self.latency_model = load(model_path)
+            except (ValueError, OSError) as err:
+                self.notes.append(f"latency model not loaded ({err}); using the conservative default budget")
+                log.error("colocate controller: %s", self.notes[-1])
+        self.profile = None
+        try:
+            self.profile = load_profile(profile_path)
+        except (ValueError, OSError) as err:
+            self.notes.append(f"interference profile not loaded ({err}); per-step budget from the TPOT target")
+            log.error("colocate controller: %s", self.notes[-1])
+        checkpoint = self._restore()
+        last_good = SloFile.model_validate(checkpoint["slo"]) if checkpoint.get("slo") else None
+        self.state: dict[str, ReplicaState] = {
+            rid: ReplicaState.from_json(s) for rid, s in checkpoint.get("state", {}).items()}
+        self.restored = bool(checkpoint)
+        self.slo = SloWatcher(slo_path, {model_id}, last_good=last_good)
+        self._poll_slo()
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.replies: dict[str, dict[str, Any]] = {}
+        self.last_decision: Decision | None = None
+        self.last_decision_s: float | None = None
+        self.metrics = _Metrics() if metrics else None
+        self._loop_task: asyncio.Task | None = None
+        self._admission = None
+        self._admission_total: int | None = None
+        self.override: dict[str, Any] | None = checkpoint.get("override")
+
+    # --- checkpoint -----------------------------------------------------------------------
+
+    def _restore(self) -> dict[str, Any]:
+        raw = self.store.get()
+        return json.loads(raw) if raw else {}
+
+    def _checkpoint(self) -> None:
+        data = {"state": {rid: s.to_json() for rid, s in self.state.items()}, "override": self.override,
+                "slo": self.slo.current.model_dump(mode="json") if self.slo.current else None,
+                "saved_at_s": self.clock()}
+        self.store.put(json.dumps(data).encode())
+
+    # --- observe --------------------------------------------------------------------------
+
+    def _poll_slo(self) -> None:
+        changes, error = self.slo.poll()
+        for change in changes:
+            log.warning("colocate controller: SLO change %s", change)
+        if error:
+            log.error("colocate controller: SLO file rejected: %s", error)
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def report(self, snapshot: dict[str, Any]) -> dict[str, Any] | None:
+        """A replica's load; the reply is its current offline budget (None: none decided yet)."""
+        self._ensure_loop()
+        self.reports[snapshot["replica_id"]] = snapshot
+        return self.replies.get(snapshot["replica_id"])
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - one bad tick must not stop the controller
+                log.exception("colocate controller: tick failed")
+            await asyncio.sleep(max(0.0, self.period_s - (time.monotonic() - started)))
+
+    def tick(self) -> Decision | None:
+        # observe
+        self._poll_slo()
+        now = self.clock()
+        fresh = {rid: r for rid, r in self.reports.items() if now - r["reported_at_s"] <= STALE_REPORT_S}
+        targets = self.slo.targets(self.model_id)
+        if targets is None:
+            return None  # no valid SLO yet: replicas stay on their safe fallback budget
+        snapshot = Snapshot(now_s=now, slo=targets, replicas=tuple(replica_load(r) for r in fresh.values()),
+                            step_budget_ms=(self.profile or {}).get("step_budget_ms"))
+        # decide
+        previous = {rid: s for rid, s in self.state.items()}
+        decision = decide(snapshot, self.state, self.latency_model, self.policy)
+        # act
+        for rid, d in decision.replicas.items():
+            budget = self.override or {"max_offline_seqs": list(d.budget.max_offline_seqs),
+                                       "max_offline_tokens": list(d.budget.max_offline_tokens)}
+            self.replies[rid] = {**budget, "valid_for_s": self.silence_timeout_s, "decided_at_s": now}
+        self.state = {**self.state, **decision.state}
+        self._set_admission(decision, snapshot)
+        # record
+        for load in snapshot.replicas:
+            d = decision.replicas[load.replica_id]
+            before = previous.get(load.replica_id, ReplicaState())
+            if d.state.throttle != before.throttle:
+                log.warning("colocate controller: replica %s %s -> %s (scale %.3f, pressure %.2f)",
+                            load.replica_id, before.throttle, d.state.throttle, d.state.scale, d.pressure)
+            if self.metrics is not None:
+                self.metrics.record(self._status_row(load, d, targets))
+        if self.metrics is not None:
+            self.metrics.decisions.inc()
+        self.last_decision, self.last_decision_s = decision, now
+        self._checkpoint()
+        return decision
+
+    def set_override(self, budget: dict[str, Any] | None) -> None:
+        """Fix every replica's budget (`max_offline_seqs` / `max_offline_tokens` tables), bypassing
+        the policy: static caps for the interference profiler and the benchmark's baselines.
+        None returns control to the policy."""
+        if budget is not None:
+            from orchestrator.engine_channel import OfflineBudget
+
+            OfflineBudget(tuple(budget["max_offline_seqs"]), tuple(budget["max_offline_tokens"]))
+            budget = {"max_offline_seqs": list(budget["max_offline_seqs"]),
+                      "max_offline_tokens": list(budget["max_offline_tokens"])}
+        log.warning("colocate controller: budget override %s -> %s", self.override, budget)
+        self.override = budget
+
+    def _set_admission(self, decision: Decision, snapshot: Snapshot) -> None:
+        """Batch jobs keep enough offline requests in flight to fill every replica's budget at no
+        online load (the engines hold the excess, paused or waiting, at no cost to chat)."""
+        if self.override is not None:
+            total = min(self.override["max_offline_seqs"][0], 1 << 16) * max(1, len(decision.replicas))
+        else:
+            total = sum(d.budget.max_offline_seqs[0] for d in decision.replicas.values())
+        total = max(1, total)
+        if total == self._admission_total:
+            return
+        try:
+            if self._admission is None:
+                from orchestrator.admission import get_or_create_admission
+
+                self._admission = get_or_create_admission()
+            self._admission.set_total_budget.remote(total)
+            self._admission_total = total
+        except Exception as err:  # noqa: BLE001 - jobs keep their last allowance
+            log.warning("colocate controller: could not update the batch admission: %s", err)
+            self._admission = None
+
+    # --- what operators see ---------------------------------------------------------------
+
+    def _status_row(self, load: ReplicaLoad, d, targets) -> dict[str, Any]:
+        seqs, tokens = d.budget.at(load.num_online)
+        if self.override is not None:
+            from orchestrator.engine_channel import OfflineBudget
+
+            seqs, tokens = OfflineBudget(tuple(self.override["max_offline_seqs"]),
+                                         tuple(self.override["max_offline_tokens"])).at(load.num_online)
+        return {
+            "replica_id": load.replica_id,
+            "online_requests": load.num_online,
+            "offline_running": load.num_offline_running,
+            "offline_waiting": load.num_offline_waiting,
+            "offline_budget_seqs": seqs,
+            "offline_budget_tokens": tokens,
+            "observed_ttft_p99_ms": load.observed_ttft_p99_ms,
+            "observed_tpot_p99_ms": load.observed_tpot_p99_ms,
+            "predicted_step_p99_ms": d.predicted_step_p99_ms,
+            "target_step_ms": d.target_step_ms,
+            "throttle": "override" if self.override is not None else d.state.throttle,
+            "step_p99_ms": load.step_p99_ms,
+            "throttle_scale": d.state.scale,
+            "pressure": d.pressure,
+            "slo_ttft_p99_ms": targets.ttft_p99_ms,
+            "slo_tpot_p99_ms": targets.tpot_p99_ms,
+            "kv_cache_usage": load.kv_cache_usage,
+        }
+
+    async def status(self) -> dict[str, Any]:
+        self._ensure_loop()
+        return self.status_snapshot()
+
+    def status_snapshot(self) -> dict[str, Any]:
+        targets = self.slo.targets(self.model_id)
+        rows = []
+        if self.last_decision is not None and targets is not None:
+            now = self.clock()
+            for rid, d in self.last_decision.replicas.items():
+                report = self.reports.get(rid)
+                if report is None or now - report["reported_at_s"] > STALE_REPORT_S:
+                    continue
+                rows.append(self._status_row(replica_load(report), d, targets))
+        return {
+            "model": self.model_id,
+            "slo": targets.__dict__ if targets else None,
+            "slo_path": str(self.slo.path),
+            "slo_error": self.slo.last_error,
+            "latency_model": bool(self.latency_model),
+            "step_budget_ms": (self.profile or {}).get("step_budget_ms"),
+            "restored_from_checkpoint": self.restored,
+            "override": self.override,
+            "period_s": self.period_s,
+            "last_decision_s": self.last_decision_s,
+            "notes": self.notes,
+            "replicas": rows,
+        }
+
+    async def ready(self) -> bool:
+        self._ensure_loop()
+        return True
+
+
+Controller = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(ControllerCore)
+
+
+def start_controller(config, cwd: Path | None = None):
+    """Create (or find) the controller for a ColocateConfig; paths resolve against `cwd`."""
+    base = cwd or Path.cwd()
+
+    def resolve(p: str | None) -> str | None:
+        return None if p is None else str((base / p).resolve())
+
+    c = config.controller
+    handle = Controller.options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached",
+                                get_if_exists=True).remote(
+        model_id=config.model.id, slo_path=resolve(c.slo_path), period_s=c.period_s,
+        silence_timeout_s=c.silence_timeout_s, model_path=resolve(c.model_path),
+        profile_path=resolve(c.profile_path))
+    ray.get(handle.ready.remote(), timeout=60)
+    return handle
+
+
+def get_controller():
+    return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+
+
+def kill_controller() -> bool:
+    """Stop the controller and forget its checkpoint (a later `up` starts fresh)."""
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    try:
+        handle = get_controller()
+    except ValueError:
+        return False
+    ray.kill(handle, no_restart=True)
+    _internal_kv_del(CHECKPOINT_KEY, namespace=NAMESPACE)
+    return True

@@ -1,0 +1,233 @@
+"""The controller's decision: a pure function from a snapshot to per-replica offline budgets.
+
+`decide(snapshot, state, model, config)` returns a `Decision`: for every replica an
+`OfflineBudget` (tables by online request count, which the replica's engine applies at every
+step) plus the policy state the controller must hand back next time. No I/O, no clock: the
+snapshot carries `now_s`.
+
+How a replica's budget is chosen:
+
+1. **Per-step target.** The interference profile's per-step latency budget if there is one,
+   else the TPOT p99 target (a decode step yields one token per request, so a step longer than
+   the TPOT target breaks it), times (1 - headroom).
+2. **Model.** For k online requests (with the replica's current online context), the largest
+   number of offline decode sequences whose predicted p99 step latency stays under the target,
+   then the largest offline prefill chunk that still fits beside them. All candidates go to the
+   latency model in one vectorized call. Without a model: `PolicyConfig.default_*`, a
+   conservative flat budget.
+3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) and the
+   predicted step latency of the current batch, each as a fraction of its target: at or above
+   `shrink_at` the replica's scale halves at once (at most once per `shrink_hold_s`, so one slow
+   observation window does not collapse it); below `grow_below` for `grow_hold_s` it grows back
+   by `grow_step`; in between it holds. The band between the two thresholds is what keeps a
+   steady load from oscillating.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from latency_model.features import featurize
+from orchestrator.engine_channel import TABLE_SIZE, OfflineBudget
+
+
+class LatencyModel(Protocol):
+    def predict_ms(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class SloTargets:
+    ttft_p99_ms: float
+    tpot_p99_ms: float
+    headroom: float = 0.1
+    max_offline_seqs: int | None = None
+    max_offline_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    replica_id: str
+    num_online: int = 0
+    """Online requests running or waiting in the engine."""
+    online_context_tokens: float = 0.0
+    """Sum of the context lengths of the online requests decoding in the latest step."""
+    num_offline_running: int = 0
+    num_offline_waiting: int = 0
+    offline_context_tokens: float = 0.0
+    observed_ttft_p99_ms: float | None = None
+    observed_tpot_p99_ms: float | None = None
+    step_p99_ms: float | None = None
+    kv_cache_usage: float | None = None
+    reported_at_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now_s: float
+    slo: SloTargets
+    replicas: tuple[ReplicaLoad, ...]
+    step_budget_ms: float | None = None
+    """From the interference profile; None: derived from the TPOT target."""
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    scale: float = 1.0
+    throttle: str = "open"
+    """open (full budget), throttled (cut since the last calm period), recovering (growing back)."""
+    last_change_s: float = -math.inf
+    calm_since_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scale": self.scale, "throttle": self.throttle,
+                "last_change_s": None if math.isinf(self.last_change_s) else self.last_change_s,
+                "calm_since_s": self.calm_since_s}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ReplicaState:
+        last = d.get("last_change_s")
+        return cls(float(d["scale"]), str(d["throttle"]), -math.inf if last is None else float(last),
+                   d.get("calm_since_s"))
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    shrink_at: float = 0.95
+    grow_below: float = 0.8
+    shrink_factor: float = 0.5
+    shrink_hold_s: float = 1.0
+    grow_step: float = 0.125
+    grow_hold_s: float = 1.0
+    min_scale: float = 0.0625
+    default_offline_seqs: int = 2
+    default_offline_tokens: int = 64
+    """The budget without a latency model: two offline sequences, small prefill chunks."""
+    default_online_context_tokens: int = 256
+    """Context assumed for online requests a replica does not hold yet (for its k > now rows)."""
+    seq_candidates: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    chunk_candidates: tuple[int, ...] = (0, 16, 32, 64, 128, 256, 512)
+    table_size: int = 32
+
+
+@dataclass(frozen=True)
+class ReplicaDecision:
+    budget: OfflineBudget
+    state: ReplicaState
+    target_step_ms: float
+    predicted_step_p99_ms: float | None
+    pressure: float
+    """max over the signals of observed-or-predicted / target; >= shrink_at means throttle."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    replicas: dict[str, ReplicaDecision] = field(default_factory=dict)
+
+    @property
+    def state(self) -> dict[str, ReplicaState]:
+        return {rid: d.state for rid, d in self.replicas.items()}
+
+
+def _candidate_columns(num_online: np.ndarray, online_ctx: np.ndarray, num_offline: np.ndarray,
+                       offline_ctx: np.ndarray, chunk: np.ndarray) -> dict[str, np.ndarray]:
+    """Step aggregates for candidate batches: k online decodes, s offline decodes, one offline
+    prefill chunk (starting at context 0)."""
+    decode_ctx = num_online * online_ctx + num_offline * offline_ctx
+    return {
+        "num_prefill_tokens": chunk,
+        "num_prefill_reqs": (chunk > 0).astype(np.float64),
+        "prefill_context_tokens": np.zeros_like(chunk),
+        "prefill_attention_tokens2": chunk * (chunk / 2.0),
+        "num_decode_reqs": num_online + num_offline,
+        "decode_context_tokens": decode_ctx,
+        "max_decode_context_tokens": np.where(num_online + num_offline > 0,
+                                              np.maximum(np.where(num_online > 0, online_ctx, 0),
+                                                         np.where(num_offline > 0, offline_ctx, 0)), 0),
+    }
+
+
+def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
+                 cfg: PolicyConfig) -> tuple[np.ndarray, np.ndarray, float]:
+    """(max offline seqs by k, max offline tokens by k, predicted p99 of the current batch)."""
+    k = np.arange(cfg.table_size, dtype=np.float64)
+    online_ctx = (load.online_context_tokens / load.num_online if load.num_online > 0
+                  else float(cfg.default_online_context_tokens))
+    offline_ctx = (load.offline_context_tokens / load.num_offline_running if load.num_offline_running > 0
+                   else float(cfg.default_online_context_tokens))
+    seqs = np.asarray(cfg.seq_candidates, dtype=np.float64)
+    chunks = np.asarray(cfg.chunk_candidates, dtype=np.float64)
+    kk, ss, cc = np.meshgrid(k, seqs, chunks, indexing="ij")
+    cols = _candidate_columns(kk.ravel(), np.full(kk.size, online_ctx), ss.ravel(),
+                              np.full(kk.size, offline_ctx), cc.ravel())
+    current = _candidate_columns(np.array([float(load.num_online)]), np.array([online_ctx]),
+                                 np.array([float(load.num_offline_running)]), np.array([offline_ctx]),
+                                 np.array([0.0]))
+    both = {c: np.concatenate([cols[c], current[c]]) for c in cols}
+    _, p99 = model.predict_ms(featurize(both))
+    fits = (p99[:-1] <= target_ms).reshape(kk.shape)  # (k, seqs, chunks)
+    # The prediction is not guaranteed monotone; take the prefix of candidates that all fit.
+    decode_fits = np.logical_and.accumulate(fits[:, :, 0], axis=1)
+    best_s = np.where(decode_fits.any(axis=1), decode_fits.sum(axis=1) - 1, -1)
+    max_seqs = np.where(best_s >= 0, seqs[np.maximum(best_s, 0)], 0)
+    max_tokens = np.zeros(cfg.table_size)
+    for i in range(cfg.table_size):
+        if best_s[i] < 0:
+            continue
+        chunk_fits = np.logical_and.accumulate(fits[i, best_s[i], :])
+        max_tokens[i] = max_seqs[i] + chunks[chunk_fits.sum() - 1]
+    # More online work never leaves room for more offline work.
+    return np.minimum.accumulate(max_seqs), np.minimum.accumulate(max_tokens), float(p99[-1])
+
+
+def _next_state(prev: ReplicaState, pressure: float, now_s: float, cfg: PolicyConfig) -> ReplicaState:
+    if pressure >= cfg.shrink_at:
+        if now_s - prev.last_change_s >= cfg.shrink_hold_s or prev.throttle != "throttled":
+            return ReplicaState(max(cfg.min_scale, prev.scale * cfg.shrink_factor), "throttled", now_s, None)
+        return replace(prev, calm_since_s=None)
+    if pressure < cfg.grow_below:
+        calm_since = prev.calm_since_s if prev.calm_since_s is not None else now_s
+        if prev.scale < 1.0 and now_s - max(calm_since, prev.last_change_s) >= cfg.grow_hold_s:
+            scale = min(1.0, prev.scale + cfg.grow_step)
+            return ReplicaState(scale, "open" if scale >= 1.0 else "recovering", now_s, calm_since)
+        return replace(prev, calm_since_s=calm_since)
+    return replace(prev, calm_since_s=None)
+
+
+def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: LatencyModel | None,
+           cfg: PolicyConfig = PolicyConfig()) -> Decision:
+    slo = snapshot.slo
+    step_budget = snapshot.step_budget_ms if snapshot.step_budget_ms is not None else slo.tpot_p99_ms
+    target_ms = step_budget * (1.0 - slo.headroom)
+    out: dict[str, ReplicaDecision] = {}
+    for load in snapshot.replicas:
+        prev = state.get(load.replica_id, ReplicaState())
+        predicted = None
+        if model is not None:
+            seqs, tokens, predicted = model_tables(model, load, target_ms, cfg)
+        else:
+            seqs = np.full(cfg.table_size, cfg.default_offline_seqs, dtype=np.float64)
+            tokens = np.full(cfg.table_size, cfg.default_offline_tokens, dtype=np.float64)
+        signals = [
+            (load.observed_tpot_p99_ms, slo.tpot_p99_ms * (1.0 - slo.headroom)),
+            (load.observed_ttft_p99_ms, slo.ttft_p99_ms * (1.0 - slo.headroom)),
+            (predicted if load.num_online > 0 else None, target_ms),
+        ]
+        pressure = max((v / t for v, t in signals if v is not None and t > 0), default=0.0)
+        new_state = _next_state(prev, pressure, snapshot.now_s, cfg)
+        seqs = np.floor(seqs * new_state.scale)
+        tokens = np.floor(tokens * new_state.scale)
+        if slo.max_offline_seqs is not None:
+            seqs = np.minimum(seqs, slo.max_offline_seqs)
+        if slo.max_offline_tokens is not None:
+            tokens = np.minimum(tokens, slo.max_offline_tokens)
+        # A sequence needs at least one token per step, and tokens without a sequence are no use.
+        tokens = np.where(seqs > 0, np.maximum(tokens, seqs), 0)
+        size = min(cfg.table_size, TABLE_SIZE)
+        budget = OfflineBudget(tuple(int(v) for v in seqs[:size]), tuple(int(v) for v in tokens[:size]))
+        out[load.replica_id] = ReplicaDecision(budget, new_state, target_ms, predicted, pressure)
+    return Decision(out)

@@ -1,0 +1,139 @@
+"""The controller's loop logic without Ray: injected clock and checkpoint store, a real SLO file."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from orchestrator.controller import ControllerCore
+from orchestrator.slo import SloError, apply_setting, load_slo
+
+SLO_YAML = textwrap.dedent("""\
+    kind: ColocateSLO
+    version: 1
+    models:
+      m:
+        ttft_p99_ms: 400
+        tpot_p99_ms: 50
+        headroom: 0.1
+""")
+
+
+class MemoryStore:
+    def __init__(self):
+        self.data = None
+
+    def get(self):
+        return self.data
+
+    def put(self, data):
+        self.data = data
+
+
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def report(clock, rid="r1", **kw):
+    base = dict(replica_id=rid, reported_at_s=clock(), num_online_running=0, num_online_waiting=0,
+                num_offline_running=0, num_offline_paused=0, num_offline_waiting=0)
+    base.update(kw)
+    return base
+
+
+@pytest.fixture
+def setup(tmp_path):
+    slo = tmp_path / "slo.yaml"
+    slo.write_text(SLO_YAML)
+    clock, store = Clock(), MemoryStore()
+
+    def make():
+        return ControllerCore(model_id="m", slo_path=str(slo), clock=clock, store=store, metrics=False)
+
+    return make, slo, clock, store
+
+
+def test_tick_decides_a_budget_per_fresh_replica_and_replies_with_it(setup):
+    make, _, clock, _ = setup
+    c = make()
+    c.reports["r1"] = report(clock)
+    c.reports["old"] = report(clock, rid="old", reported_at_s=clock() - 10)
+    decision = c.tick()
+    assert set(decision.replicas) == {"r1"}
+    reply = c.replies["r1"]
+    assert reply["max_offline_seqs"][0] == 2  # no latency model: the conservative default
+    assert reply["valid_for_s"] == c.silence_timeout_s
+
+
+def test_throttle_state_survives_a_restart_through_the_checkpoint(setup):
+    make, _, clock, store = setup
+    c = make()
+    c.reports["r1"] = report(clock, num_online_running=3, observed_tpot_p99_ms=49.0)
+    c.tick()
+    assert c.state["r1"].throttle == "throttled" and c.state["r1"].scale == 0.5
+    restarted = make()
+    assert restarted.restored
+    assert restarted.state["r1"] == c.state["r1"]
+
+
+def test_slo_edits_apply_on_the_next_tick_and_invalid_ones_keep_the_last_good(setup, caplog):
+    make, slo, clock, _ = setup
+    c = make()
+    c.reports["r1"] = report(clock)
+    c.tick()
+    assert c.slo.targets("m").tpot_p99_ms == 50
+    slo.write_text(SLO_YAML.replace("tpot_p99_ms: 50", "tpot_p99_ms: 80"))
+    with caplog.at_level("WARNING"):
+        c.tick()
+    assert c.slo.targets("m").tpot_p99_ms == 80
+    assert "models.m.tpot_p99_ms: 50.0 -> 80.0" in caplog.text
+    for bad, reason in [
+        (SLO_YAML.replace("tpot_p99_ms: 50", "tpot_p99_ms: -5"), "models.m.tpot_p99_ms"),
+        (SLO_YAML.replace("tpot_p99_ms: 50", "tpot_p99_ms: fast"), "models.m.tpot_p99_ms"),
+        (SLO_YAML.replace("headroom: 0.1", "headroom: 0.1\n    colour: red"), "models.m.colour"),
+        (SLO_YAML.replace("  m:", "  other:"), "no targets for the served model 'm'"),
+        ("models: [unclosed", "not valid YAML"),
+    ]:
+        slo.write_text(bad)
+        c.tick()
+        assert reason in c.slo.last_error, (bad, c.slo.last_error)
+        assert "keeping the last good targets" in c.slo.last_error
+        assert c.slo.targets("m").tpot_p99_ms == 80
+    slo.unlink()
+    c.tick()
+    assert "file not found" in c.slo.last_error and c.slo.targets("m").tpot_p99_ms == 80
+    # A restarted controller starts from the last good targets even with the file still gone.
+    assert make().slo.targets("m").tpot_p99_ms == 80
+
+
+def test_status_rows_carry_budget_latency_and_throttle_state(setup):
+    make, _, clock, _ = setup
+    c = make()
+    c.reports["r1"] = report(clock, num_online_running=2, observed_tpot_p99_ms=20.0, observed_ttft_p99_ms=90.0)
+    c.tick()
+    (row,) = c.status_snapshot()["replicas"]
+    assert row["online_requests"] == 2 and row["offline_budget_seqs"] == 2
+    assert row["observed_tpot_p99_ms"] == 20.0 and row["slo_tpot_p99_ms"] == 50
+    assert row["throttle"] == "open"
+
+
+def test_slo_set_validates_before_writing(tmp_path):
+    slo = load_slo_text(tmp_path)
+    assert apply_setting(slo, "tpot_p99_ms=75").models["m"].tpot_p99_ms == 75
+    assert apply_setting(slo, "m.headroom=0.2").models["m"].headroom == 0.2
+    for bad, reason in [("tpot_p99_ms=0", "greater than 0"), ("colour=red", "models.m.colour"),
+                        ("nope.tpot_p99_ms=3", "unknown model"), ("tpot_p99_ms", "KEY=VALUE"),
+                        ("tpot_p99_ms=abc", "valid number")]:
+        with pytest.raises(SloError, match=reason):
+            apply_setting(slo, bad, {"m"})
+
+
+def load_slo_text(tmp_path):
+    p = tmp_path / "slo.yaml"
+    p.write_text(SLO_YAML)
+    return load_slo(p, {"m"})

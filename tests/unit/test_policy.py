@@ -1,0 +1,108 @@
+"""The controller's pure decision, driven with hand-built snapshots and an injected clock."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from latency_model.features import FEATURE_NAMES
+from orchestrator.policy import PolicyConfig, ReplicaLoad, ReplicaState, SloTargets, Snapshot, decide
+
+SLO = SloTargets(ttft_p99_ms=400.0, tpot_p99_ms=50.0, headroom=0.1)
+CFG = PolicyConfig()
+IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
+
+
+class LinearModel:
+    """Step p99 = 10 ms + 2 ms per decode request + 0.05 ms per prefill token (p50 = 80%)."""
+
+    def predict_ms(self, x):
+        p99 = 10.0 + 2.0 * x[:, IDX["num_decode_reqs"]] + 0.05 * x[:, IDX["num_prefill_tokens"]]
+        return 0.8 * p99, p99
+
+
+def snap(now, **load):
+    return Snapshot(now_s=now, slo=SLO, replicas=(ReplicaLoad("r1", **load),))
+
+
+def test_budget_is_the_largest_batch_the_model_predicts_under_the_step_target():
+    d = decide(snap(0.0), {}, LinearModel()).replicas["r1"]
+    # target 45 ms: k online + s offline decodes fit while 10 + 2(k + s) <= 45, i.e. k + s <= 17.
+    assert d.target_step_ms == 45.0
+    assert d.budget.max_offline_seqs[0] == 16  # largest candidate <= 17
+    assert d.budget.max_offline_seqs[5] == 12  # 17 - 5 = 12
+    assert d.budget.max_offline_seqs[17] == 0
+    # Beside 16 decodes (42 ms) a prefill chunk may add 3 ms = 60 tokens: the 32-token candidate.
+    assert d.budget.max_offline_tokens[0] == 16 + 32
+    assert list(d.budget.max_offline_seqs) == sorted(d.budget.max_offline_seqs, reverse=True)
+
+
+def test_no_model_means_the_documented_conservative_default():
+    d = decide(snap(0.0), {}, None).replicas["r1"]
+    assert set(d.budget.max_offline_seqs) == {CFG.default_offline_seqs}
+    assert set(d.budget.max_offline_tokens) == {CFG.default_offline_tokens}
+
+
+def test_observed_tpot_near_the_slo_cuts_the_budget_at_once_and_it_grows_back_gradually():
+    model = LinearModel()
+    state = {}
+    full = decide(snap(0.0), state, model).replicas["r1"].budget.max_offline_seqs[0]
+    hot = decide(snap(1.0, num_online=4, observed_tpot_p99_ms=48.0), state, model).replicas["r1"]
+    assert hot.state.throttle == "throttled" and hot.state.scale == 0.5
+    assert hot.budget.max_offline_seqs[0] == full // 2
+    # Still hot 0.3 s later: held (the observation window has not caught up), not collapsed.
+    state = {"r1": hot.state}
+    again = decide(snap(1.3, num_online=4, observed_tpot_p99_ms=48.0), state, model).replicas["r1"]
+    assert again.state.scale == 0.5
+    # Calm: grows by one step per grow_hold_s, never in one jump.
+    t, scales = 2.0, []
+    state = {"r1": again.state}
+    for _ in range(12):
+        d = decide(snap(t, num_online=1, observed_tpot_p99_ms=20.0), state, model).replicas["r1"]
+        state = {"r1": d.state}
+        scales.append(d.state.scale)
+        t += 0.5
+    assert scales[0] == 0.5
+    assert all(b - a <= CFG.grow_step + 1e-9 for a, b in zip(scales, scales[1:]))
+    assert scales[-1] == 1.0 and state["r1"].throttle == "open"
+
+
+def test_steady_load_inside_the_band_does_not_oscillate():
+    model = LinearModel()
+    state = {"r1": ReplicaState(scale=0.5, throttle="throttled", last_change_s=0.0)}
+    budgets = set()
+    for i in range(40):  # 10 s at the default 250 ms period, TPOT steady at 0.85 of target
+        d = decide(snap(1.0 + 0.25 * i, num_online=3, observed_tpot_p99_ms=0.85 * 45.0), state, model)
+        state = d.state
+        budgets.add(d.replicas["r1"].budget)
+    assert len(budgets) == 1
+
+
+def test_operator_caps_bound_the_budget():
+    capped = Snapshot(now_s=0.0, slo=SloTargets(400.0, 50.0, 0.1, max_offline_seqs=3, max_offline_tokens=8),
+                      replicas=(ReplicaLoad("r1"),))
+    b = decide(capped, {}, LinearModel()).replicas["r1"].budget
+    assert max(b.max_offline_seqs) == 3 and max(b.max_offline_tokens) == 8
+
+
+def test_predicted_overload_of_the_current_batch_throttles_before_clients_see_it():
+    # 20 online decodes alone predict 50 ms > 45 ms target: throttle without any observation.
+    d = decide(snap(0.0, num_online=20, online_context_tokens=20 * 100.0), {}, LinearModel()).replicas["r1"]
+    assert d.predicted_step_p99_ms == 50.0
+    assert d.state.throttle == "throttled"
+
+
+def test_state_round_trips_through_json_for_the_checkpoint():
+    s = ReplicaState(scale=0.25, throttle="recovering", last_change_s=12.5, calm_since_s=11.0)
+    assert ReplicaState.from_json(s.to_json()) == s
+    assert ReplicaState.from_json(ReplicaState().to_json()) == ReplicaState()
+
+
+def test_a_noisy_non_monotone_model_never_yields_a_budget_above_a_failing_candidate():
+    class Bumpy(LinearModel):
+        def predict_ms(self, x):
+            p50, p99 = super().predict_ms(x)
+            bump = np.where(x[:, IDX["num_decode_reqs"]] == 6, 100.0, 0.0)
+            return p50, p99 + bump
+
+    b = decide(snap(0.0), {}, Bumpy()).replicas["r1"].budget
+    assert b.max_offline_seqs[0] == 4  # 6 fails, so nothing past it counts
