@@ -50,11 +50,14 @@ class StepLatencyModel:
     booster: Any
     p99_offset_ms: float
     meta: dict[str, Any]
+    compiled: Any = None
+    """`latency_model.fast_trees.CompiledModel` of the same trees (set by `load`), used when present."""
 
     def predict_ms(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(p50_ms, p99_ms) for each row of `features` (n, len(FEATURE_NAMES)); one call for many
         candidates is much cheaper per candidate than one call each."""
-        out = np.asarray(self.booster.inplace_predict(np.asarray(features, dtype=np.float32)))
+        x = np.asarray(features, dtype=np.float32)
+        out = self.compiled.predict(x) if self.compiled is not None else np.asarray(self.booster.inplace_predict(x))
         p50 = out[:, 0]
         p99 = np.maximum(out[:, 1] + self.p99_offset_ms, p50)
         return p50, p99
@@ -70,7 +73,27 @@ class StepLatencyModel:
         return out
 
 
-def train(table, *, seed: int = 0, num_trees: int = 300, max_depth: int = 6,
+def timing_noise_floor(cols: dict[str, np.ndarray], min_run: int = 5) -> float | None:
+    """How much the same batch's step latency varies on this machine: the mean of
+    |latency - median of its run| / median over runs of >= `min_run` consecutive pure-decode steps
+    with the same batch size (their context grows by one token a step, which is negligible).
+    No model can predict single steps better than this on average; None without such runs."""
+    lat = np.asarray(cols["step_latency_ms"], dtype=np.float64)
+    decode = np.asarray(cols["num_decode_reqs"])
+    pure = np.asarray(cols["num_prefill_tokens"]) == 0
+    deviations: list[np.ndarray] = []
+    start = 0
+    for i in range(1, len(lat) + 1):
+        if i == len(lat) or not (pure[i] and pure[start] and decode[i] == decode[start]):
+            if pure[start] and i - start >= min_run:
+                run = lat[start:i]
+                med = np.median(run)
+                deviations.append(np.abs(run - med) / med)
+            start = i
+    return float(np.mean(np.concatenate(deviations))) if deviations else None
+
+
+def train(table, *, seed: int = 0, num_trees: int = 100, max_depth: int = 6, learning_rate: float = 0.15,
           holdout_frac: float = 0.2, calib_frac: float = 0.2) -> tuple[StepLatencyModel, dict[str, float]]:
     """Fit the model on a step table; return it with its hold-out metrics."""
     import xgboost as xgb
@@ -86,7 +109,7 @@ def train(table, *, seed: int = 0, num_trees: int = 300, max_depth: int = 6,
     hold, cal, fit = order[:n_hold], order[n_hold:n_hold + n_cal], order[n_hold + n_cal:]
 
     reg = xgb.XGBRegressor(objective="reg:quantileerror", quantile_alpha=np.array(QUANTILES),
-                           n_estimators=num_trees, max_depth=max_depth, learning_rate=0.05,
+                           n_estimators=num_trees, max_depth=max_depth, learning_rate=learning_rate,
                            tree_method="hist", random_state=seed, n_jobs=1)
     reg.fit(x[fit], y[fit])
     booster = reg.get_booster()
@@ -105,6 +128,7 @@ def train(table, *, seed: int = 0, num_trees: int = 300, max_depth: int = 6,
         "median_mape": _mape(y[hold], p50),
         "p99_coverage": float(np.mean(y[hold] <= p99)),
         "linear_hygen_mape": _mape(y[hold], lin_x[hold] @ coef),
+        "timing_noise_floor": timing_noise_floor(cols),
     }
     model.meta = {
         "artifact_version": ARTIFACT_VERSION,
@@ -144,4 +168,6 @@ def load(path: str | Path) -> StepLatencyModel:
         raise ModelFileError(f"{model_path}: not a loadable XGBoost model ({str(err).splitlines()[0]})") from None
     if booster.num_features() != len(FEATURE_NAMES):
         raise ModelFileError(f"{model_path}: expects {booster.num_features()} features, not {len(FEATURE_NAMES)}")
-    return StepLatencyModel(booster, float(meta["p99_offset_ms"]), meta)
+    from latency_model.fast_trees import CompiledModel
+
+    return StepLatencyModel(booster, float(meta["p99_offset_ms"]), meta, CompiledModel.from_booster(booster))

@@ -148,6 +148,7 @@ def collect_status(state) -> dict:
     return {
         "cluster_address": state.address,
         "dashboard_url": state.dashboard_url,
+        "metrics_url": state.metrics_url,
         "started_cluster": state.started_cluster,
         "endpoint": state.endpoint,
         "application": state.app_name,
@@ -359,6 +360,69 @@ def train(
     typer.echo(f"  median-head MAPE        {metrics['median_mape']:.2%}")
     typer.echo(f"  p99-head coverage       {metrics['p99_coverage']:.3f}")
     typer.echo(f"  linear (HyGen) MAPE     {metrics['linear_hygen_mape']:.2%}")
+    floor = metrics.get("timing_noise_floor")
+    if floor is not None:
+        typer.echo(f"  timing noise floor      {floor:.2%}  (same batch, consecutive steps: no model predicts single steps better)")
+
+
+@app.command()
+def override(
+    max_offline_seqs: int | None = typer.Option(None, "--max-offline-seqs", help="Static offline sequences per replica."),
+    max_offline_tokens: int | None = typer.Option(None, "--max-offline-tokens", help="Static offline tokens per step."),
+    clear: bool = typer.Option(False, "--clear", help="Hand budgets back to the controller's policy."),
+) -> None:
+    """Pin every replica's offline budget to a static cap (or --clear it): for baselines and incidents."""
+    import ray
+
+    from orchestrator import cluster
+    from orchestrator.controller import get_controller
+
+    if clear == (max_offline_seqs is not None):
+        _echo("error: give --max-offline-seqs (and optionally --max-offline-tokens), or --clear")
+        raise typer.Exit(2)
+    state = cluster.StackState.load()
+    if state is None:
+        _echo("no stack is up (run `colocate up`)")
+        raise typer.Exit(1)
+    cluster.connect(state.address)
+    try:
+        controller = get_controller()
+    except ValueError:
+        _echo("error: the stack has no controller (controller.enabled: false)")
+        raise typer.Exit(1) from None
+    budget = None
+    if not clear:
+        tokens = max_offline_tokens if max_offline_tokens is not None else 64 * max(max_offline_seqs, 1)
+        budget = {"max_offline_seqs": [max_offline_seqs], "max_offline_tokens": [tokens]}
+    try:
+        ray.get(controller.set_override.remote(budget), timeout=30)
+    except ValueError as err:
+        _echo(f"error: {err}")
+        raise typer.Exit(2) from None
+    typer.echo("budgets back under the controller's policy" if clear else f"offline budget pinned to {budget}")
+
+
+@app.command("bench-predict")
+def bench_predict(
+    model_dir: Path = typer.Argument(..., help="Model directory written by `colocate train`."),
+    candidates: int = typer.Option(64, "--candidates", help="Candidate batches per call."),
+    repeats: int = typer.Option(2000, "--repeats"),
+    out: Path | None = typer.Option(None, "--out", help="Also write the numbers as JSON here."),
+) -> None:
+    """Measure what one prediction call and one candidate cost (XGBoost and the compiled trees)."""
+    from latency_model.bench_predict import benchmark, format_report
+    from latency_model.model import ModelFileError, load
+
+    try:
+        model = load(model_dir)
+    except ModelFileError as err:
+        _echo(f"error: {err}")
+        raise typer.Exit(2) from None
+    report = benchmark(model, num_candidates=candidates, repeats=repeats)
+    typer.echo(format_report(report))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 @app.command()

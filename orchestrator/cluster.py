@@ -45,6 +45,8 @@ class StackState:
     started_cluster: bool
     ray_start_pid: int | None = None
     temp_dir: str | None = None
+    metrics_url: str | None = None
+    """Prometheus endpoint of the head node's metrics agent (Colocate's metrics included)."""
 
     @classmethod
     def path(cls) -> Path:
@@ -93,6 +95,7 @@ def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackSta
             raise RuntimeError(f"{name} {port} is already in use on {cfg.node_ip}; choose another port")
     temp_dir = cfg.temp_dir or f"/tmp/colocate-{cfg.gcs_port}"
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    metrics_port = free_port()
     cmd = [
         _ray_executable(), "start", "--head", "--block",
         f"--port={cfg.gcs_port}",
@@ -107,7 +110,7 @@ def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackSta
         # other users on the same machine are never disturbed.
         f"--dashboard-agent-listen-port={free_port()}",
         f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
+        f"--metrics-export-port={metrics_port}",
         f"--runtime-env-agent-port={free_port()}",
         f"--ray-client-server-port={free_port()}",
         f"--object-store-memory={cfg.object_store_memory_bytes}",
@@ -143,6 +146,7 @@ def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackSta
         started_cluster=True,
         ray_start_pid=proc.pid,
         temp_dir=temp_dir,
+        metrics_url=f"http://{cfg.node_ip}:{metrics_port}/metrics",
     )
 
 

@@ -294,6 +294,14 @@ class ControllerCore:
             "kv_cache_usage": load.kv_cache_usage,
         }
 
+    def _status_row_with_counters(self, report: dict[str, Any], d, targets) -> dict[str, Any]:
+        row = self._status_row(replica_load(report), d, targets)
+        for key in ("num_online_tokens_total", "num_offline_tokens_total", "num_steps_total", "step_time_s_total",
+                    "throttle_reactions",
+                    "num_offline_preempted_total", "num_throttled_steps", "num_fallback_steps", "reported_at_s"):
+            row[key] = report.get(key)
+        return row
+
     async def status(self) -> dict[str, Any]:
         self._ensure_loop()
         return self.status_snapshot()
@@ -307,7 +315,7 @@ class ControllerCore:
                 report = self.reports.get(rid)
                 if report is None or now - report["reported_at_s"] > STALE_REPORT_S:
                     continue
-                rows.append(self._status_row(replica_load(report), d, targets))
+                rows.append(self._status_row_with_counters(report, d, targets))
         return {
             "model": self.model_id,
             "slo": targets.__dict__ if targets else None,

@@ -44,7 +44,8 @@ _MAGIC, _VERSION, _BUDGET_SEQ, _VALID_UNTIL, _FALLBACK_SEQS, _FALLBACK_TOKENS, _
 COUNTER_NAMES: tuple[str, ...] = (
     "num_online_running", "num_online_waiting", "num_offline_running", "num_offline_waiting",
     "num_offline_paused", "num_offline_preempted_total", "num_throttled_steps", "num_fallback_steps",
-    "online_context_tokens", "offline_context_tokens",
+    "online_context_tokens", "offline_context_tokens", "num_online_tokens_total", "num_offline_tokens_total",
+    "num_steps_total", "step_time_s_total",
 )
 _COUNTERS = 8
 _SEQS_TABLE = _COUNTERS + len(COUNTER_NAMES)

@@ -106,7 +106,11 @@ class PolicyConfig:
     min_scale: float = 0.0625
     default_offline_seqs: int = 2
     default_offline_tokens: int = 64
-    """The budget without a latency model: two offline sequences, small prefill chunks."""
+    default_idle_offline_seqs: int = 8
+    default_idle_offline_tokens: int = 512
+    """The budget without a latency model: while no online request is in the engine, 8 offline
+    sequences and 512 tokens per step; with any online request, 2 sequences and small prefill
+    chunks (64 tokens). The engine switches between the two at the next step."""
     default_online_context_tokens: int = 256
     """Context assumed for online requests a replica does not hold yet (for its k > now rows)."""
     seq_candidates: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -212,6 +216,7 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
         else:
             seqs = np.full(cfg.table_size, cfg.default_offline_seqs, dtype=np.float64)
             tokens = np.full(cfg.table_size, cfg.default_offline_tokens, dtype=np.float64)
+            seqs[0], tokens[0] = cfg.default_idle_offline_seqs, cfg.default_idle_offline_tokens
         signals = [
             (load.observed_tpot_p99_ms, slo.tpot_p99_ms * (1.0 - slo.headroom)),
             (load.observed_ttft_p99_ms, slo.ttft_p99_ms * (1.0 - slo.headroom)),

@@ -181,6 +181,10 @@ class ColocateLLMServer(LLMServer):
         self._steps_seen = 0
         # Latencies of recent steps that held online requests: (end time, ms), LATENCY_WINDOW_S.
         self._online_steps: collections.deque[tuple[float, float]] = collections.deque()
+        # Throttle reactions seen in the step ring: (time of the burst, ms until offline work shrank).
+        self._reactions: collections.deque[tuple[float, float]] = collections.deque(maxlen=200)
+        self._last_step: tuple[float, float, float] | None = None  # (end, online, offline)
+        self._pending_burst: tuple[float, float] | None = None  # (prev step end, offline before)
         # The engine process inherits this environment, so it finds the channel by name.
         self._channel = EngineChannel.create(fallback=_fallback_budget())
         os.environ[CHANNEL_ENV] = str(self._channel.path)
@@ -268,6 +272,7 @@ class ColocateLLMServer(LLMServer):
         ttft_p99, tpot_p99 = self._latencies.p99s(now)
         with_online = steps["num_online_reqs"] > 0
         self._online_steps.extend(zip(steps["end_time_s"][with_online], steps["step_latency_ms"][with_online]))
+        self._track_reactions(steps)
         horizon = time.time() - LATENCY_WINDOW_S
         while self._online_steps and self._online_steps[0][0] < horizon:
             self._online_steps.popleft()
@@ -279,18 +284,41 @@ class ColocateLLMServer(LLMServer):
                                         "num_offline_waiting", "num_offline_paused",
                                         "num_offline_preempted_total", "num_throttled_steps",
                                         "num_fallback_steps", "online_context_tokens",
-                                        "offline_context_tokens")},
+                                        "offline_context_tokens", "num_online_tokens_total",
+                                        "num_offline_tokens_total", "num_steps_total",
+                                        "step_time_s_total")},
             "num_online_inflight": self._inflight[RequestClass.ONLINE],
             "num_offline_inflight": self._inflight[RequestClass.OFFLINE],
             "kv_cache_usage": float(steps["kv_cache_usage"][-1]) if len(rows) else None,
             "num_steps": len(rows),
             "step_p99_ms": _p99([ms for _, ms in self._online_steps]),
-            "offline_tokens": float((steps["num_prefill_tokens"] + steps["num_decode_reqs"])[
-                steps["num_offline_reqs"] > 0].sum()) if len(rows) else 0.0,
             "observed_ttft_p99_ms": ttft_p99,
             "observed_tpot_p99_ms": tpot_p99,
             "budget_seq": self._channel.budget_seq(),
+            "throttle_reactions": list(self._reactions),
         }
+
+    def _track_reactions(self, steps: dict[str, Any]) -> None:
+        """A burst is a step holding at least two more online requests than the one before, while
+        offline work ran; its reaction time runs from the end of the step before the burst to the
+        end of the first step with less offline work (the step that admitted the burst, when the
+        engine's budget table already cut offline work there)."""
+        for end, online, offline in zip(steps["end_time_s"], steps["num_online_reqs"], steps["num_offline_reqs"]):
+            if self._pending_burst is not None:
+                started, before = self._pending_burst
+                if offline < before:
+                    self._reactions.append((started, (end - started) * 1000.0))
+                    self._pending_burst = None
+                elif end - started > 10.0:
+                    self._pending_burst = None
+            if self._last_step is not None:
+                prev_end, prev_online, prev_offline = self._last_step
+                if online >= prev_online + 2 and prev_offline > 0 and self._pending_burst is None:
+                    if offline < prev_offline:
+                        self._reactions.append((prev_end, (end - prev_end) * 1000.0))
+                    else:
+                        self._pending_burst = (prev_end, prev_offline)
+            self._last_step = (end, online, offline)
 
     async def _controller_loop(self) -> None:
         """Report load to the controller; its reply is this replica's offline budget."""

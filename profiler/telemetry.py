@@ -40,7 +40,7 @@ def step_record(scheduler: Scheduler, scheduler_output) -> dict[str, Any]:
     each request's num_computed_tokens by its scheduled tokens."""
     num_prefill_tokens = num_prefill_reqs = prefill_ctx = 0
     attention2 = 0.0
-    num_decode = decode_ctx = max_decode_ctx = num_offline = 0
+    num_decode = decode_ctx = max_decode_ctx = num_offline = offline_tokens = 0
     for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
         req = scheduler.requests.get(req_id)
         if req is None:
@@ -48,6 +48,7 @@ def step_record(scheduler: Scheduler, scheduler_output) -> dict[str, Any]:
         context = req.num_computed_tokens - num_tokens
         if req.priority >= _OFFLINE_PRIORITY:
             num_offline += 1
+            offline_tokens += num_tokens
         if context < req.num_prompt_tokens:
             num_prefill_reqs += 1
             num_prefill_tokens += num_tokens
@@ -67,6 +68,8 @@ def step_record(scheduler: Scheduler, scheduler_output) -> dict[str, Any]:
         "max_decode_context_tokens": max_decode_ctx,
         "num_offline_reqs": num_offline,
         "num_online_reqs": len(scheduler_output.num_scheduled_tokens) - num_offline,
+        "num_offline_tokens": offline_tokens,
+        "num_online_tokens": scheduler_output.total_num_scheduled_tokens - offline_tokens,
         "kv_cache_usage": float(scheduler.kv_cache_manager.usage),
     }
 
@@ -114,6 +117,10 @@ class TelemetryScheduler(Scheduler):
             record["end_time_s"] = time.time()
             self.channel.append_step(np.fromiter((record[c] for c in RING_COLUMNS), dtype=np.float64,
                                                  count=len(RING_COLUMNS)))
+            self.channel.add_counter("num_online_tokens_total", record["num_online_tokens"])
+            self.channel.add_counter("num_offline_tokens_total", record["num_offline_tokens"])
+            self.channel.add_counter("num_steps_total", 1)
+            self.channel.add_counter("step_time_s_total", record["step_latency_ms"] / 1000.0)
         except Exception as err:  # noqa: BLE001 - telemetry must never take the engine down
             log.warning("colocate: step ring write failed (%s); no longer publishing steps", err)
             self._publish_steps = False

@@ -28,11 +28,14 @@ def colocate_cmd(*args: str) -> list[str]:
 def stack(tmp_path_factory):
     work = tmp_path_factory.mktemp("stack")
     serve_port, gcs_port, dash_port = free_port(), free_port(), free_port()
+    slo_path = work / "slo.yaml"
+    slo_path.write_text((ROOT / "manifests" / "slo.yaml").read_text())
     config = {
         "model": {"id": "colocate-tiny", "source": str(MODEL_CACHE), "build_tiny": "test"},
         "replicas": {"num_replicas": 1, "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": 32}},
         "serve": {"port": serve_port, "health_timeout_s": 420},
         "cluster": {"gcs_port": gcs_port, "dashboard_port": dash_port, "temp_dir": f"/tmp/colocate-test-{gcs_port}"},
+        "controller": {"slo_path": str(slo_path)},
     }
     config_path = work / "colocate.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -51,6 +54,7 @@ def stack(tmp_path_factory):
         "gcs_address": f"127.0.0.1:{gcs_port}",
         "app_name": "colocate",
         "up_stdout": up.stdout,
+        "slo_path": slo_path,
     }
     try:
         yield info

@@ -66,7 +66,7 @@ def test_tick_decides_a_budget_per_fresh_replica_and_replies_with_it(setup):
     decision = c.tick()
     assert set(decision.replicas) == {"r1"}
     reply = c.replies["r1"]
-    assert reply["max_offline_seqs"][0] == 2  # no latency model: the conservative default
+    assert reply["max_offline_seqs"][:2] == [8, 2]  # no latency model: the conservative default
     assert reply["valid_for_s"] == c.silence_timeout_s
 
 
@@ -117,7 +117,7 @@ def test_status_rows_carry_budget_latency_and_throttle_state(setup):
     c.reports["r1"] = report(clock, num_online_running=2, observed_tpot_p99_ms=20.0, observed_ttft_p99_ms=90.0)
     c.tick()
     (row,) = c.status_snapshot()["replicas"]
-    assert row["online_requests"] == 2 and row["offline_budget_seqs"] == 2
+    assert row["online_requests"] == 2 and row["offline_budget_seqs"] == 2  # the k >= 1 entry
     assert row["observed_tpot_p99_ms"] == 20.0 and row["slo_tpot_p99_ms"] == 50
     assert row["throttle"] == "open"
 

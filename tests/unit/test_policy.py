@@ -38,8 +38,9 @@ def test_budget_is_the_largest_batch_the_model_predicts_under_the_step_target():
 
 def test_no_model_means_the_documented_conservative_default():
     d = decide(snap(0.0), {}, None).replicas["r1"]
-    assert set(d.budget.max_offline_seqs) == {CFG.default_offline_seqs}
-    assert set(d.budget.max_offline_tokens) == {CFG.default_offline_tokens}
+    assert d.budget.at(0) == (CFG.default_idle_offline_seqs, CFG.default_idle_offline_tokens)
+    assert set(d.budget.max_offline_seqs[1:]) == {CFG.default_offline_seqs}
+    assert set(d.budget.max_offline_tokens[1:]) == {CFG.default_offline_tokens}
 
 
 def test_observed_tpot_near_the_slo_cuts_the_budget_at_once_and_it_grows_back_gradually():
