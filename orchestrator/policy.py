@@ -11,8 +11,9 @@ How a replica's budget is chosen:
    else the TPOT p99 target (a decode step yields one token per request, so a step longer than
    the TPOT target breaks it), times (1 - headroom).
 2. **Model.** For k online requests (with the replica's current online context), the largest
-   number of offline decode sequences whose predicted p99 step latency stays under the target,
-   then the largest offline prefill chunk that still fits beside them. All candidates go to the
+   number of offline decode sequences whose predicted p99 step latency stays under the target
+   with room left for a minimal offline prefill chunk (`min_offline_chunk_tokens`: offline
+   requests must prefill to make progress), then the largest chunk that fits beside them. All candidates go to the
    latency model in one vectorized call. Without a model: `PolicyConfig.default_*`, a
    conservative flat budget.
 3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) and the
@@ -115,6 +116,7 @@ class PolicyConfig:
     """Context assumed for online requests a replica does not hold yet (for its k > now rows)."""
     seq_candidates: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     chunk_candidates: tuple[int, ...] = (0, 16, 32, 64, 128, 256, 512)
+    min_offline_chunk_tokens: int = 32
     table_size: int = 32
 
 
@@ -176,7 +178,14 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     fits = (p99[:-1] <= target_ms).reshape(kk.shape)  # (k, seqs, chunks)
     # The prediction is not guaranteed monotone; take the prefix of candidates that all fit.
     decode_fits = np.logical_and.accumulate(fits[:, :, 0], axis=1)
+    # Offline requests must prefill to make progress: keep room for a minimal chunk beside the
+    # decodes where that costs at most a few sequences (else decodes only).
+    min_chunk = int(np.searchsorted(chunks, cfg.min_offline_chunk_tokens))
+    with_chunk = decode_fits & (np.logical_and.accumulate(fits[:, :, :min_chunk + 1], axis=2)[:, :, -1]
+                                if min_chunk < len(chunks) else False)
     best_s = np.where(decode_fits.any(axis=1), decode_fits.sum(axis=1) - 1, -1)
+    best_with_chunk = np.where(with_chunk.any(axis=1), with_chunk.sum(axis=1) - 1, -1)
+    best_s = np.where(best_with_chunk >= 0, best_with_chunk, best_s)
     max_seqs = np.where(best_s >= 0, seqs[np.maximum(best_s, 0)], 0)
     max_tokens = np.zeros(cfg.table_size)
     for i in range(cfg.table_size):

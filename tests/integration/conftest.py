@@ -24,18 +24,17 @@ def colocate_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", *args]
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory):
-    work = tmp_path_factory.mktemp("stack")
+def start_stack(work: Path, *, model: dict, engine_kwargs: dict, controller: dict | None = None):
+    """`colocate up` a stack of one replica on free loopback ports; yields its info, then `down`."""
     serve_port, gcs_port, dash_port = free_port(), free_port(), free_port()
     slo_path = work / "slo.yaml"
     slo_path.write_text((ROOT / "manifests" / "slo.yaml").read_text())
     config = {
-        "model": {"id": "colocate-tiny", "source": str(MODEL_CACHE), "build_tiny": "test"},
-        "replicas": {"num_replicas": 1, "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": 32}},
+        "model": model,
+        "replicas": {"num_replicas": 1, "engine_kwargs": engine_kwargs},
         "serve": {"port": serve_port, "health_timeout_s": 420},
         "cluster": {"gcs_port": gcs_port, "dashboard_port": dash_port, "temp_dir": f"/tmp/colocate-test-{gcs_port}"},
-        "controller": {"slo_path": str(slo_path)},
+        "controller": {"slo_path": str(slo_path), **(controller or {})},
     }
     config_path = work / "colocate.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -47,7 +46,7 @@ def stack(tmp_path_factory):
         pytest.fail(f"colocate up failed ({up.returncode}):\n{up.stdout}\n{up.stderr[-4000:]}")
     info = {
         "endpoint": f"http://127.0.0.1:{serve_port}/v1",
-        "model": "colocate-tiny",
+        "model": model["id"],
         "env": env,
         "config_path": config_path,
         "dashboard_url": f"http://127.0.0.1:{dash_port}",
@@ -60,3 +59,12 @@ def stack(tmp_path_factory):
         yield info
     finally:
         subprocess.run(colocate_cmd("down"), cwd=ROOT, env=env, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    yield from start_stack(
+        tmp_path_factory.mktemp("stack"),
+        model={"id": "colocate-tiny", "source": str(MODEL_CACHE), "build_tiny": "test"},
+        engine_kwargs={"max_model_len": 2048, "max_num_seqs": 32},
+    )

@@ -13,7 +13,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from orchestrator.workload import make_prompt
-from tests.integration.conftest import ROOT, colocate_cmd
+from tests.integration.conftest import ROOT, colocate_cmd, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -96,28 +96,50 @@ def test_status_and_prometheus_show_budget_latency_and_throttle_per_replica(stac
 
 
 # --- the throttle, end to end -------------------------------------------------------------------
+# On the bench model (60M parameters, float32 on this CPU: ~30 ms a step for one sequence, ~150 ms
+# for 28) the engine's step time is what chat feels, as on a GPU; the tiny test model's steps are
+# so short that its latency is all serving overhead. Its stack runs with the latency model
+# trained on the committed CPU profile of the same model.
 
 CHAT_CONCURRENCY = 4
 CHAT_TOKENS = 48
 OFFLINE_CONCURRENCY = 24
-SLO_TPOT_MS = 40.0
+OFFLINE_TOKENS = 96
+SLO_TPOT_MS = 150.0
+"""manifests/slo.yaml's target for the bench model: this chat load alone measured p50 ~60 ms and
+p99 ~100 ms; naive co-location 280-360 ms."""
+BENCH_MODEL = ROOT / ".colocate" / "models" / "tiny-bench"
+CPU_PROFILE = ROOT / "profiler" / "data" / "cpu-bench-profile.parquet"
 
 
-async def _offline_backlog(client, model, stop: asyncio.Event, tokens_at: list[float]) -> None:
+@pytest.fixture(scope="module")
+def bench_stack(tmp_path_factory):
+    from latency_model.model import train
+    from profiler.schema import read_steps
+
+    work = tmp_path_factory.mktemp("bench-stack")
+    model, _ = train(read_steps(CPU_PROFILE))
+    model.save(work / "latency-model")
+    yield from start_stack(
+        work,
+        model={"id": "colocate-bench", "source": str(BENCH_MODEL), "build_tiny": "bench"},
+        engine_kwargs={"max_model_len": 1024, "max_num_seqs": 32, "max_num_batched_tokens": 512},
+        controller={"model_path": str(work / "latency-model")},
+    )
+
+
+async def _offline_backlog(client, model, stop: asyncio.Event, tokens_at: list[tuple[float, int]]) -> None:
+    """OFFLINE_CONCURRENCY offline requests in flight, non-streaming like batch jobs' requests;
+    records (completion time, completion tokens)."""
     async def worker(w: int) -> None:
         i = 0
         while not stop.is_set():
             i += 1
             try:
-                stream = await client.chat.completions.create(
+                resp = await client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": make_prompt(200, 7000 + 100 * w + i)}],
-                    max_tokens=256, stream=True, extra_body={"ignore_eos": True, "request_class": "offline"})
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].finish_reason is None:
-                        tokens_at.append(time.monotonic())
-                    if stop.is_set():
-                        await stream.close()
-                        return
+                    max_tokens=OFFLINE_TOKENS, extra_body={"ignore_eos": True, "request_class": "offline"})
+                tokens_at.append((time.monotonic(), resp.usage.completion_tokens))
             except Exception:  # noqa: BLE001 - the backlog keeps going; chat results are what count
                 await asyncio.sleep(0.2)
 
@@ -144,66 +166,78 @@ async def _chat_phase(client, model, duration_s: float) -> list[float]:
     return tpots
 
 
-def _rate(stamps: list[float], start: float, end: float) -> float:
-    return sum(1 for t in stamps if start <= t < end) / (end - start)
+def _rate(done: list[tuple[float, int]], start: float, end: float) -> float:
+    return sum(n for t, n in done if start <= t < end) / (end - start)
 
 
-def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_after(stack):
-    """Standing offline backlog; chat steps up from nothing to CHAT_CONCURRENCY users. Without
-    the controller's policy (budget pinned unlimited: naive co-location) chat p99 TPOT breaks the
-    SLO; with it, p99 TPOT is back under the SLO; when chat stops, offline throughput recovers."""
-    slo_tpot_ms = SLO_TPOT_MS
+def _offline_tokens(stack) -> tuple[float, dict]:
+    """(time, engine's cumulative offline tokens) and the replica's controller row."""
+    row = controller_status(stack)["replicas"][0]
+    return time.monotonic(), row
+
+
+def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_after(bench_stack):
+    """Standing offline backlog; chat steps up from nothing to CHAT_CONCURRENCY users and back.
+    With the controller, offline work is cut while chat runs, chat p99 TPOT stays under the SLO,
+    and offline throughput recovers when chat stops. The same chat step with the controller's
+    policy switched off (budget pinned unlimited: naive co-location) breaks the SLO."""
+    stack = bench_stack
     path = stack["slo_path"]
     original = path.read_text()
-    path.write_text(original.replace("tpot_p99_ms: 60.0", f"tpot_p99_ms: {slo_tpot_ms}", 1))
-    assert wait_for(lambda: slo_of(stack)["tpot_p99_ms"] == slo_tpot_ms, timeout_s=6)
+    # A fifth of each target kept free: the CPU's step times vary by ~7% step to step.
+    path.write_text(original.replace("headroom: 0.1", "headroom: 0.2"))
+    assert wait_for(lambda: slo_of(stack)["headroom"] == 0.2 and slo_of(stack)["tpot_p99_ms"] == SLO_TPOT_MS,
+                    timeout_s=10)
     client = AsyncOpenAI(base_url=stack["endpoint"], api_key="unused", max_retries=0, timeout=300)
     model = stack["model"]
-    marks: dict[str, float] = {}
-    statuses: list[dict] = []
+    rows: dict[str, tuple[float, dict]] = {}
+
+    async def sample(label: str) -> None:
+        rows[label] = await asyncio.to_thread(_offline_tokens, stack)
 
     async def run():
         stop = asyncio.Event()
-        tokens_at: list[float] = []
-        backlog = asyncio.create_task(_offline_backlog(client, model, stop, tokens_at))
+        backlog = asyncio.create_task(_offline_backlog(client, model, stop, []))
+        await asyncio.sleep(15)  # the backlog fills the engine's no-chat budget
+        await sample("before_start")
+        await asyncio.sleep(10)
+        await sample("before_end")
+        chat = asyncio.create_task(_chat_phase(client, model, 25))
+        await asyncio.sleep(6)  # the chat load is up
+        await sample("during_start")
+        await asyncio.sleep(12)
+        await sample("during_end")
+        controlled = await chat
+        await asyncio.sleep(6)  # the budget grows back in steps
+        await sample("after_start")
+        await asyncio.sleep(10)
+        await sample("after_end")
         await asyncio.to_thread(cli, stack, "override", "--max-offline-seqs", "100000", "--max-offline-tokens", "100000")
         await asyncio.sleep(6)
-        marks["naive_start"] = time.monotonic()
         naive = await _chat_phase(client, model, 20)
-        marks["naive_end"] = time.monotonic()
-        await asyncio.to_thread(cli, stack, "override", "--clear")
-        await asyncio.sleep(6)
-        marks["controlled_start"] = time.monotonic()
-        chat_task = asyncio.create_task(_chat_phase(client, model, 20))
-        while not chat_task.done():
-            statuses.append(await asyncio.to_thread(controller_status, stack))
-            await asyncio.sleep(2)
-        controlled = await chat_task
-        marks["controlled_end"] = time.monotonic()
-        await asyncio.sleep(12)
-        marks["after_end"] = time.monotonic()
-        after_status = await asyncio.to_thread(controller_status, stack)
         stop.set()
         await backlog
-        return naive, controlled, tokens_at, after_status
+        return controlled, naive
 
     try:
-        naive, controlled, tokens_at, after_status = asyncio.run(run())
+        controlled, naive = asyncio.run(run())
     finally:
         path.write_text(original)
         cli(stack, "override", "--clear", check=False)
+
+    def rate(phase: str) -> float:
+        (t0, r0), (t1, r1) = rows[f"{phase}_start"], rows[f"{phase}_end"]
+        return (r1["num_offline_tokens_total"] - r0["num_offline_tokens_total"]) / (t1 - t0)
+
     naive_p99 = float(np.percentile(naive, 99))
     controlled_p99 = float(np.percentile(controlled, 99))
-    controlled_rate = _rate(tokens_at, marks["controlled_start"], marks["controlled_end"])
-    # Recovery: the last 6 s after chat stopped (the budget grows back by steps, not at once).
-    recovered_rate = _rate(tokens_at, marks["after_end"] - 6, marks["after_end"])
-    report = (f"SLO TPOT p99 {slo_tpot_ms} ms; naive p99 {naive_p99:.1f} ms ({len(naive)} requests); controlled "
-              f"p99 {controlled_p99:.1f} ms ({len(controlled)}); offline tok/s during controlled chat "
-              f"{controlled_rate:.0f}, after {recovered_rate:.0f}")
+    before, during, after = rate("before"), rate("during"), rate("after")
+    report = (f"SLO TPOT p99 {SLO_TPOT_MS} ms; chat p99 TPOT naive {naive_p99:.1f} ms ({len(naive)} requests), "
+              f"controlled {controlled_p99:.1f} ms ({len(controlled)}); offline tok/s before chat {before:.0f}, "
+              f"during {during:.0f}, after {after:.0f}; budget before {rows['before_end'][1]['offline_budget_seqs']}, "
+              f"during {rows['during_end'][1]['offline_budget_seqs']}")
     print(report)
-    assert naive_p99 > slo_tpot_ms, report
-    assert controlled_p99 <= slo_tpot_ms, report
-    assert any(s["replicas"] and s["replicas"][0]["throttle"] != "open" for s in statuses), statuses
-    assert recovered_rate > 1.5 * controlled_rate, report
-    assert after_status["replicas"][0]["offline_budget_seqs"] > min(
-        s["replicas"][0]["offline_budget_seqs"] for s in statuses if s["replicas"]), report
+    assert naive_p99 > SLO_TPOT_MS, report
+    assert controlled_p99 <= SLO_TPOT_MS, report
+    assert during < 0.8 * before, report
+    assert after >= 0.8 * before and after > during, report

@@ -26,10 +26,13 @@ def snap(now, **load):
 
 def test_budget_is_the_largest_batch_the_model_predicts_under_the_step_target():
     d = decide(snap(0.0), {}, LinearModel()).replicas["r1"]
-    # target 45 ms: k online + s offline decodes fit while 10 + 2(k + s) <= 45, i.e. k + s <= 17.
+    # target 45 ms; k online + s offline decodes beside a 32-token chunk (1.6 ms) fit while
+    # 10 + 2(k + s) + 1.6 <= 45, i.e. k + s <= 16.
     assert d.target_step_ms == 45.0
-    assert d.budget.max_offline_seqs[0] == 16  # largest candidate <= 17
-    assert d.budget.max_offline_seqs[5] == 12  # 17 - 5 = 12
+    assert d.budget.max_offline_seqs[0] == 16
+    assert d.budget.max_offline_seqs[5] == 8  # 11 would fit; the candidates are 8 and 12
+    assert d.budget.max_offline_seqs[16] == 0
+    # 17 online decodes alone take 44 ms: no room for a chunk, one offline decode would be 46 ms.
     assert d.budget.max_offline_seqs[17] == 0
     # Beside 16 decodes (42 ms) a prefill chunk may add 3 ms = 60 tokens: the 32-token candidate.
     assert d.budget.max_offline_tokens[0] == 16 + 32
