@@ -426,6 +426,45 @@ def bench_predict(
 
 
 @app.command()
+def bench(
+    config: str | None = typer.Option("manifests/colocate-bench.yaml", "--config", "-c", help="Stack config (bench model)."),
+    online_trace: Path | None = typer.Option(None, "--online-trace", help="Azure-format chat trace CSV."),
+    offline_trace: Path | None = typer.Option(None, "--offline-trace", help="Offline lengths CSV (arXiv format)."),
+    rate: float = typer.Option(0.3, "--rate", help="Online requests per second (trace inter-arrivals scaled)."),
+    duration_s: float | None = typer.Option(None, "--duration-s", help="Seconds of chat per policy run."),
+    slo_tolerance: float = typer.Option(0.5, "--slo-tolerance", help="SLO = online-only p99 x (1 + this)."),
+    slo_from_file: bool = typer.Option(False, "--slo-from-file", help="Use manifests/slo.yaml's targets instead."),
+    static_caps: str | None = typer.Option(None, "--static-caps", help="Comma-separated static offline caps."),
+    repeats: int = typer.Option(1, "--repeats", help="Repeat online-only, naive and colocate runs (medians, spread)."),
+    quick: bool = typer.Option(False, "--quick", help="Short runs and fewer baselines (about 5 minutes)."),
+    out: Path | None = typer.Option(None, "--out", help="Results directory (default results/bench-<time>)."),
+) -> None:
+    """Replay chat and a batch job under every policy side by side; write results.json and plots."""
+    import time as _time
+
+    from orchestrator import cluster
+    from orchestrator.bench import BenchOptions, format_table, quick_options, run_bench
+
+    cfg = _load(config)
+    opts = quick_options() if quick else BenchOptions()
+    opts.rate_per_s, opts.repeats = rate, repeats
+    opts.online_trace, opts.offline_trace = online_trace, offline_trace
+    opts.slo_tolerance = None if slo_from_file else slo_tolerance
+    if duration_s is not None:
+        opts.duration_s = duration_s
+    if static_caps:
+        opts.static_caps = tuple(int(c) for c in static_caps.split(","))
+    out_dir = out or Path("results") / f"bench-{_time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        summary = run_bench(cfg, opts, out_dir, on_progress=_echo)
+    except cluster.StackError as err:
+        _echo(f"error: {err}")
+        raise typer.Exit(1) from None
+    typer.echo(format_table(summary))
+    typer.echo(f"results: {out_dir / 'results.json'}  plots: {', '.join(summary['plots'])}")
+
+
+@app.command()
 def demo(
     config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
     duration_s: float = typer.Option(45.0, "--duration-s", help="Seconds of chat traffic."),

@@ -248,7 +248,8 @@ class ControllerCore:
         """Batch jobs keep enough offline requests in flight to fill every replica's budget at no
         online load (the engines hold the excess, paused or waiting, at no cost to chat)."""
         if self.override is not None:
-            total = min(self.override["max_offline_seqs"][0], 1 << 16) * max(1, len(decision.replicas))
+            # A pinned "unlimited" budget still keeps batch jobs' in-flight requests bounded.
+            total = min(self.override["max_offline_seqs"][0], 256) * max(1, len(decision.replicas))
         else:
             total = sum(d.budget.max_offline_seqs[0] for d in decision.replicas.values())
         total = max(1, total)

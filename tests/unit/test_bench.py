@@ -1,0 +1,61 @@
+"""The benchmark's arithmetic and reports on hand-made runs (no stack)."""
+
+from __future__ import annotations
+
+from orchestrator.bench import attainment, counter_delta, format_table, plot, summarize
+
+SLO = {"ttft_p99_ms": 300.0, "tpot_p99_ms": 100.0, "source": "test"}
+
+
+def run(name, offline_tps, online_tps, reqs, reactions=()):
+    return {"policy": name, "offline_tokens_per_s": offline_tps, "online_tokens_per_s": online_tps,
+            "total_tokens_per_s": offline_tps + online_tps, "engine_busy_fraction": 0.5, "offline_preempted": 0,
+            "ttft_p50_ms": 100.0, "ttft_p99_ms": 200.0, "tpot_p50_ms": 50.0, "tpot_p99_ms": 90.0,
+            "requests": reqs, "ttft_ms": [r[0] for r in reqs], "tpot_ms": [r[1] for r in reqs],
+            "throttle_reaction_ms": list(reactions),
+            "timeseries": [{"t": t, "online_requests": t % 3, "num_offline_tokens_total": 10.0 * t,
+                            "offline_budget_seqs": 4} for t in range(10)]}
+
+
+def test_attainment_counts_requests_meeting_both_targets():
+    row = {"requests": [(100.0, 50.0, True), (400.0, 50.0, True), (100.0, 150.0, True), (100.0, None, True),
+                        (None, None, False)]}
+    assert attainment(row, SLO) == 2 / 5
+
+
+def test_counter_delta_sums_replicas_within_the_window():
+    samples = [{"replica_id": r, "t": t, "c": base + 10 * t} for r, base in (("a", 0), ("b", 100)) for t in range(6)]
+    assert counter_delta(samples, "c", 1, 4) == 2 * 30
+
+
+def test_summary_ratios_and_checks():
+    good = [(100.0, 50.0, True)] * 100
+    bad = [(900.0, 300.0, True)] * 50 + good[:50]
+    runs = {"online-only": [run("online-only", 0, 20, good)], "offline-only": [run("offline-only", 200, 0, [])],
+            "naive": [run("naive", 150, 20, bad)], "static-2": [run("static-2", 40, 20, good)],
+            "colocate": [run("colocate", 100, 20, good, reactions=(30.0, 50.0))]}
+    for rows in runs.values():
+        for r in rows:
+            r["slo_attainment"] = attainment(r, SLO)
+    sweep = [{"batch": 1, "tpot_p99_ms": 40.0, "offline_tokens_per_s": 60.0},
+             {"batch": 4, "tpot_p99_ms": 95.0, "offline_tokens_per_s": 130.0},
+             {"batch": 16, "tpot_p99_ms": 180.0, "offline_tokens_per_s": 190.0}]
+    s = summarize(runs, sweep, SLO)
+    assert s["slo_bounded_batch"] == 4 and s["slo_bounded_tokens_per_s"] == 130.0
+    assert s["best_static_meeting_slo"] == "static-2"
+    assert s["colocate_vs_best_static_offline"] == 100 / 40
+    assert s["policies"]["colocate"]["slo_bounded_utilization"] == 120 / 130
+    assert s["policies"]["colocate"]["utilization_vs_offline_only"] == 120 / 200
+    assert s["policies"]["colocate"]["throttle_reaction_ms"]["median"] == 40.0
+    assert s["checks"] == {"colocate_attainment_ge_0.99": True, "naive_attainment_lt_0.99": True,
+                           "colocate_ge_1.5x_best_static": True, "slo_bounded_utilization_ge_0.85": True}
+    table = format_table(s)
+    assert "colocate" in table and "SLO-bounded batch 4" in table
+
+
+def test_plots_are_written(tmp_path):
+    reqs = [(100.0 + i, 50.0 + i, True) for i in range(20)]
+    runs = {n: [run(n, 10, 10, reqs)] for n in ("online-only", "naive", "static-2", "colocate")}
+    paths = plot(runs, {"slo": SLO}, tmp_path)
+    assert [p.name for p in paths] == ["latency_cdf.png", "timeseries.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
