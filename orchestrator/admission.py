@@ -43,14 +43,14 @@ def share_budget(total: int, weights: dict[str, float]) -> dict[str, int]:
 
 def allowance(jobs: dict[str, dict[str, Any]], job_key: str, now_s: float, total_budget: int | None) -> int:
     """In-flight offline requests `job_key` may hold: its weighted share of `total_budget` among
-    live jobs (seen within JOB_STALE_AFTER_S, not finished). With no budget set by a controller,
-    the total is the largest static cap the live jobs asked for."""
+    live jobs (seen within JOB_STALE_AFTER_S, not finished), never more than its own static cap.
+    With no budget set by a controller, the total is the largest static cap the live jobs asked for."""
     job = jobs[job_key]
     live = {k: j for k, j in jobs.items() if now_s - j["seen_s"] <= JOB_STALE_AFTER_S and not j.get("finished")}
     if job_key not in live:
         return job["default_cap"]
     total = total_budget if total_budget is not None else max(j["default_cap"] for j in live.values())
-    return share_budget(total, {k: j["weight"] for k, j in live.items()})[job_key]
+    return min(job["default_cap"], share_budget(total, {k: j["weight"] for k, j in live.items()})[job_key])
 
 
 @ray.remote(num_cpus=0)

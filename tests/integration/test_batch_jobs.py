@@ -139,6 +139,9 @@ def test_two_jobs_share_offline_capacity_by_weight_and_publish_progress_to_ray(s
     client = JobSubmissionClient(stack["dashboard_url"])
     stamp = int(time.time())
     jobs = {}
+    # The controller sets the total offline concurrency; pin it to 4 so the split is known.
+    subprocess.run(colocate_cmd("override", "--max-offline-seqs", "4"), cwd=ROOT, env=stack["env"],
+                   capture_output=True, text=True, timeout=120, check=True)
     # Submitted through the job SDK, back to back, so that the two jobs surely overlap (the CLI
     # takes seconds per call on a busy machine; the other tests cover the CLI itself).
     for name, weight in (("light", "1"), ("heavy", "3")):
@@ -172,7 +175,9 @@ def test_two_jobs_share_offline_capacity_by_weight_and_publish_progress_to_ray(s
         return {int(m) for m in re.findall(r"in flight <= (\d+)", client.get_job_logs(job_id))}
 
     light, heavy = (f"colocate-test-{n}-{stamp}" for n in ("light", "heavy"))
-    # While both ran, the static cap of 4 was split 1:3.
+    subprocess.run(colocate_cmd("override", "--clear"), cwd=ROOT, env=stack["env"],
+                   capture_output=True, text=True, timeout=120, check=True)
+    # While both ran, the total of 4 was split 1:3.
     assert 1 in allowances(light) and 3 in allowances(heavy), (allowances(light), allowances(heavy))
     for j, (_, out) in jobs.items():
         assert client.get_job_status(j) == JobStatus.SUCCEEDED

@@ -143,5 +143,6 @@ def test_allowance_shares_among_live_jobs_and_forgets_stale_or_finished_ones():
         "done": {"weight": 5, "default_cap": 4, "seen_s": now, "finished": True},
     }
     assert (allowance(jobs, "a", now, None), allowance(jobs, "b", now, None)) == (1, 3)
-    assert (allowance(jobs, "a", now, 12), allowance(jobs, "b", now, 12)) == (3, 9)
+    # A controller total of 12 splits 3:9, but no job goes past its own cap of 4.
+    assert (allowance(jobs, "a", now, 12), allowance(jobs, "b", now, 12)) == (3, 4)
     assert allowance(jobs, "done", now, None) == 4
