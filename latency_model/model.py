@@ -1,11 +1,12 @@
 """XGBoost quantile model of step latency: a median head and a p99 head.
 
 Trained on a step dataset (`profiler.schema`), with three splits: train, calibration and
-hold-out. The p99 head is conformally calibrated (shifted by the calibration split's residual
-quantile) so that its coverage holds on data it has not seen; the hold-out split only measures.
+hold-out. The p99 head is conformally calibrated (scaled by the calibration split's quantile of
+observed / predicted, since CPU and GPU timing noise grows with the step) so that its coverage
+holds on data it has not seen; the hold-out split only measures.
 
 The artifact is a directory: `model.ubj` (the booster) and `meta.json` (feature schema and its
-hash, training-data hash, calibration offset, hold-out metrics). Loading checks all of it.
+hash, training-data hash, calibration scale, hold-out metrics). Loading checks all of it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from latency_model.features import FEATURE_NAMES, feature_schema_hash, featurize, hygen_features
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 QUANTILES = (0.5, 0.99)
 
 
@@ -48,7 +49,7 @@ def _mape(y: np.ndarray, pred: np.ndarray) -> float:
 @dataclass
 class StepLatencyModel:
     booster: Any
-    p99_offset_ms: float
+    p99_scale: float
     meta: dict[str, Any]
     compiled: Any = None
     """`latency_model.fast_trees.CompiledModel` of the same trees (set by `load`), used when present."""
@@ -59,7 +60,7 @@ class StepLatencyModel:
         x = np.asarray(features, dtype=np.float32)
         out = self.compiled.predict(x) if self.compiled is not None else np.asarray(self.booster.inplace_predict(x))
         p50 = out[:, 0]
-        p99 = np.maximum(out[:, 1] + self.p99_offset_ms, p50)
+        p99 = np.maximum(out[:, 1] * self.p99_scale, p50)
         return p50, p99
 
     def predict_columns(self, columns) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +70,7 @@ class StepLatencyModel:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.booster.save_model(str(out / "model.ubj"))
-        (out / "meta.json").write_text(json.dumps({**self.meta, "p99_offset_ms": self.p99_offset_ms}, indent=2) + "\n")
+        (out / "meta.json").write_text(json.dumps({**self.meta, "p99_scale": self.p99_scale}, indent=2) + "\n")
         return out
 
 
@@ -114,11 +115,11 @@ def train(table, *, seed: int = 0, num_trees: int = 100, max_depth: int = 6, lea
     reg.fit(x[fit], y[fit])
     booster = reg.get_booster()
     raw_cal = np.asarray(booster.inplace_predict(x[cal]))
-    # Conformal shift: the smallest offset under which 99% of calibration steps are covered.
-    residual = y[cal] - raw_cal[:, 1]
+    # Conformal scale: the smallest factor under which 99% of calibration steps are covered.
+    ratio = y[cal] / np.maximum(raw_cal[:, 1], 1e-6)
     k = min(int(np.ceil((len(cal) + 1) * 0.99)) - 1, len(cal) - 1)
-    offset = float(max(np.sort(residual)[k], 0.0))
-    model = StepLatencyModel(booster, offset, {})
+    scale = float(max(np.sort(ratio)[k], 1.0))
+    model = StepLatencyModel(booster, scale, {})
 
     p50, p99 = model.predict_ms(x[hold])
     lin_x = np.c_[hygen_features(cols), np.ones(n)]
@@ -170,4 +171,4 @@ def load(path: str | Path) -> StepLatencyModel:
         raise ModelFileError(f"{model_path}: expects {booster.num_features()} features, not {len(FEATURE_NAMES)}")
     from latency_model.fast_trees import CompiledModel
 
-    return StepLatencyModel(booster, float(meta["p99_offset_ms"]), meta, CompiledModel.from_booster(booster))
+    return StepLatencyModel(booster, float(meta["p99_scale"]), meta, CompiledModel.from_booster(booster))

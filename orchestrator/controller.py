@@ -150,7 +150,6 @@ class ControllerCore:
         self.last_decision_s: float | None = None
         self.metrics = _Metrics() if metrics else None
         self._loop_task: asyncio.Task | None = None
-        self._admission = None
         self._admission_total: int | None = None
         self.override: dict[str, Any] | None = checkpoint.get("override")
 
@@ -256,15 +255,13 @@ class ControllerCore:
         if total == self._admission_total:
             return
         try:
-            if self._admission is None:
-                from orchestrator.admission import get_or_create_admission
+            from orchestrator.admission import get_or_create_admission
 
-                self._admission = get_or_create_admission()
-            self._admission.set_total_budget.remote(total)
+            # Looked up on every change: the admission actor may have been replaced since.
+            get_or_create_admission().set_total_budget.remote(total)
             self._admission_total = total
         except Exception as err:  # noqa: BLE001 - jobs keep their last allowance
             log.warning("colocate controller: could not update the batch admission: %s", err)
-            self._admission = None
 
     # --- what operators see ---------------------------------------------------------------
 

@@ -13,7 +13,10 @@ How a replica's budget is chosen:
 2. **Model.** For k online requests (with the replica's current online context), the largest
    number of offline decode sequences whose predicted p99 step latency stays under the target
    with room left for a minimal offline prefill chunk (`min_offline_chunk_tokens`: offline
-   requests must prefill to make progress), then the largest chunk that fits beside them. All candidates go to the
+   requests must prefill to make progress), then the largest chunk that fits beside them. With
+   no chat in the engine (k = 0) the step only delays the next chat request's first token, so
+   it may take `idle_step_share_of_ttft` of the TTFT target instead: idle capacity is what
+   co-location is for. All candidates go to the
    latency model in one vectorized call. Without a model: `PolicyConfig.default_*`, a
    conservative flat budget.
 3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) and the
@@ -117,6 +120,8 @@ class PolicyConfig:
     seq_candidates: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     chunk_candidates: tuple[int, ...] = (0, 16, 32, 64, 128, 256, 512)
     min_offline_chunk_tokens: int = 32
+    idle_step_share_of_ttft: float = 0.25
+    """With no chat in the engine, a step may take this share of the TTFT target (less headroom)."""
     table_size: int = 32
 
 
@@ -158,7 +163,7 @@ def _candidate_columns(num_online: np.ndarray, online_ctx: np.ndarray, num_offli
 
 
 def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
-                 cfg: PolicyConfig) -> tuple[np.ndarray, np.ndarray, float]:
+                 cfg: PolicyConfig, idle_target_ms: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """(max offline seqs by k, max offline tokens by k, predicted p99 of the current batch)."""
     k = np.arange(cfg.table_size, dtype=np.float64)
     online_ctx = (load.online_context_tokens / load.num_online if load.num_online > 0
@@ -175,7 +180,11 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
                                  np.array([0.0]))
     both = {c: np.concatenate([cols[c], current[c]]) for c in cols}
     _, p99 = model.predict_ms(featurize(both))
-    fits = (p99[:-1] <= target_ms).reshape(kk.shape)  # (k, seqs, chunks)
+    # With no chat in the engine (k = 0) no TPOT is at stake; a chat request that arrives waits
+    # at most one step before its prefill, so that step is bounded by a share of the TTFT target.
+    targets = np.full(kk.shape, target_ms)
+    targets[0] = max(target_ms, idle_target_ms or target_ms)
+    fits = p99[:-1].reshape(kk.shape) <= targets  # (k, seqs, chunks)
     # The prediction is not guaranteed monotone; take the prefix of candidates that all fit.
     decode_fits = np.logical_and.accumulate(fits[:, :, 0], axis=1)
     # Offline requests must prefill to make progress: keep room for a minimal chunk beside the
@@ -221,7 +230,8 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
         prev = state.get(load.replica_id, ReplicaState())
         predicted = None
         if model is not None:
-            seqs, tokens, predicted = model_tables(model, load, target_ms, cfg)
+            idle_target = slo.ttft_p99_ms * (1.0 - slo.headroom) * cfg.idle_step_share_of_ttft
+            seqs, tokens, predicted = model_tables(model, load, target_ms, cfg, idle_target)
         else:
             seqs = np.full(cfg.table_size, cfg.default_offline_seqs, dtype=np.float64)
             tokens = np.full(cfg.table_size, cfg.default_offline_tokens, dtype=np.float64)

@@ -1,4 +1,5 @@
-"""Killing a replica or the admission actor mid-job loses no batch result and duplicates none.
+"""Killing a replica, the admission actor or the controller mid-job loses no batch result and
+duplicates none; the controller comes back with its checkpointed state.
 
 Named to run last: killing the replica makes Serve start a new one (a new engine), and this test
 waits until the application is healthy again before it ends.
@@ -15,12 +16,13 @@ from ray.job_submission import JobStatus
 from orchestrator.admission import ADMISSION_NAME
 from orchestrator.admission import NAMESPACE as ADMISSION_NAMESPACE
 from orchestrator.cluster import LLM_DEPLOYMENT_PREFIX, connect
+from orchestrator.controller import get_controller
 from tests.integration.test_batch_jobs import records, start_job_and_wait_for_results, write_input
 
 pytestmark = pytest.mark.integration
 
 
-def test_killing_the_replica_and_the_admission_actor_mid_job_loses_and_duplicates_nothing(stack, tmp_path):
+def test_killing_the_replica_admission_and_controller_mid_job_loses_and_duplicates_nothing(stack, tmp_path):
     from ray import serve
 
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -32,6 +34,8 @@ def test_killing_the_replica_and_the_admission_actor_mid_job_loses_and_duplicate
                    if a["namespace"] == "serve" and f"#{LLM_DEPLOYMENT_PREFIX}" in a["name"])
     ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=True)
     ray.kill(ray.get_actor(ADMISSION_NAME, namespace=ADMISSION_NAMESPACE), no_restart=True)
+    # The controller is killed as a crash would: Ray restarts it and it restores its checkpoint.
+    ray.kill(get_controller(), no_restart=False)
 
     deadline = time.monotonic() + 600
     while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -51,3 +55,13 @@ def test_killing_the_replica_and_the_admission_actor_mid_job_loses_and_duplicate
     replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["namespace"] == "serve" and f"#{LLM_DEPLOYMENT_PREFIX}" in a["name"]]
     assert replicas and replica["name"] not in replicas
+
+    # The restarted controller restored its state and decides for the new replica.
+    deadline = time.monotonic() + 60
+    while True:
+        status = ray.get(get_controller().status.remote(), timeout=30)
+        if status["replicas"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert status["restored_from_checkpoint"]
+    assert status["replicas"], status

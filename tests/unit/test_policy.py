@@ -29,13 +29,14 @@ def test_budget_is_the_largest_batch_the_model_predicts_under_the_step_target():
     # target 45 ms; k online + s offline decodes beside a 32-token chunk (1.6 ms) fit while
     # 10 + 2(k + s) + 1.6 <= 45, i.e. k + s <= 16.
     assert d.target_step_ms == 45.0
-    assert d.budget.max_offline_seqs[0] == 16
+    assert d.budget.max_offline_seqs[1] == 12  # 15 would fit; the candidates are 12 and 16
     assert d.budget.max_offline_seqs[5] == 8  # 11 would fit; the candidates are 8 and 12
     assert d.budget.max_offline_seqs[16] == 0
     # 17 online decodes alone take 44 ms: no room for a chunk, one offline decode would be 46 ms.
     assert d.budget.max_offline_seqs[17] == 0
-    # Beside 16 decodes (42 ms) a prefill chunk may add 3 ms = 60 tokens: the 32-token candidate.
-    assert d.budget.max_offline_tokens[0] == 16 + 32
+    # With no chat in the engine a step may take a quarter of the TTFT target less headroom
+    # (90 ms): 32 decodes (74 ms) and a 256-token chunk (12.8 ms).
+    assert d.budget.at(0) == (32, 32 + 256)
     assert list(d.budget.max_offline_seqs) == sorted(d.budget.max_offline_seqs, reverse=True)
 
 
