@@ -1,5 +1,5 @@
 # The few commands a newcomer needs. Each one creates or reuses .venv by itself.
-.PHONY: demo test test-unit test-integration test-gpu lint venv up down status
+.PHONY: demo test test-unit test-integration test-gpu lint venv up down status bench bench-quick
 
 venv:
 	scripts/bootstrap
@@ -10,6 +10,12 @@ demo: venv  ## the main job: local cluster, tiny model, chat traffic + a batch j
 test: venv  ## lint, then unit + integration tests (real Ray, real vLLM-on-CPU)
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest tests/unit tests/integration -q
+
+bench: venv  ## every policy side by side on the bench model (about 20 minutes on 2 cores)
+	.venv/bin/colocate bench
+
+bench-quick: venv  ## the same, short (about 5-7 minutes)
+	.venv/bin/colocate bench --quick
 
 test-unit: venv
 	.venv/bin/python -m pytest tests/unit -q

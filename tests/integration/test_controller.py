@@ -184,9 +184,11 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     stack = bench_stack
     path = stack["slo_path"]
     original = path.read_text()
-    # A fifth of each target kept free: the CPU's step times vary by ~7% step to step.
-    path.write_text(original.replace("headroom: 0.1", "headroom: 0.2"))
-    assert wait_for(lambda: slo_of(stack)["headroom"] == 0.2 and slo_of(stack)["tpot_p99_ms"] == SLO_TPOT_MS,
+    # 30% of each target kept free: the latency model was profiled on a bare engine, and under
+    # serving on 2 cores (Serve's proxy, ingress and replica share them) steps run slower than it
+    # predicts; with headroom 0.2 the controlled p99 TPOT measured 164 ms against 150.
+    path.write_text(original.replace("headroom: 0.1", "headroom: 0.3"))
+    assert wait_for(lambda: slo_of(stack)["headroom"] == 0.3 and slo_of(stack)["tpot_p99_ms"] == SLO_TPOT_MS,
                     timeout_s=10)
     client = AsyncOpenAI(base_url=stack["endpoint"], api_key="unused", max_retries=0, timeout=300)
     model = stack["model"]
