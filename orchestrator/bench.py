@@ -34,7 +34,7 @@ UNLIMITED_BUDGET = {"max_offline_seqs": [100000], "max_offline_tokens": [100000]
 
 @dataclass
 class BenchOptions:
-    rate_per_s: float = 0.3
+    rate_per_s: float = 1.0
     duration_s: float = 90.0
     static_caps: tuple[int, ...] = (1, 2, 4, 8)
     sweep_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -239,7 +239,7 @@ class Bench:
                 stop, stop_sampler = asyncio.Event(), asyncio.Event()
                 tpots: list[float] = []
                 backlog = asyncio.create_task(_timed_backlog(self.state.endpoint, self.config.model.id, b,
-                                                             self.max_len // 8, stop, tpots))
+                                                             32, stop, tpots))
                 task = asyncio.create_task(sampler.run(stop_sampler))
                 await asyncio.sleep(min(4.0, self.opts.sweep_s / 2))
                 t0 = time.monotonic()

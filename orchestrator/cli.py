@@ -430,7 +430,7 @@ def bench(
     config: str | None = typer.Option("manifests/colocate-bench.yaml", "--config", "-c", help="Stack config (bench model)."),
     online_trace: Path | None = typer.Option(None, "--online-trace", help="Azure-format chat trace CSV."),
     offline_trace: Path | None = typer.Option(None, "--offline-trace", help="Offline lengths CSV (arXiv format)."),
-    rate: float = typer.Option(0.3, "--rate", help="Online requests per second (trace inter-arrivals scaled)."),
+    rate: float = typer.Option(1.0, "--rate", help="Online requests per second (trace inter-arrivals scaled)."),
     duration_s: float | None = typer.Option(None, "--duration-s", help="Seconds of chat per policy run."),
     slo_tolerance: float = typer.Option(0.5, "--slo-tolerance", help="SLO = online-only p99 x (1 + this)."),
     slo_from_file: bool = typer.Option(False, "--slo-from-file", help="Use manifests/slo.yaml's targets instead."),

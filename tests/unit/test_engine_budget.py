@@ -33,12 +33,12 @@ def test_online_tokens_are_reserved_before_offline_work():
     assert p.num_offline_tokens == 6
 
 
-def test_offline_prefill_waits_while_chat_waits_for_admission_but_decodes_go_on():
+def test_offline_work_sits_out_the_step_that_admits_waiting_chat():
     p = plan(online_tokens=120, num_online_waiting=2,
              offline_running=[OfflineCandidate(100, True), DECODE, DECODE], num_offline_waiting=3)
-    assert p.run == (1, 2)
+    assert p.run == ()
     assert p.num_waiting_admitted == 0
-    assert p.token_cap == 122
+    assert p.token_cap == 120
 
 
 def test_the_token_budget_limits_decodes_too():
