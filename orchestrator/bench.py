@@ -499,4 +499,6 @@ def run_bench(config, opts: BenchOptions, out_dir: Path, on_progress: Callable[[
             ray.get(get_controller().set_override.remote(None), timeout=10)
         except Exception:  # noqa: BLE001 - the stack is going away anyway
             pass
+        # Leave the cluster before stopping it: a driver left connected waits on the dead GCS.
+        ray.shutdown()
         cluster.teardown(state)
