@@ -206,7 +206,7 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     async def run():
         stop = asyncio.Event()
         backlog = asyncio.create_task(_offline_backlog(client, model, stop, []))
-        await asyncio.sleep(15)  # the backlog fills the engine's no-chat budget
+        await asyncio.sleep(25)  # the backlog's first prefill wave passes; the no-chat budget fills
         await sample("before_start")
         await asyncio.sleep(10)
         await sample("before_end")
