@@ -230,6 +230,8 @@ class Bench:
 
     def batch_sweep(self) -> list[dict[str, Any]]:
         """Offline streams alone at steady batch sizes: TPOT p99 and throughput per batch."""
+        from orchestrator.workload import offline_stream_backlog
+
         rows = []
         for b in self.opts.sweep_batches:
             self._override({"max_offline_seqs": [b], "max_offline_tokens": [b + 64]})
@@ -238,8 +240,8 @@ class Bench:
                 sampler = Sampler(self.controller)
                 stop, stop_sampler = asyncio.Event(), asyncio.Event()
                 tpots: list[float] = []
-                backlog = asyncio.create_task(_timed_backlog(self.state.endpoint, self.config.model.id, b,
-                                                             32, stop, tpots))
+                backlog = asyncio.create_task(offline_stream_backlog(
+                    self.state.endpoint, self.config.model.id, b, 64, 32, stop, seed_base=90_000, tpots_ms=tpots))
                 task = asyncio.create_task(sampler.run(stop_sampler))
                 await asyncio.sleep(min(4.0, self.opts.sweep_s / 2))
                 t0 = time.monotonic()
@@ -259,39 +261,6 @@ class Bench:
             self.log(f"sweep batch {b}: TPOT p99 {row['tpot_p99_ms']} ms, {tps:.1f} tok/s")
             rows.append(row)
         return rows
-
-
-async def _timed_backlog(endpoint: str, model: str, concurrency: int, output_tokens: int,
-                         stop: asyncio.Event, tpots: list[float]) -> None:
-    """`concurrency` streaming offline requests back to back; per-request TPOT (ms)."""
-    from openai import AsyncOpenAI
-
-    from orchestrator.workload import make_prompt
-
-    client = AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0, timeout=600)
-
-    async def worker(w: int) -> None:
-        i = 0
-        while not stop.is_set():
-            i += 1
-            try:
-                stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": make_prompt(64, 90_000 + 1000 * w + i)}],
-                    max_tokens=output_tokens, stream=True, temperature=0.0,
-                    extra_body={"ignore_eos": True, "request_class": "offline"})
-                stamps = []
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].finish_reason is None:
-                        stamps.append(time.monotonic())
-                    if stop.is_set():
-                        await stream.close()
-                        return
-                if len(stamps) > 1:
-                    tpots.append((stamps[-1] - stamps[0]) * 1000.0 / (len(stamps) - 1))
-            except Exception:  # noqa: BLE001 - retried by the loop
-                await asyncio.sleep(0.2)
-
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
 
 
 def _median_spread(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]:

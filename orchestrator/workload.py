@@ -130,6 +130,43 @@ async def run_chat_load(endpoint: str, model: str, specs: list[RequestSpec]) -> 
     return list(await asyncio.gather(*(_one_chat(client, model, s, i, t0) for i, s in enumerate(specs))))
 
 
+async def offline_stream_backlog(endpoint: str, model: str, concurrency: int, prompt_tokens: int,
+                                 output_tokens: int, stop: asyncio.Event, *, seed_base: int = 50_000,
+                                 tpots_ms: list[float] | None = None) -> int:
+    """Keep `concurrency` streaming offline requests in flight until `stop`; return the tokens
+    received, and append each completed request's TPOT (ms) to `tpots_ms` when given."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0, timeout=600)
+    received = 0
+
+    async def worker(w: int) -> None:
+        nonlocal received
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                stream = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": make_prompt(prompt_tokens, seed_base + 1000 * w + i)}],
+                    max_tokens=output_tokens, stream=True, temperature=0.0,
+                    extra_body={"ignore_eos": True, "request_class": "offline"})
+                stamps: list[float] = []
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].finish_reason is None:
+                        received += 1
+                        stamps.append(time.monotonic())
+                    if stop.is_set():
+                        await stream.close()
+                        return
+                if tpots_ms is not None and len(stamps) > 1:
+                    tpots_ms.append((stamps[-1] - stamps[0]) * 1000.0 / (len(stamps) - 1))
+            except Exception:  # noqa: BLE001 - a failed backlog request is retried by the loop
+                await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return received
+
+
 def summarize_chat(results: list[ChatResult]) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     ttft = np.array([r.ttft_s for r in ok if r.ttft_s is not None]) * 1000

@@ -154,48 +154,13 @@ def plot_profile(doc: dict[str, Any], path: Path) -> Path:
 # --- the live measurement ---------------------------------------------------------------------
 
 
-async def _offline_backlog(endpoint: str, model: str, concurrency: int, prompt_tokens: int,
-                           output_tokens: int, stop: asyncio.Event) -> int:
-    """Keep `concurrency` offline requests in flight until `stop`; return tokens received."""
-    from openai import AsyncOpenAI
-
-    from orchestrator.workload import make_prompt
-
-    client = AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0, timeout=600)
-    received = 0
-
-    async def worker(w: int) -> None:
-        nonlocal received
-        i = 0
-        while not stop.is_set():
-            i += 1
-            try:
-                stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": make_prompt(prompt_tokens, 50_000 + 1000 * w + i)}],
-                    max_tokens=output_tokens, stream=True, temperature=0.0,
-                    extra_body={"ignore_eos": True, "request_class": "offline"})
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].finish_reason is None:
-                        received += 1
-                    if stop.is_set():
-                        await stream.close()
-                        break
-            except Exception:  # noqa: BLE001 - a failed backlog request is retried by the loop
-                await asyncio.sleep(0.2)
-
-    tasks = [asyncio.create_task(worker(w)) for w in range(concurrency)]
-    await stop.wait()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return received
-
-
 def measure_point(*, controller, endpoint: str, model: str, specs, offline_seqs: int, backlog: int,
                   offline_prompt_tokens: int, offline_output_tokens: int, chunk_tokens: int,
                   settle_s: float = 3.0) -> LoadPoint:
     """Online replay beside an offline backlog under a static budget of `offline_seqs`."""
     import ray
 
-    from orchestrator.workload import run_chat_load, summarize_chat
+    from orchestrator.workload import offline_stream_backlog, run_chat_load, summarize_chat
 
     ray.get(controller.set_override.remote({"max_offline_seqs": [offline_seqs],
                                             "max_offline_tokens": [offline_seqs * (1 + chunk_tokens)]}))
@@ -203,7 +168,7 @@ def measure_point(*, controller, endpoint: str, model: str, specs, offline_seqs:
 
     async def run() -> tuple[list, int, float]:
         stop = asyncio.Event()
-        backlog_task = asyncio.create_task(_offline_backlog(
+        backlog_task = asyncio.create_task(offline_stream_backlog(
             endpoint, model, backlog if offline_seqs > 0 else 0, offline_prompt_tokens, offline_output_tokens, stop))
         await asyncio.sleep(settle_s if offline_seqs > 0 else 0.0)
 
