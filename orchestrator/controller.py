@@ -137,6 +137,7 @@ class ControllerCore:
         except (ValueError, OSError) as err:
             self.notes.append(f"interference profile not loaded ({err}); per-step budget from the TPOT target")
             log.error("colocate controller: %s", self.notes[-1])
+        self._last_checkpoint: bytes | None = None
         checkpoint = self._restore()
         last_good = SloFile.model_validate(checkpoint["slo"]) if checkpoint.get("slo") else None
         self.state: dict[str, ReplicaState] = {
@@ -160,10 +161,12 @@ class ControllerCore:
         return json.loads(raw) if raw else {}
 
     def _checkpoint(self) -> None:
-        data = {"state": {rid: s.to_json() for rid, s in self.state.items()}, "override": self.override,
-                "slo": self.slo.current.model_dump(mode="json") if self.slo.current else None,
-                "saved_at_s": self.clock()}
-        self.store.put(json.dumps(data).encode())
+        data = json.dumps({"state": {rid: s.to_json() for rid, s in self.state.items()}, "override": self.override,
+                           "slo": self.slo.current.model_dump(mode="json") if self.slo.current else None}).encode()
+        # Written only when it changed: a steady controller does not write to the GCS every tick.
+        if data != self._last_checkpoint:
+            self.store.put(data)
+            self._last_checkpoint = data
 
     # --- observe --------------------------------------------------------------------------
 
