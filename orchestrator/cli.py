@@ -129,13 +129,13 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         return "-" if v is None else f"{v:.0f}"
 
     typer.echo(f"{'replica':<12} {'online':>6} {'off.run':>7} {'budget':>8} {'TTFT p99 obs':>12} "
-               f"{'TPOT p99 obs/pred/SLO':>22} {'throttle':>16}")
+               f"{'TPOT p99 obs/pred/SLO':>22} {'throttle':>16} {'model x':>7}")
     for r in ctl["replicas"]:
         typer.echo(f"{r['replica_id']:<12} {r['online_requests']:>6} {r['offline_running']:>7} "
                    f"{r['offline_budget_seqs']:>3}/{r['offline_budget_tokens']:<4} "
                    f"{ms(r['observed_ttft_p99_ms']):>6}/{ms(r['slo_ttft_p99_ms']):<5} "
                    f"{ms(r['observed_tpot_p99_ms']):>8}/{ms(r['predicted_step_p99_ms'])}/{ms(r['slo_tpot_p99_ms']):<6} "
-                   f"{r['throttle']:>9} x{r['throttle_scale']:.2f}")
+                   f"{r['throttle']:>9} x{r['throttle_scale']:.2f} {r.get('model_calibration', 1.0):>7.2f}")
 
 
 def collect_status(state) -> dict:

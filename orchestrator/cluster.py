@@ -278,6 +278,10 @@ def teardown(state: StackState) -> list[str]:
 
         if kill_controller():
             done.append("stopped the controller")
+    from orchestrator.engine_channel import sweep_stale_channels
+
+    if removed := sweep_stale_channels():
+        done.append(f"removed {len(removed)} engine channel file(s) of stopped replicas")
     StackState.clear()
     return done
 

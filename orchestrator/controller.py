@@ -43,6 +43,7 @@ def replica_load(report: dict[str, Any]) -> ReplicaLoad:
         num_online=int(report["num_online_running"] + report["num_online_waiting"]),
         online_context_tokens=float(report.get("online_context_tokens") or 0.0),
         num_offline_running=int(report["num_offline_running"] + report["num_offline_paused"]),
+        num_offline_paused=int(report["num_offline_paused"]),
         num_offline_waiting=int(report["num_offline_waiting"]),
         offline_context_tokens=float(report.get("offline_context_tokens") or 0.0),
         observed_ttft_p99_ms=report.get("observed_ttft_p99_ms"),
@@ -50,6 +51,7 @@ def replica_load(report: dict[str, Any]) -> ReplicaLoad:
         step_p99_ms=report.get("step_p99_ms"),
         kv_cache_usage=report.get("kv_cache_usage"),
         reported_at_s=float(report["reported_at_s"]),
+        recent_steps=report.get("recent_steps"),
     )
 
 
@@ -77,6 +79,7 @@ class _Metrics:
                 ("observed_tpot_p99_ms", "Observed online p99 time per output token"),
                 ("predicted_step_p99_ms", "Predicted p99 step latency of the current batch"),
                 ("throttle_scale", "Share of the model budget granted (1 = open)"),
+                ("model_calibration", "Observed / predicted step latency on recent steps"),
                 ("slo_ttft_p99_ms", "TTFT p99 target"),
                 ("slo_tpot_p99_ms", "TPOT p99 target"),
             ]
@@ -289,6 +292,7 @@ class ControllerCore:
             "throttle": "override" if self.override is not None else d.state.throttle,
             "step_p99_ms": load.step_p99_ms,
             "throttle_scale": d.state.scale,
+            "model_calibration": d.calibration,
             "pressure": d.pressure,
             "slo_ttft_p99_ms": targets.ttft_p99_ms,
             "slo_tpot_p99_ms": targets.tpot_p99_ms,

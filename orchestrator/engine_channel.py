@@ -53,6 +53,41 @@ _TOKENS_TABLE = _SEQS_TABLE + TABLE_SIZE
 _HEADER_SLOTS = _TOKENS_TABLE + TABLE_SIZE
 
 
+CHANNEL_PREFIX = "colocate-engine-"
+
+
+def channel_dir() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() else Path(tempfile.gettempdir())
+
+
+def sweep_stale_channels(directory: Path | None = None) -> list[Path]:
+    """Remove channel files whose creating replica process is gone. A replica killed with its
+    cluster never runs its cleanup; its file is named after its pid, so a later replica or
+    `colocate down` can tell it is stale."""
+    removed = []
+    for path in (directory or channel_dir()).glob(f"{CHANNEL_PREFIX}*.chan"):
+        pid = path.name[len(CHANNEL_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass(frozen=True)
 class OfflineBudget:
     """How much offline work an engine may run, by the number of online requests it holds.
@@ -102,9 +137,9 @@ class EngineChannel:
     def create(cls, path: str | Path | None = None, *, ring_capacity: int = DEFAULT_RING_CAPACITY,
                fallback: OfflineBudget | None = None) -> EngineChannel:
         if path is None:
-            shm = Path("/dev/shm")
-            fd, name = tempfile.mkstemp(prefix="colocate-engine-", suffix=".chan",
-                                        dir=shm if shm.is_dir() else None)
+            sweep_stale_channels()
+            fd, name = tempfile.mkstemp(prefix=f"{CHANNEL_PREFIX}{os.getpid()}-", suffix=".chan",
+                                        dir=channel_dir())
             os.close(fd)
             path = name
         p = Path(path)

@@ -17,8 +17,9 @@ How a replica's budget is chosen:
    no chat in the engine (k = 0) the step only delays the next chat request's first token, so
    it may take `idle_step_share_of_ttft` of the TTFT target instead: idle capacity is what
    co-location is for. All candidates go to the
-   latency model in one vectorized call. Without a model: `PolicyConfig.default_*`, a
-   conservative flat budget.
+   latency model in one vectorized call, scaled by the replica's calibration (the median
+   observed/predicted ratio over its recent steps: the model is profiled on a bare engine, the
+   replica serves). Without a model: `PolicyConfig.default_*`, a conservative flat budget.
 3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) and the
    predicted step latency of the current batch, each as a fraction of its target: at or above
    `shrink_at` the replica's scale halves at once (at most once per `shrink_hold_s`, so one slow
@@ -61,6 +62,8 @@ class ReplicaLoad:
     online_context_tokens: float = 0.0
     """Sum of the context lengths of the online requests decoding in the latest step."""
     num_offline_running: int = 0
+    """Offline requests holding KV in the engine, including those paused by the budget."""
+    num_offline_paused: int = 0
     num_offline_waiting: int = 0
     offline_context_tokens: float = 0.0
     observed_ttft_p99_ms: float | None = None
@@ -68,6 +71,9 @@ class ReplicaLoad:
     step_p99_ms: float | None = None
     kv_cache_usage: float | None = None
     reported_at_s: float = 0.0
+    recent_steps: Mapping[str, Any] | None = None
+    """The engine's latest steps as columns (`latency_model.features.INPUT_COLUMNS` and
+    `step_latency_ms`): what the model is calibrated against while serving."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,12 @@ class PolicyConfig:
     idle_step_share_of_ttft: float = 0.25
     """With no chat in the engine, a step may take this share of the TTFT target (less headroom)."""
     table_size: int = 32
+    calibration_min_steps: int = 8
+    calibration_bounds: tuple[float, float] = (0.8, 4.0)
+    """The model was profiled on a bare engine; while serving (HTTP, detokenization and batch
+    clients sharing the host) the same batch can run slower, or, on quieter hardware, faster.
+    Predictions are scaled by the median observed/predicted ratio over the replica's recent steps
+    (at least `calibration_min_steps` of them), kept within these bounds."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,8 @@ class ReplicaDecision:
     predicted_step_p99_ms: float | None
     pressure: float
     """max over the signals of observed-or-predicted / target; >= shrink_at means throttle."""
+    calibration: float = 1.0
+    """Observed / predicted step latency on this replica's recent steps (1: uncalibrated)."""
 
 
 @dataclass(frozen=True)
@@ -162,9 +176,25 @@ def _candidate_columns(num_online: np.ndarray, online_ctx: np.ndarray, num_offli
     }
 
 
+def calibration_factor(model: LatencyModel, load: ReplicaLoad, cfg: PolicyConfig) -> float:
+    """Median of observed / predicted (median head) step latency over the replica's recent steps."""
+    steps = load.recent_steps
+    if not steps or len(steps.get("step_latency_ms", ())) < cfg.calibration_min_steps:
+        return 1.0
+    median, _ = model.predict_ms(featurize(steps))
+    observed = np.asarray(steps["step_latency_ms"], dtype=np.float64)
+    ok = median > 0
+    if ok.sum() < cfg.calibration_min_steps:
+        return 1.0
+    low, high = cfg.calibration_bounds
+    return float(np.clip(np.median(observed[ok] / median[ok]), low, high))
+
+
 def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
-                 cfg: PolicyConfig, idle_target_ms: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """(max offline seqs by k, max offline tokens by k, predicted p99 of the current batch)."""
+                 cfg: PolicyConfig, idle_target_ms: float | None = None,
+                 calibration: float = 1.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """(max offline seqs by k, max offline tokens by k, predicted p99 of the current batch);
+    predictions are multiplied by the replica's `calibration` factor."""
     k = np.arange(cfg.table_size, dtype=np.float64)
     online_ctx = (load.online_context_tokens / load.num_online if load.num_online > 0
                   else float(cfg.default_online_context_tokens))
@@ -176,10 +206,12 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     cols = _candidate_columns(kk.ravel(), np.full(kk.size, online_ctx), ss.ravel(),
                               np.full(kk.size, offline_ctx), cc.ravel())
     current = _candidate_columns(np.array([float(load.num_online)]), np.array([online_ctx]),
-                                 np.array([float(load.num_offline_running)]), np.array([offline_ctx]),
+                                 np.array([float(load.num_offline_running - load.num_offline_paused)]),
+                                 np.array([offline_ctx]),
                                  np.array([0.0]))
     both = {c: np.concatenate([cols[c], current[c]]) for c in cols}
     _, p99 = model.predict_ms(featurize(both))
+    p99 = p99 * calibration
     # With no chat in the engine (k = 0) no TPOT is at stake; a chat request that arrives waits
     # at most one step before its prefill, so that step is bounded by a share of the TTFT target.
     targets = np.full(kk.shape, target_ms)
@@ -228,10 +260,11 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
     out: dict[str, ReplicaDecision] = {}
     for load in snapshot.replicas:
         prev = state.get(load.replica_id, ReplicaState())
-        predicted = None
+        predicted, factor = None, 1.0
         if model is not None:
             idle_target = slo.ttft_p99_ms * (1.0 - slo.headroom) * cfg.idle_step_share_of_ttft
-            seqs, tokens, predicted = model_tables(model, load, target_ms, cfg, idle_target)
+            factor = calibration_factor(model, load, cfg)
+            seqs, tokens, predicted = model_tables(model, load, target_ms, cfg, idle_target, factor)
         else:
             seqs = np.full(cfg.table_size, cfg.default_offline_seqs, dtype=np.float64)
             tokens = np.full(cfg.table_size, cfg.default_offline_tokens, dtype=np.float64)
@@ -253,5 +286,5 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
         tokens = np.where(seqs > 0, np.maximum(tokens, seqs), 0)
         size = min(cfg.table_size, TABLE_SIZE)
         budget = OfflineBudget(tuple(int(v) for v in seqs[:size]), tuple(int(v) for v in tokens[:size]))
-        out[load.replica_id] = ReplicaDecision(budget, new_state, target_ms, predicted, pressure)
+        out[load.replica_id] = ReplicaDecision(budget, new_state, target_ms, predicted, pressure, factor)
     return Decision(out)

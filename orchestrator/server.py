@@ -20,6 +20,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, Er
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm import LLMServer
 
+from latency_model.features import INPUT_COLUMNS
 from orchestrator.engine_channel import CHANNEL_ENV, UNLIMITED, EngineChannel, OfflineBudget, rows_to_columns
 from orchestrator.registry import get_or_create_registry
 from orchestrator.request_class import (
@@ -31,6 +32,9 @@ from orchestrator.request_class import (
 
 REPORT_PERIOD_S = 1.0
 LATENCY_WINDOW_S = 5.0
+CALIBRATION_COLUMNS = (*INPUT_COLUMNS, "step_latency_ms")
+CALIBRATION_STEPS = 48
+"""Latest engine steps sent with each report, for the controller to calibrate its model on."""
 """Observed online TTFT/TPOT are p99s over requests of this recent window."""
 
 log = logging.getLogger("ray.serve")
@@ -181,6 +185,7 @@ class ColocateLLMServer(LLMServer):
         self._steps_seen = 0
         # Latencies of recent steps that held online requests: (end time, ms), LATENCY_WINDOW_S.
         self._online_steps: collections.deque[tuple[float, float]] = collections.deque()
+        self._recent_steps: collections.deque[tuple[float, ...]] = collections.deque(maxlen=CALIBRATION_STEPS)
         # Throttle reactions seen in the step ring: (time of the burst, ms until offline work shrank).
         self._reactions: collections.deque[tuple[float, float]] = collections.deque(maxlen=200)
         self._last_step: tuple[float, float, float] | None = None  # (end, online, offline)
@@ -273,6 +278,7 @@ class ColocateLLMServer(LLMServer):
         with_online = steps["num_online_reqs"] > 0
         self._online_steps.extend(zip(steps["end_time_s"][with_online], steps["step_latency_ms"][with_online]))
         self._track_reactions(steps)
+        self._recent_steps.extend(zip(*(steps[c] for c in CALIBRATION_COLUMNS)))
         horizon = time.time() - LATENCY_WINDOW_S
         while self._online_steps and self._online_steps[0][0] < horizon:
             self._online_steps.popleft()
@@ -296,6 +302,8 @@ class ColocateLLMServer(LLMServer):
             "observed_tpot_p99_ms": tpot_p99,
             "budget_seq": self._channel.budget_seq(),
             "throttle_reactions": list(self._reactions),
+            "recent_steps": {c: [float(row[i]) for row in self._recent_steps]
+                             for i, c in enumerate(CALIBRATION_COLUMNS)},
         }
 
     def _track_reactions(self, steps: dict[str, Any]) -> None:

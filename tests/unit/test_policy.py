@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from latency_model.features import FEATURE_NAMES
 from orchestrator.policy import PolicyConfig, ReplicaLoad, ReplicaState, SloTargets, Snapshot, decide
@@ -111,3 +112,43 @@ def test_a_noisy_non_monotone_model_never_yields_a_budget_above_a_failing_candid
 
     b = decide(snap(0.0), {}, Bumpy()).replicas["r1"].budget
     assert b.max_offline_seqs[0] == 4  # 6 fails, so nothing past it counts
+
+
+def _steps(num_decode: list[int], latency_ms: list[float]) -> dict[str, list[float]]:
+    n = len(num_decode)
+    return {"num_prefill_tokens": [0.0] * n, "num_prefill_reqs": [0.0] * n, "prefill_context_tokens": [0.0] * n,
+            "prefill_attention_tokens2": [0.0] * n, "num_decode_reqs": [float(d) for d in num_decode],
+            "decode_context_tokens": [100.0 * d for d in num_decode],
+            "max_decode_context_tokens": [100.0] * n, "step_latency_ms": latency_ms}
+
+
+def test_steps_running_slower_than_predicted_shrink_the_budget_by_the_observed_ratio():
+    model = LinearModel()
+    bare = decide(snap(0.0), {}, model).replicas["r1"]
+    # Recent steps took 1.5x the model's median (0.8 * (10 + 2 d)): the replica is serving.
+    decodes = [4, 8, 12, 16, 20, 24, 28, 32, 8, 8]
+    slow = _steps(decodes, [1.5 * 0.8 * (10 + 2 * d) for d in decodes])
+    served = decide(snap(0.0, recent_steps=slow), {}, model).replicas["r1"]
+    assert served.calibration == pytest.approx(1.5)
+    # Target 45 ms: k + s offline decodes plus a 32-token chunk fit while 1.5 (11.6 + 2(k + s)) <= 45.
+    assert served.budget.max_offline_seqs[1] == 8 < bare.budget.max_offline_seqs[1]
+    assert all(a <= b for a, b in zip(served.budget.max_offline_seqs, bare.budget.max_offline_seqs))
+
+
+def test_calibration_needs_enough_steps_and_stays_within_its_bounds():
+    model = LinearModel()
+    few = decide(snap(0.0, recent_steps=_steps([4, 8], [500.0, 500.0])), {}, model).replicas["r1"]
+    assert few.calibration == 1.0
+    decodes = [4] * 12
+    wild = decide(snap(0.0, recent_steps=_steps(decodes, [1000.0] * 12)), {}, model).replicas["r1"]
+    assert wild.calibration == CFG.calibration_bounds[1]
+    fast = decide(snap(0.0, recent_steps=_steps(decodes, [1.0] * 12)), {}, model).replicas["r1"]
+    assert fast.calibration == CFG.calibration_bounds[0]
+
+
+def test_offline_requests_paused_by_the_budget_do_not_count_as_running_work():
+    # 4 chat + 4 running offline decodes: 10 + 2 * 8 = 26 ms; the 26 paused ones hold KV only.
+    d = decide(snap(0.0, num_online=4, num_offline_running=30, num_offline_paused=26,
+                    offline_context_tokens=3000.0, online_context_tokens=400.0), {}, LinearModel()).replicas["r1"]
+    assert d.predicted_step_p99_ms == pytest.approx(26.0)
+    assert d.state.throttle == "open"
