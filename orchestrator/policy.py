@@ -20,8 +20,9 @@ How a replica's budget is chosen:
    latency model in one vectorized call, scaled by the replica's calibration (the median
    observed/predicted ratio over its recent steps: the model is profiled on a bare engine, the
    replica serves). Without a model: `PolicyConfig.default_*`, a conservative flat budget.
-3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) and the
-   predicted step latency of the current batch, each as a fraction of its target: at or above
+3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) as a
+   fraction of the SLO target, and the predicted step latency of the current batch as a fraction
+   of the per-step target: at or above
    `shrink_at` the replica's scale halves at once (at most once per `shrink_hold_s`, so one slow
    observation window does not collapse it); below `grow_below` for `grow_hold_s` it grows back
    by `grow_step`; in between it holds. The band between the two thresholds is what keeps a
@@ -269,9 +270,12 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
             seqs = np.full(cfg.table_size, cfg.default_offline_seqs, dtype=np.float64)
             tokens = np.full(cfg.table_size, cfg.default_offline_tokens, dtype=np.float64)
             seqs[0], tokens[0] = cfg.default_idle_offline_seqs, cfg.default_idle_offline_tokens
+        # What clients saw is held against the SLO itself (shrink as it approaches it); the
+        # headroom is room kept in the per-step prediction, and a TPOT made of prefill
+        # interruptions and serving overhead must not read as offline work's doing on its own.
         signals = [
-            (load.observed_tpot_p99_ms, slo.tpot_p99_ms * (1.0 - slo.headroom)),
-            (load.observed_ttft_p99_ms, slo.ttft_p99_ms * (1.0 - slo.headroom)),
+            (load.observed_tpot_p99_ms, slo.tpot_p99_ms),
+            (load.observed_ttft_p99_ms, slo.ttft_p99_ms),
             (predicted if load.num_online > 0 else None, target_ms),
         ]
         pressure = max((v / t for v, t in signals if v is not None and t > 0), default=0.0)

@@ -76,8 +76,8 @@ def test_steady_load_inside_the_band_does_not_oscillate():
     model = LinearModel()
     state = {"r1": ReplicaState(scale=0.5, throttle="throttled", last_change_s=0.0)}
     budgets = set()
-    for i in range(40):  # 10 s at the default 250 ms period, TPOT steady at 0.85 of target
-        d = decide(snap(1.0 + 0.25 * i, num_online=3, observed_tpot_p99_ms=0.85 * 45.0), state, model)
+    for i in range(40):  # 10 s at the default 250 ms period, TPOT steady at 0.85 of the SLO
+        d = decide(snap(1.0 + 0.25 * i, num_online=3, observed_tpot_p99_ms=0.85 * SLO.tpot_p99_ms), state, model)
         state = d.state
         budgets.add(d.replicas["r1"].budget)
     assert len(budgets) == 1
