@@ -189,27 +189,25 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     and offline throughput recovers when chat stops. The same chat step with the controller's
     policy switched off (budget pinned unlimited: naive co-location) breaks the SLO."""
     stack = bench_stack
-    path = stack["slo_path"]
-    original = path.read_text()
-    # 30% of each target kept free: the latency model was profiled on a bare engine, and under
-    # serving on 2 cores (Serve's proxy, ingress and replica share them) steps run slower than it
-    # predicts; with headroom 0.2 the controlled p99 TPOT measured 164 ms against 150.
-    path.write_text(original.replace("headroom: 0.1", "headroom: 0.3"))
+    # manifests/slo.yaml keeps 30% of the bench model's targets as headroom: the latency model was
+    # profiled on a bare engine, and under serving on 2 cores chat prefill steps and the serving
+    # path outside the engine take about a third of the TPOT target.
     assert wait_for(lambda: slo_of(stack)["headroom"] == 0.3 and slo_of(stack)["tpot_p99_ms"] == SLO_TPOT_MS,
                     timeout_s=10)
     client = AsyncOpenAI(base_url=stack["endpoint"], api_key="unused", max_retries=0, timeout=300)
     model = stack["model"]
     rows: dict[str, tuple[float, dict]] = {}
+    completed: list[tuple[float, int]] = []  # offline requests: (completion time, output tokens)
 
     async def sample(label: str) -> None:
         rows[label] = await asyncio.to_thread(_offline_tokens, stack)
 
     async def run():
         stop = asyncio.Event()
-        backlog = asyncio.create_task(_offline_backlog(client, model, stop, []))
+        backlog = asyncio.create_task(_offline_backlog(client, model, stop, completed))
         await asyncio.sleep(25)  # the backlog's first prefill wave passes; the no-chat budget fills
         await sample("before_start")
-        await asyncio.sleep(10)
+        await asyncio.sleep(15)
         await sample("before_end")
         rows["during_start"] = rows["before_end"]
         # No status calls while chat runs: each one is a Ray driver process starting on the same
@@ -218,7 +216,7 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
         await sample("during_end")
         await asyncio.sleep(6)  # the budget grows back in steps
         await sample("after_start")
-        await asyncio.sleep(10)
+        await asyncio.sleep(15)
         await sample("after_end")
         await asyncio.to_thread(cli, stack, "override", "--max-offline-seqs", "100000", "--max-offline-tokens", "100000")
         await asyncio.sleep(6)
@@ -230,12 +228,12 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     try:
         controlled, naive = asyncio.run(run())
     finally:
-        path.write_text(original)
         cli(stack, "override", "--clear", check=False)
 
     def rate(phase: str) -> float:
-        (t0, r0), (t1, r1) = rows[f"{phase}_start"], rows[f"{phase}_end"]
-        return (r1["num_offline_tokens_total"] - r0["num_offline_tokens_total"]) / (t1 - t0)
+        """The batch's throughput: output tokens of the offline requests completed in the phase
+        (the engine's token counter also counts prompt tokens, which come in waves as requests start)."""
+        return _rate(completed, rows[f"{phase}_start"][0], rows[f"{phase}_end"][0])
 
     def per_step(phase: str) -> float:
         """Offline tokens the engine ran per step: the work the budget admits into each step."""
@@ -250,7 +248,7 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     budget_before = rows["before_end"][1]["offline_budget_tokens"]
     budget_during = rows["during_end"][1]["offline_budget_tokens"]
     report = (f"SLO TPOT p99 {SLO_TPOT_MS} ms; chat p99 TPOT naive {naive_p99:.1f} ms ({len(naive)} requests), "
-              f"controlled {controlled_p99:.1f} ms ({len(controlled)}); offline tok/s before chat {before:.0f}, "
+              f"controlled {controlled_p99:.1f} ms ({len(controlled)}); offline output tok/s before chat {before:.0f}, "
               f"during {during:.0f}, after {after:.0f}; offline tokens per step {step_before:.1f} / "
               f"{step_during:.1f} / {step_after:.1f}; budget (seqs/tokens per step) before "
               f"{rows['before_end'][1]['offline_budget_seqs']}/{budget_before}, during "
