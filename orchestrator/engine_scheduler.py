@@ -58,14 +58,17 @@ class StepPlan:
 
 def plan_step(*, online_tokens: int, num_online_waiting: int, offline_running: Sequence[OfflineCandidate],
               num_offline_waiting: int, max_offline_seqs: int, max_offline_tokens: int,
-              max_step_tokens: int) -> StepPlan:
+              max_step_tokens: int, num_online_prefilling: int = 0) -> StepPlan:
     """Which offline work runs in this step, given the online demand and the budget.
 
     `online_tokens` is what the online requests (running and waiting) would take this step;
-    offline requests are listed oldest first, so the oldest finish first.
+    offline requests are listed oldest first, so the oldest finish first. Offline work sits out
+    every step that admits a waiting chat request or carries a running one's prefill (a long
+    prompt takes several chunks): those steps are the chat's time to first token, and the budget
+    tables are sized for steps of chat decodes.
     """
     online = min(online_tokens, max_step_tokens)
-    if num_online_waiting > 0:
+    if num_online_waiting > 0 or num_online_prefilling > 0:
         return StepPlan((), 0, online, 0)
     tokens_left = max(0, min(max_offline_tokens, max_step_tokens - online))
     seqs_left = max_offline_seqs
@@ -124,8 +127,29 @@ class ColocateScheduler(TelemetryScheduler):
             self._count_preempted(output)
         return output
 
+    def _free_kv_for_waiting_chat(self) -> None:
+        """Paused offline requests keep their KV cache while memory allows. When a waiting chat
+        request does not fit in the free blocks, vLLM would leave it waiting (it preempts only for
+        running requests), so offline requests are preempted here, newest first, until it fits;
+        online requests are never preempted."""
+        waiting_online = [r for r in self.waiting if r.priority < _OFFLINE_PRIORITY]
+        if not waiting_online:
+            return
+        block = self.block_size
+        need = sum(-(-(r.num_tokens - r.num_computed_tokens) // block) + 1 for r in waiting_online)
+        pool = self.kv_cache_manager.block_pool
+        victims = sorted((r for r in self.running if r.priority >= _OFFLINE_PRIORITY),
+                         key=lambda r: r.arrival_time, reverse=True)
+        now = time.monotonic()
+        for victim in victims:
+            if pool.get_num_free_blocks() >= need:
+                break
+            self.running.remove(victim)
+            self._preempt_request(victim, now)
+
     def _apply_budget(self):
         chan = self.channel
+        self._free_kv_for_waiting_chat()
         online_running, offline_running = [], []
         for r in self.running:
             (offline_running if r.priority >= _OFFLINE_PRIORITY else online_running).append(r)
@@ -139,6 +163,7 @@ class ColocateScheduler(TelemetryScheduler):
         plan = plan_step(
             online_tokens=sum(self._need(r) for r in online_running) + sum(self._need(r) for r in online_waiting),
             num_online_waiting=len(online_waiting),
+            num_online_prefilling=sum(1 for r in online_running if r.num_computed_tokens < r.num_prompt_tokens),
             offline_running=[OfflineCandidate(self._need(r), r.num_computed_tokens < r.num_prompt_tokens)
                              for r in offline_running],
             num_offline_waiting=len(offline_waiting),

@@ -47,6 +47,11 @@ def test_offline_work_sits_out_the_step_that_admits_waiting_chat():
     assert p.token_cap == 120
 
 
+def test_offline_work_sits_out_the_later_chunks_of_a_long_chat_prompt():
+    p = plan(online_tokens=256, num_online_prefilling=1, offline_running=[DECODE, DECODE], num_offline_waiting=1)
+    assert p.run == () and p.num_waiting_admitted == 0 and p.token_cap == 256
+
+
 def test_the_token_budget_limits_decodes_too():
     p = plan(offline_running=[DECODE] * 4, max_offline_tokens=2)
     assert p.run == (0, 1)
