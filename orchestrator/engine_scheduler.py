@@ -128,10 +128,10 @@ class ColocateScheduler(TelemetryScheduler):
         return output
 
     def _free_kv_for_waiting_chat(self) -> None:
-        """Paused offline requests keep their KV cache while memory allows. When a waiting chat
-        request does not fit in the free blocks, vLLM would leave it waiting (it preempts only for
-        running requests), so offline requests are preempted here, newest first, until it fits;
-        online requests are never preempted."""
+        """Paused offline requests keep their KV cache and sequence slot while memory allows. When a
+        waiting chat request does not fit in the free blocks or finds every slot (max_num_seqs)
+        taken, vLLM would leave it waiting (it preempts only for running requests), so offline
+        requests are preempted here, newest first, until it fits; online requests never are."""
         waiting_online = [r for r in self.waiting if r.priority < _OFFLINE_PRIORITY]
         if not waiting_online:
             return
@@ -142,7 +142,9 @@ class ColocateScheduler(TelemetryScheduler):
                          key=lambda r: r.arrival_time, reverse=True)
         now = time.monotonic()
         for victim in victims:
-            if pool.get_num_free_blocks() >= need:
+            # Paused requests also hold sequence slots (max_num_seqs): chat needs both.
+            slots_free = self.max_num_running_reqs - len(self.running)
+            if pool.get_num_free_blocks() >= need and slots_free >= len(waiting_online):
                 break
             self.running.remove(victim)
             self._preempt_request(victim, now)

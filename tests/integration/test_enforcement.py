@@ -66,11 +66,12 @@ def test_a_silent_controller_means_the_fallback_budget(phases):
     assert counters["num_fallback_steps"] >= 4
 
 
-def test_a_chat_request_that_does_not_fit_in_kv_preempts_paused_offline_work_never_online(tmp_path):
-    """Three paused offline requests hold 18 of 19 KV blocks when a chat request arrives: offline
-    work is preempted to make room (without it the engine holds the chat request forever: no
-    budget for offline work, no room for chat) and the chat request gets its first token in the
-    step after it arrived."""
+@pytest.mark.parametrize("limit", ["kv", "slots"])
+def test_a_chat_request_that_does_not_fit_preempts_paused_offline_work_never_online(tmp_path, limit):
+    """Three paused offline requests hold 18 of 19 KV blocks ("kv") or every sequence slot
+    ("slots", max_num_seqs 3) when a chat request arrives: offline work is preempted to make room
+    (without it the engine holds the chat request forever: no budget for offline work, no room for
+    chat) and the chat request gets its first token in the step after it arrived."""
     if not (MODEL_CACHE / "config.json").exists():
         from orchestrator.tiny_model import build_tiny_model
 
@@ -78,11 +79,12 @@ def test_a_chat_request_that_does_not_fit_in_kv_preempts_paused_offline_work_nev
     script = SCRIPT.with_name("kv_pressure_engine.py")
     shutil.copy(script, tmp_path / script.name)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, script.name, str(MODEL_CACHE)], cwd=tmp_path, env=env,
+    run = subprocess.run([sys.executable, script.name, str(MODEL_CACHE), limit], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.split("RESULT ")[1].splitlines()[0])
-    assert result["usage_before"] >= 0.9
+    if limit == "kv":
+        assert result["usage_before"] >= 0.9
     assert result["first_token_step"] is not None and result["first_token_step"] <= 2, result
     assert result["done_step"] is not None, result
     assert result["counters"]["num_offline_preempted_total"] >= 1
