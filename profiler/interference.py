@@ -238,7 +238,7 @@ def run_interference(config, *, ttft_p99_ms: float, tpot_p99_ms: float, rate_per
     doc = profile_document(best, points, model=config.model.id,
                            slo={"ttft_p99_ms": ttft_p99_ms, "tpot_p99_ms": tpot_p99_ms},
                            online_load={"rate_per_s": rate_per_s, "duration_s": duration_s,
-                                        "trace": str(trace or AZURE_CONV)})
+                                        "trace": str(trace) if trace else "../shared/traces/azure_llm_2023_conv.csv"})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     plot_profile(doc, plot)
