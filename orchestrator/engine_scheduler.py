@@ -9,9 +9,12 @@ step with `plan_step`, a pure function:
   their KV cache, but are not scheduled this step. Because they stay in that list, vLLM's
   priority preemption still finds them first when memory runs out (offline requests carry a
   lower priority), so offline work is preempted, never online;
-- while an online request waits to be admitted, offline work sits the step out (paused, not
-  discarded), so a burst of chat gets its prefill in the very next step, in a step of its own:
-  on a CPU a prefill step beside a full offline decode batch added hundreds of ms to TTFT;
+- while an online request waits to be admitted or has prompt left to prefill, offline work sits
+  the step out (paused, not discarded), so a burst of chat gets its prefill in the very next
+  step, in steps of its own: on a CPU a prefill step beside a full offline decode batch added
+  hundreds of ms to TTFT;
+- a waiting online request that finds no free KV blocks or sequence slot (paused requests hold
+  both) gets them by preempting offline requests, newest first;
 - waiting offline requests are admitted only up to the budget's free sequences.
 
 If the controller stops refreshing the budget, the channel hands out the safe fallback budget.
@@ -79,8 +82,6 @@ def plan_step(*, online_tokens: int, num_online_waiting: int, offline_running: S
             break
         need = max(cand.num_new_tokens, 0)
         if cand.is_prefill:
-            if num_online_waiting > 0:
-                continue
             take = min(need, tokens_left)
         elif need > tokens_left:
             continue
@@ -90,11 +91,13 @@ def plan_step(*, online_tokens: int, num_online_waiting: int, offline_running: S
         seqs_left -= 1
         tokens_left -= take
         used += take
-    admitted = 0
-    if num_online_waiting == 0 and tokens_left > 0:
-        admitted = min(num_offline_waiting, seqs_left)
+    admitted = min(num_offline_waiting, seqs_left) if tokens_left > 0 else 0
     cap = online + used + (tokens_left if admitted else 0)
     return StepPlan(tuple(run), admitted, cap, used)
+
+
+def _prefilling(request) -> bool:
+    return request.num_computed_tokens < request.num_prompt_tokens
 
 
 class ColocateScheduler(TelemetryScheduler):
@@ -127,7 +130,7 @@ class ColocateScheduler(TelemetryScheduler):
             self._count_preempted(output)
         return output
 
-    def _free_kv_for_waiting_chat(self) -> None:
+    def _make_room_for_waiting_chat(self) -> None:
         """Paused offline requests keep their KV cache and sequence slot while memory allows. When a
         waiting chat request does not fit in the free blocks or finds every slot (max_num_seqs)
         taken, vLLM would leave it waiting (it preempts only for running requests), so offline
@@ -151,7 +154,7 @@ class ColocateScheduler(TelemetryScheduler):
 
     def _apply_budget(self):
         chan = self.channel
-        self._free_kv_for_waiting_chat()
+        self._make_room_for_waiting_chat()
         online_running, offline_running = [], []
         for r in self.running:
             (offline_running if r.priority >= _OFFLINE_PRIORITY else online_running).append(r)
@@ -165,8 +168,8 @@ class ColocateScheduler(TelemetryScheduler):
         plan = plan_step(
             online_tokens=sum(self._need(r) for r in online_running) + sum(self._need(r) for r in online_waiting),
             num_online_waiting=len(online_waiting),
-            num_online_prefilling=sum(1 for r in online_running if r.num_computed_tokens < r.num_prompt_tokens),
-            offline_running=[OfflineCandidate(self._need(r), r.num_computed_tokens < r.num_prompt_tokens)
+            num_online_prefilling=sum(1 for r in online_running if _prefilling(r)),
+            offline_running=[OfflineCandidate(self._need(r), _prefilling(r))
                              for r in offline_running],
             num_offline_waiting=len(offline_waiting),
             max_offline_seqs=max_seqs, max_offline_tokens=max_tokens,

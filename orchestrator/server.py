@@ -32,10 +32,10 @@ from orchestrator.request_class import (
 
 REPORT_PERIOD_S = 1.0
 LATENCY_WINDOW_S = 5.0
+"""Observed online TTFT/TPOT are p99s over requests of this recent window."""
 CALIBRATION_COLUMNS = (*INPUT_COLUMNS, "step_latency_ms")
 CALIBRATION_STEPS = 48
 """Latest engine steps sent with each report, for the controller to calibrate its model on."""
-"""Observed online TTFT/TPOT are p99s over requests of this recent window."""
 
 log = logging.getLogger("ray.serve")
 
