@@ -52,6 +52,7 @@ def replica_load(report: dict[str, Any]) -> ReplicaLoad:
         kv_cache_usage=report.get("kv_cache_usage"),
         reported_at_s=float(report["reported_at_s"]),
         recent_steps=report.get("recent_steps"),
+        max_num_seqs=int(report["max_num_seqs"]) if report.get("max_num_seqs") else None,
     )
 
 

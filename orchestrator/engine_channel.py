@@ -32,7 +32,7 @@ from profiler.schema import STEP_SCHEMA
 
 CHANNEL_ENV = "COLOCATE_ENGINE_CHANNEL"
 MAGIC = 0xC0C0CA7E
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 TABLE_SIZE = 64
 """Budget entries by online request count; counts beyond the table use its last entry."""
 
@@ -45,7 +45,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "num_online_running", "num_online_waiting", "num_offline_running", "num_offline_waiting",
     "num_offline_paused", "num_offline_preempted_total", "num_throttled_steps", "num_fallback_steps",
     "online_context_tokens", "offline_context_tokens", "num_online_tokens_total", "num_offline_tokens_total",
-    "num_steps_total", "step_time_s_total",
+    "num_steps_total", "step_time_s_total", "max_num_seqs",
 )
 _COUNTERS = 8
 _SEQS_TABLE = _COUNTERS + len(COUNTER_NAMES)

@@ -193,7 +193,8 @@ class ColocateScheduler(TelemetryScheduler):
                           num_offline_running=len(offline_running) - len(paused),
                           num_offline_waiting=len(offline_waiting), num_offline_paused=len(paused),
                           online_context_tokens=sum(r.num_computed_tokens for r in online_running),
-                          offline_context_tokens=sum(r.num_computed_tokens for r in offline_running))
+                          offline_context_tokens=sum(r.num_computed_tokens for r in offline_running),
+                          max_num_seqs=self.max_num_running_reqs)
         if throttled:
             chan.add_counter("num_throttled_steps", 1)
         if fallback:

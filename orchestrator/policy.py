@@ -27,6 +27,8 @@ How a replica's budget is chosen:
    observation window does not collapse it); below `grow_below` for `grow_hold_s` it grows back
    by `grow_step`; in between it holds. The band between the two thresholds is what keeps a
    steady load from oscillating.
+4. **Slots.** Offline work never holds more than (1 - `online_slot_share`) of the engine's
+   sequence slots, so arriving chat finds a free slot instead of preempting a paused request.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class ReplicaLoad:
     recent_steps: Mapping[str, Any] | None = None
     """The engine's latest steps as columns (`latency_model.features.INPUT_COLUMNS` and
     `step_latency_ms`): what the model is calibrated against while serving."""
+    max_num_seqs: int | None = None
+    """The engine's sequence slots (vLLM's max_num_seqs); None until its first step."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,10 @@ class PolicyConfig:
     min_offline_chunk_tokens: int = 32
     idle_step_share_of_ttft: float = 0.25
     """With no chat in the engine, a step may take this share of the TTFT target (less headroom)."""
+    online_slot_share: float = 0.25
+    """Share of an engine's sequence slots (max_num_seqs) offline work never takes, at any online
+    load. Paused offline requests keep their slots; a chat request that finds none free preempts
+    one (its prefill is lost and redone), so the budget keeps a quarter of them for chat."""
     table_size: int = 32
     calibration_min_steps: int = 8
     calibration_bounds: tuple[float, float] = (0.8, 4.0)
@@ -239,6 +247,11 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     return np.minimum.accumulate(max_seqs), np.minimum.accumulate(max_tokens), float(p99[-1])
 
 
+def offline_slots(max_num_seqs: int, cfg: PolicyConfig) -> int:
+    """Sequence slots offline work may hold on an engine of `max_num_seqs` slots."""
+    return max(1, max_num_seqs - max(1, math.ceil(max_num_seqs * cfg.online_slot_share)))
+
+
 def _next_state(prev: ReplicaState, pressure: float, now_s: float, cfg: PolicyConfig) -> ReplicaState:
     if pressure >= cfg.shrink_at:
         if now_s - prev.last_change_s >= cfg.shrink_hold_s or prev.throttle != "throttled":
@@ -284,6 +297,8 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
         tokens = np.floor(tokens * new_state.scale)
         if slo.max_offline_seqs is not None:
             seqs = np.minimum(seqs, slo.max_offline_seqs)
+        if load.max_num_seqs:
+            seqs = np.minimum(seqs, offline_slots(load.max_num_seqs, cfg))
         if slo.max_offline_tokens is not None:
             tokens = np.minimum(tokens, slo.max_offline_tokens)
         # A sequence needs at least one token per step, and tokens without a sequence are no use.

@@ -292,7 +292,7 @@ class ColocateLLMServer(LLMServer):
                                         "num_fallback_steps", "online_context_tokens",
                                         "offline_context_tokens", "num_online_tokens_total",
                                         "num_offline_tokens_total", "num_steps_total",
-                                        "step_time_s_total")},
+                                        "step_time_s_total", "max_num_seqs")},
             "num_online_inflight": self._inflight[RequestClass.ONLINE],
             "num_offline_inflight": self._inflight[RequestClass.OFFLINE],
             "kv_cache_usage": float(steps["kv_cache_usage"][-1]) if len(rows) else None,

@@ -41,6 +41,16 @@ def test_budget_is_the_largest_batch_the_model_predicts_under_the_step_target():
     assert list(d.budget.max_offline_seqs) == sorted(d.budget.max_offline_seqs, reverse=True)
 
 
+def test_offline_work_never_takes_the_sequence_slots_kept_for_chat():
+    # The model allows 32 offline sequences at k = 0 (above), the default budget 8; an engine of
+    # 16 (then 4) slots keeps a quarter of them for chat at every online load.
+    for model, num_slots, expected in ((LinearModel(), 16, 12), (None, 4, 3)):
+        d = decide(snap(0.0, max_num_seqs=num_slots), {}, model).replicas["r1"]
+        assert max(d.budget.max_offline_seqs) == d.budget.at(0)[0] == expected
+    # Unknown slots (no step seen yet): no cap beyond the model's.
+    assert decide(snap(0.0), {}, LinearModel()).replicas["r1"].budget.at(0)[0] == 32
+
+
 def test_no_model_means_the_documented_conservative_default():
     d = decide(snap(0.0), {}, None).replicas["r1"]
     assert d.budget.at(0) == (CFG.default_idle_offline_seqs, CFG.default_idle_offline_tokens)
