@@ -28,7 +28,10 @@ def cpu_dtype(cpuinfo: str | None = None) -> str:
             return "bfloat16"
     flags = set(cpuinfo.split())
     return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
-_CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+_CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                     # The engine core sleeps between polls of its worker instead of spinning
+                     # (engine_scheduler.quiet_engine_polling): the cores are shared with serving.
+                     "COLOCATE_ENGINE_POLL_SLEEP_US": "200"}
 
 
 def resolve_model_source(config: ColocateConfig) -> str:

@@ -258,7 +258,7 @@ class Bench:
             row = {"batch": b, "tpot_p50_ms": float(np.percentile(tpots, 50)) if tpots else None,
                    "tpot_p99_ms": float(np.percentile(tpots, 99)) if tpots else None,
                    "offline_tokens_per_s": tps, "num_requests": len(tpots)}
-            self.log(f"sweep batch {b}: TPOT p99 {row['tpot_p99_ms']} ms, {tps:.1f} tok/s")
+            self.log(f"sweep batch {b}: TPOT p99 {row['tpot_p99_ms'] or float('nan'):.0f} ms, {tps:.1f} tok/s")
             rows.append(row)
         return rows
 

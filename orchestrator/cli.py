@@ -489,6 +489,11 @@ def demo(
 
 
 def main() -> None:
+    import logging
+
+    # Every chat request the bench and demo clients send would be an INFO line from httpx (Ray
+    # sets the driver's root logger to INFO), drowning the progress lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         app()
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ engine down.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,12 +101,40 @@ def _prefilling(request) -> bool:
     return request.num_computed_tokens < request.num_prompt_tokens
 
 
+POLL_SLEEP_ENV = "COLOCATE_ENGINE_POLL_SLEEP_US"
+
+
+def quiet_engine_polling(sleep_us: float) -> bool:
+    """Make this process's waits on vLLM's shared-memory queues sleep `sleep_us` between polls
+    instead of spinning on sched_yield.
+
+    vLLM's engine core spins for up to a second after each read while it waits for the model
+    worker's output, so an engine stepping without pause holds a whole core on top of the
+    worker's. On a GPU node that is one host core of many; on a CPU node where the HTTP proxy,
+    the replica and the clients share the same few cores, it starved them: measured on 2 cores
+    with offline work running, a plain process's 10 ms sleep overran by up to 0.8 s, and chat
+    requests reached the Serve proxy 3-4 s after they were sent. A sleep of a few hundred
+    microseconds per poll costs the step about that much and frees the core."""
+    if sleep_us <= 0:
+        return False
+    try:
+        from vllm.distributed.device_communicators import shm_broadcast
+    except ImportError:  # noqa: BLE001 - another vLLM layout: leave its waits alone
+        return False
+    seconds = sleep_us / 1e6
+    shm_broadcast.sched_yield = lambda: time.sleep(seconds)
+    return True
+
+
 class ColocateScheduler(TelemetryScheduler):
     """vLLM's scheduler with step telemetry and the per-step offline budget."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._plan_failed = False
+        if quiet_engine_polling(float(os.environ.get(POLL_SLEEP_ENV, "0"))):
+            log.info("colocate: engine core polls its worker every %s us instead of spinning",
+                     os.environ[POLL_SLEEP_ENV])
         threshold = self.scheduler_config.long_prefill_token_threshold or 0
         self._chunk_limit = threshold if threshold > 0 else self.max_num_scheduled_tokens
 

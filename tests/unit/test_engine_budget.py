@@ -121,3 +121,27 @@ def test_channel_files_of_dead_replicas_are_swept_and_live_ones_kept(tmp_path):
         p.write_bytes(b"x")
     assert sweep_stale_channels(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_engine_polling_sleeps_instead_of_spinning(monkeypatch):
+    import time
+
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    from orchestrator.engine_scheduler import quiet_engine_polling
+
+    monkeypatch.setattr(shm_broadcast, "sched_yield", shm_broadcast.sched_yield)
+    spin = shm_broadcast.sched_yield
+    assert not quiet_engine_polling(0) and shm_broadcast.sched_yield is spin
+    assert quiet_engine_polling(2000)
+    start = time.perf_counter()
+    for _ in range(5):
+        shm_broadcast.sched_yield()
+    assert time.perf_counter() - start >= 5 * 0.002
+
+
+def test_cpu_replicas_get_the_quiet_polling_default():
+    from orchestrator.app import _CPU_ENV_DEFAULTS
+    from orchestrator.engine_scheduler import POLL_SLEEP_ENV
+
+    assert float(_CPU_ENV_DEFAULTS[POLL_SLEEP_ENV]) > 0
