@@ -73,7 +73,8 @@ class Sampler:
                 self.samples.append({"t": now, **{k: r.get(k) for k in (
                     "replica_id", "online_requests", "offline_running", "offline_budget_seqs", "throttle",
                     "num_offline_tokens_total", "num_online_tokens_total", "step_time_s_total",
-                    "num_offline_preempted_total", "throttle_reactions")}})
+                    "num_offline_preempted_total", "throttle_reactions", "throttle_scale", "pressure",
+                    "observed_ttft_p99_ms", "observed_tpot_p99_ms", "predicted_step_p99_ms", "model_calibration")}})
             await asyncio.sleep(self.period_s)
 
 
@@ -220,7 +221,9 @@ class Bench:
             "engine_busy_fraction": counter_delta(samples, "step_time_s_total", t0, t1) / elapsed,
             "offline_preempted": counter_delta(samples, "num_offline_preempted_total", t0, t1),
             "throttle_reaction_ms": reaction_times_ms(samples, t0, wall0, elapsed),
-            "timeseries": [{k: s[k] for k in ("t", "online_requests", "num_offline_tokens_total", "offline_budget_seqs")}
+            "timeseries": [{k: s[k] for k in ("t", "online_requests", "num_offline_tokens_total", "offline_budget_seqs",
+                                              "throttle", "throttle_scale", "pressure", "observed_ttft_p99_ms",
+                                              "observed_tpot_p99_ms", "predicted_step_p99_ms")}
                            | {"t": s["t"] - t0} for s in samples],
         }
         self.log(f"{name}: " + ", ".join(f"{k} {row[k]:.3g}" for k in (
