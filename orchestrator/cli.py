@@ -436,7 +436,7 @@ def bench(
     slo_from_file: bool = typer.Option(False, "--slo-from-file", help="Use manifests/slo.yaml's targets instead."),
     static_caps: str | None = typer.Option(None, "--static-caps", help="Comma-separated static offline caps."),
     repeats: int = typer.Option(1, "--repeats", help="Repeat online-only, naive and colocate runs (medians, spread)."),
-    quick: bool = typer.Option(False, "--quick", help="Short runs and fewer baselines (about 5 minutes)."),
+    quick: bool = typer.Option(False, "--quick", help="Short runs and fewer baselines (about 6 minutes on 2 cores)."),
     out: Path | None = typer.Option(None, "--out", help="Results directory (default results/bench-<time>)."),
 ) -> None:
     """Replay chat and a batch job under every policy side by side; write results.json and plots."""
@@ -489,11 +489,6 @@ def demo(
 
 
 def main() -> None:
-    import logging
-
-    # Every chat request the bench and demo clients send would be an INFO line from httpx (Ray
-    # sets the driver's root logger to INFO), drowning the progress lines.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         app()
     except KeyboardInterrupt:
