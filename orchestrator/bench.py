@@ -50,7 +50,7 @@ class BenchOptions:
 
 
 def quick_options(**kw) -> BenchOptions:
-    # Within 5 minutes on 2 cores, stack start-up (~65 s) included.
+    # About 6 minutes on 2 cores, ~65 s of stack start-up included (aim: 5).
     return BenchOptions(duration_s=25.0, static_caps=(2, 8), sweep_batches=(2, 8), sweep_s=5.0,
                         settle_s=4.0, **kw)
 

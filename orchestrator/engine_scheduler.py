@@ -119,7 +119,7 @@ def quiet_engine_polling(sleep_us: float) -> bool:
         return False
     try:
         from vllm.distributed.device_communicators import shm_broadcast
-    except ImportError:  # noqa: BLE001 - another vLLM layout: leave its waits alone
+    except ImportError:  # another vLLM layout: leave its waits alone
         return False
     seconds = sleep_us / 1e6
     shm_broadcast.sched_yield = lambda: time.sleep(seconds)
@@ -135,6 +135,8 @@ class ColocateScheduler(TelemetryScheduler):
         if quiet_engine_polling(float(os.environ.get(POLL_SLEEP_ENV, "0"))):
             log.info("colocate: engine core polls its worker every %s us instead of spinning",
                      os.environ[POLL_SLEEP_ENV])
+        if self.channel is not None:
+            self.channel.set_counters(max_num_seqs=self.max_num_running_reqs)
         threshold = self.scheduler_config.long_prefill_token_threshold or 0
         self._chunk_limit = threshold if threshold > 0 else self.max_num_scheduled_tokens
 
@@ -222,8 +224,7 @@ class ColocateScheduler(TelemetryScheduler):
                           num_offline_running=len(offline_running) - len(paused),
                           num_offline_waiting=len(offline_waiting), num_offline_paused=len(paused),
                           online_context_tokens=sum(r.num_computed_tokens for r in online_running),
-                          offline_context_tokens=sum(r.num_computed_tokens for r in offline_running),
-                          max_num_seqs=self.max_num_running_reqs)
+                          offline_context_tokens=sum(r.num_computed_tokens for r in offline_running))
         if throttled:
             chan.add_counter("num_throttled_steps", 1)
         if fallback:

@@ -78,7 +78,7 @@ class ReplicaLoad:
     """The engine's latest steps as columns (`latency_model.features.INPUT_COLUMNS` and
     `step_latency_ms`): what the model is calibrated against while serving."""
     max_num_seqs: int | None = None
-    """The engine's sequence slots (vLLM's max_num_seqs); None until its first step."""
+    """The engine's sequence slots (vLLM's max_num_seqs); None until the engine has started."""
 
 
 @dataclass(frozen=True)
@@ -266,13 +266,16 @@ def _next_state(prev: ReplicaState, pressure: float, now_s: float, cfg: PolicyCo
     if pressure < cfg.grow_below:
         calm_since = prev.calm_since_s if prev.calm_since_s is not None else now_s
         if prev.scale < 1.0 and now_s - max(calm_since, prev.last_change_s) >= cfg.grow_hold_s:
-            scale = min(1.0, prev.scale + cfg.grow_step)
-            return ReplicaState(scale, "open" if scale >= 1.0 else "recovering", now_s, calm_since)
+            return _grown(prev, now_s, calm_since, cfg)
         return replace(prev, calm_since_s=calm_since)
     if prev.scale < 1.0 and now_s - prev.last_change_s >= cfg.band_grow_hold_s:
-        scale = min(1.0, prev.scale + cfg.grow_step)
-        return ReplicaState(scale, "open" if scale >= 1.0 else "recovering", now_s, None)
+        return _grown(prev, now_s, None, cfg)
     return replace(prev, calm_since_s=None)
+
+
+def _grown(prev: ReplicaState, now_s: float, calm_since_s: float | None, cfg: PolicyConfig) -> ReplicaState:
+    scale = min(1.0, prev.scale + cfg.grow_step)
+    return ReplicaState(scale, "open" if scale >= 1.0 else "recovering", now_s, calm_since_s)
 
 
 def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: LatencyModel | None,

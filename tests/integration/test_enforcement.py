@@ -85,6 +85,9 @@ def test_a_chat_request_that_does_not_fit_preempts_paused_offline_work_never_onl
     result = json.loads(run.stdout.split("RESULT ")[1].splitlines()[0])
     if limit == "kv":
         assert result["usage_before"] >= 0.9
+    else:
+        # The engine reports its slots once, for the controller's slot cap (policy.offline_slots).
+        assert result["counters"]["max_num_seqs"] == 3
     assert result["first_token_step"] is not None and result["first_token_step"] <= 2, result
     assert result["done_step"] is not None, result
     assert result["counters"]["num_offline_preempted_total"] >= 1
