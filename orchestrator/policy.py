@@ -22,7 +22,8 @@ How a replica's budget is chosen:
    replica serves). Without a model: `PolicyConfig.default_*`, a conservative flat budget.
 3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) as a
    fraction of the SLO target, and the predicted step latency of the current batch as a fraction
-   of the per-step target: at or above
+   of the per-step target (chat's own part of it counted only up to the band, since cutting
+   offline work cannot shorten it): at or above
    `shrink_at` the replica's scale halves at once (at most once per `shrink_hold_s`, so one slow
    observation window does not collapse it); below `grow_below` for `grow_hold_s` it grows back
    by `grow_step`; in between it grows only every `band_grow_hold_s`. The band between the two
@@ -207,9 +208,9 @@ def calibration_factor(model: LatencyModel, load: ReplicaLoad, cfg: PolicyConfig
 
 def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
                  cfg: PolicyConfig, idle_target_ms: float | None = None,
-                 calibration: float = 1.0) -> tuple[np.ndarray, np.ndarray, float]:
-    """(max offline seqs by k, max offline tokens by k, predicted p99 of the current batch);
-    predictions are multiplied by the replica's `calibration` factor."""
+                 calibration: float = 1.0) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(max offline seqs by k, max offline tokens by k, predicted p99 of the current batch, of its
+    chat part alone); predictions are multiplied by the replica's `calibration` factor."""
     k = np.arange(cfg.table_size, dtype=np.float64)
     online_ctx = (load.online_context_tokens / load.num_online if load.num_online > 0
                   else float(cfg.default_online_context_tokens))
@@ -220,10 +221,10 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     kk, ss, cc = np.meshgrid(k, seqs, chunks, indexing="ij")
     cols = _candidate_columns(kk.ravel(), np.full(kk.size, online_ctx), ss.ravel(),
                               np.full(kk.size, offline_ctx), cc.ravel())
-    current = _candidate_columns(np.array([float(load.num_online)]), np.array([online_ctx]),
-                                 np.array([float(load.num_offline_running - load.num_offline_paused)]),
-                                 np.array([offline_ctx]),
-                                 np.array([0.0]))
+    # The current batch, then its chat decodes alone.
+    current = _candidate_columns(np.full(2, float(load.num_online)), np.full(2, online_ctx),
+                                 np.array([float(load.num_offline_running - load.num_offline_paused), 0.0]),
+                                 np.full(2, offline_ctx), np.zeros(2))
     both = {c: np.concatenate([cols[c], current[c]]) for c in cols}
     _, p99 = model.predict_ms(featurize(both))
     p99 = p99 * calibration
@@ -231,7 +232,7 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     # at most one step before its prefill, so that step is bounded by a share of the TTFT target.
     targets = np.full(kk.shape, target_ms)
     targets[0] = max(target_ms, idle_target_ms or target_ms)
-    fits = p99[:-1].reshape(kk.shape) <= targets  # (k, seqs, chunks)
+    fits = p99[:-2].reshape(kk.shape) <= targets  # (k, seqs, chunks)
     # The prediction is not guaranteed monotone; take the prefix of candidates that all fit.
     decode_fits = np.logical_and.accumulate(fits[:, :, 0], axis=1)
     # Offline requests must prefill to make progress: keep room for a minimal chunk beside the
@@ -250,7 +251,8 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
         chunk_fits = np.logical_and.accumulate(fits[i, best_s[i], :])
         max_tokens[i] = max_seqs[i] + chunks[chunk_fits.sum() - 1]
     # More online work never leaves room for more offline work.
-    return np.minimum.accumulate(max_seqs), np.minimum.accumulate(max_tokens), float(p99[-1])
+    return (np.minimum.accumulate(max_seqs), np.minimum.accumulate(max_tokens),
+            float(p99[-2]), float(p99[-1]))
 
 
 def offline_slots(max_num_seqs: int, cfg: PolicyConfig) -> int:
@@ -278,6 +280,19 @@ def _grown(prev: ReplicaState, now_s: float, calm_since_s: float | None, cfg: Po
     return ReplicaState(scale, "open" if scale >= 1.0 else "recovering", now_s, calm_since_s)
 
 
+def _offline_pressure_ms(predicted_ms: float | None, chat_alone_ms: float | None, target_ms: float,
+                         cfg: PolicyConfig) -> float | None:
+    """The current batch's predicted step as the predicted signal sees it: chat's own part counts
+    only up to the bottom of the band. Cutting offline work cannot shorten a step that chat alone
+    makes long (the table already admits nothing beside such a chat batch), and a scale cut for
+    it would also starve the idle engine after the chat burst; what offline work adds still
+    counts in full."""
+    if predicted_ms is None or chat_alone_ms is None:
+        return predicted_ms
+    offline_ms = max(0.0, predicted_ms - chat_alone_ms)
+    return min(chat_alone_ms, cfg.grow_below * target_ms) + offline_ms
+
+
 def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: LatencyModel | None,
            cfg: PolicyConfig = PolicyConfig()) -> Decision:
     slo = snapshot.slo
@@ -286,11 +301,11 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
     out: dict[str, ReplicaDecision] = {}
     for load in snapshot.replicas:
         prev = state.get(load.replica_id, ReplicaState())
-        predicted, factor = None, 1.0
+        predicted, chat_alone, factor = None, None, 1.0
         if model is not None:
             idle_target = slo.ttft_p99_ms * (1.0 - slo.headroom) * cfg.idle_step_share_of_ttft
             factor = calibration_factor(model, load, cfg)
-            seqs, tokens, predicted = model_tables(model, load, target_ms, cfg, idle_target, factor)
+            seqs, tokens, predicted, chat_alone = model_tables(model, load, target_ms, cfg, idle_target, factor)
         else:
             seqs = np.full(cfg.table_size, cfg.default_offline_seqs, dtype=np.float64)
             tokens = np.full(cfg.table_size, cfg.default_offline_tokens, dtype=np.float64)
@@ -301,7 +316,8 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
         signals = [
             (load.observed_tpot_p99_ms, slo.tpot_p99_ms),
             (load.observed_ttft_p99_ms, slo.ttft_p99_ms),
-            (predicted if load.num_online > 0 else None, target_ms),
+            (_offline_pressure_ms(predicted, chat_alone, target_ms, cfg) if load.num_online > 0 else None,
+             target_ms),
         ]
         pressure = max((v / t for v, t in signals if v is not None and t > 0), default=0.0)
         new_state = _next_state(prev, pressure, snapshot.now_s, cfg)

@@ -104,11 +104,30 @@ def test_operator_caps_bound_the_budget():
     assert max(b.max_offline_seqs) == 3 and max(b.max_offline_tokens) == 8
 
 
-def test_predicted_overload_of_the_current_batch_throttles_before_clients_see_it():
-    # 20 online decodes alone predict 50 ms > 45 ms target: throttle without any observation.
-    d = decide(snap(0.0, num_online=20, online_context_tokens=20 * 100.0), {}, LinearModel()).replicas["r1"]
-    assert d.predicted_step_p99_ms == 50.0
+def test_offline_work_predicted_to_overload_the_current_batch_throttles_before_clients_see_it():
+    # 10 chat + 12 running offline decodes predict 54 ms against the 45 ms target.
+    d = decide(snap(0.0, num_online=10, online_context_tokens=1000.0, num_offline_running=12,
+                    offline_context_tokens=1200.0), {}, LinearModel()).replicas["r1"]
+    assert d.predicted_step_p99_ms == 54.0
     assert d.state.throttle == "throttled"
+
+
+def test_a_chat_batch_predicted_over_the_target_on_its_own_does_not_cut_the_scale():
+    # 20 chat decodes alone predict 50 ms > 45 ms: the table admits no offline work beside them,
+    # and halving the scale would only starve the engine once the burst is over.
+    model = LinearModel()
+    d = decide(snap(0.0, num_online=20, online_context_tokens=20 * 100.0), {}, model).replicas["r1"]
+    assert d.predicted_step_p99_ms == 50.0
+    assert d.state.throttle == "open" and d.state.scale == 1.0
+    assert d.budget.max_offline_seqs[20] == 0
+    # Chat alone fills the band's bottom (36 of 45 ms); one offline decode more (2 ms) stays in
+    # the band, while offline work adding 8 ms (4 decodes) pushes it past shrink_at.
+    in_band = decide(snap(0.0, num_online=20, online_context_tokens=2000.0, num_offline_running=1,
+                          offline_context_tokens=100.0), {}, model).replicas["r1"]
+    assert CFG.grow_below <= in_band.pressure < CFG.shrink_at and in_band.state.throttle == "open"
+    over = decide(snap(0.0, num_online=20, online_context_tokens=2000.0, num_offline_running=4,
+                       offline_context_tokens=400.0), {}, model).replicas["r1"]
+    assert over.pressure >= CFG.shrink_at and over.state.throttle == "throttled"
 
 
 def test_state_round_trips_through_json_for_the_checkpoint():
