@@ -50,8 +50,8 @@ class BenchOptions:
 
 
 def quick_options(**kw) -> BenchOptions:
-    # About 6 minutes on 2 cores, ~65 s of stack start-up included (aim: 5).
-    return BenchOptions(duration_s=25.0, static_caps=(2, 8), sweep_batches=(2, 8), sweep_s=5.0,
+    # About 5 minutes on 2 cores, ~75 s of stack start-up included.
+    return BenchOptions(duration_s=18.0, static_caps=(2, 8), sweep_batches=(2, 8), sweep_s=5.0,
                         settle_s=4.0, **kw)
 
 
@@ -75,7 +75,7 @@ class Sampler:
                     "replica_id", "online_requests", "offline_running", "offline_budget_seqs", "throttle",
                     "num_offline_tokens_total", "num_online_tokens_total", "step_time_s_total",
                     "num_offline_preempted_total", "throttle_reactions", "throttle_scale", "pressure",
-                    "observed_ttft_p99_ms", "observed_tpot_p99_ms", "predicted_step_p99_ms", "model_calibration")}})
+                    "observed_ttft_p99_ms", "observed_tpot_p99_ms", "predicted_step_ms", "model_calibration")}})
             await asyncio.sleep(self.period_s)
 
 
@@ -137,6 +137,8 @@ class Bench:
         self.max_len = int(config.replicas.engine_kwargs.get("max_model_len", 1024))
         self.slo: dict[str, float] | None = None
         self.started = time.monotonic()
+        self.job_id: str | None = None
+        self.num_jobs = 0
 
     def log(self, msg: str) -> None:
         self.on_progress(f"[bench {time.monotonic() - self.started:5.0f}s] {msg}")
@@ -161,7 +163,7 @@ class Bench:
         specs = load_offline_lengths(self.opts.offline_trace or ARXIV_LENGTHS,
                                      num_requests=self.opts.num_offline_requests,
                                      length_scale=self.max_len / 16384, max_prompt_tokens=self.max_len // 2,
-                                     max_output_tokens=self.max_len // 8)
+                                     max_output_tokens=self.max_len // 8, seed=self.num_jobs)
         inp = write_batch_input(specs, self.out_dir / "jobs" / f"{tag}-input.jsonl", self.config.model.id, prefix=tag)
         out = self.out_dir / "jobs" / f"{tag}-output.jsonl"
         client = JobSubmissionClient(self.state.dashboard_url)
@@ -174,20 +176,49 @@ class Bench:
             runtime_env={"working_dir": str(root), "excludes": [".venv", ".git", "results", ".colocate", "*.parquet"]})
         return job_id
 
-    def _stop_job(self, job_id: str) -> None:
+    def ensure_backlog(self) -> None:
+        """One batch job feeds every offline policy in turn; only the budget changes between them.
+        A job per policy cost ~15 s each to start and stop on 2 cores, and its ramp fell inside
+        the measurement. A job that ran out of work is replaced by a fresh one."""
+        import ray
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.state.dashboard_url)
+        if self.job_id and client.get_job_status(self.job_id) in (JobStatus.PENDING, JobStatus.RUNNING):
+            return
+        if self.job_id:
+            self.log(f"batch job {self.job_id} ended ({client.get_job_status(self.job_id)}); submitting another")
+        self.num_jobs += 1
+        self.job_id = self._submit_job(f"backlog-{self.num_jobs}")
+        # Wait for its requests to reach the engines, so the policy's settle time is not spent on
+        # the job driver's start-up.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and client.get_job_status(self.job_id) in (JobStatus.PENDING,
+                                                                                       JobStatus.RUNNING):
+            replicas = ray.get(self.controller.status.remote())["replicas"]
+            if sum(r.get("offline_running") or 0 for r in replicas) > 0:
+                break
+            time.sleep(0.5)
+        self.log(f"batch job {self.job_id}: {client.get_job_status(self.job_id)}")
+
+    def stop_backlog(self) -> None:
         from ray.job_submission import JobSubmissionClient
 
+        if self.job_id is None:
+            return
         try:
-            JobSubmissionClient(self.state.dashboard_url).stop_job(job_id)
+            JobSubmissionClient(self.state.dashboard_url).stop_job(self.job_id)
         except Exception as err:  # noqa: BLE001 - a job that already ended is fine
-            self.log(f"stopping {job_id}: {err}")
+            self.log(f"stopping {self.job_id}: {err}")
+        self.job_id = None
 
     def run_policy(self, name: str, budget, *, online: bool, offline: bool) -> dict[str, Any]:
         """One side-by-side run: the same online replay and/or offline job under one budget."""
         from orchestrator.workload import run_chat_load
 
         self._override(budget)
-        job_id = self._submit_job(name) if offline else None
+        if offline:
+            self.ensure_backlog()
         self.log(f"{name}: {'chat' if online else ''}{' + ' if online and offline else ''}"
                  f"{'batch job' if offline else ''}, {self.opts.duration_s:.0f} s")
 
@@ -206,11 +237,7 @@ class Bench:
             await task
             return results, sampler.samples, t0, t1, wall0
 
-        try:
-            results, samples, t0, t1, wall0 = asyncio.run(go())
-        finally:
-            if job_id:
-                self._stop_job(job_id)
+        results, samples, t0, t1, wall0 = asyncio.run(go())
         elapsed = t1 - t0
         offline_tps = counter_delta(samples, "num_offline_tokens_total", t0, t1) / elapsed
         online_tps = counter_delta(samples, "num_online_tokens_total", t0, t1) / elapsed
@@ -224,7 +251,7 @@ class Bench:
             "throttle_reaction_ms": reaction_times_ms(samples, t0, wall0, elapsed),
             "timeseries": [{k: s[k] for k in ("t", "online_requests", "num_offline_tokens_total", "offline_budget_seqs",
                                               "throttle", "throttle_scale", "pressure", "observed_ttft_p99_ms",
-                                              "observed_tpot_p99_ms", "predicted_step_p99_ms")}
+                                              "observed_tpot_p99_ms", "predicted_step_ms", "model_calibration")}
                            | {"t": s["t"] - t0} for s in samples],
         }
         self.log(f"{name}: " + ", ".join(f"{k} {row[k]:.3g}" for k in (
@@ -422,6 +449,7 @@ def run_bench(config, opts: BenchOptions, out_dir: Path, on_progress: Callable[[
     if cluster.StackState.load() is not None:
         raise cluster.StackError("a stack is already up; `colocate bench` brings up its own (run `colocate down`)")
     state = cluster.bring_up(config, on_progress=on_progress)
+    bench = None
     try:
         cluster.connect(state.address)
         bench = Bench(config, state, get_controller(), opts, out_dir, on_progress)
@@ -448,15 +476,20 @@ def run_bench(config, opts: BenchOptions, out_dir: Path, on_progress: Callable[[
                     f"({slo['source']})")
         for r in runs["online-only"]:
             r["slo_attainment"] = attainment(r, slo)
-        runs["offline-only"] = [bench.run_policy("offline-only", UNLIMITED_BUDGET, online=False, offline=True)]
+        # The sweep's own streams come before the batch job starts: the job runs from here on.
         sweep = bench.batch_sweep()
+        runs["offline-only"] = [bench.run_policy("offline-only", UNLIMITED_BUDGET, online=False, offline=True)]
+        # Colocate goes first after offline-only: the controller keeps observing under a pinned
+        # budget, and after a static cap or naive run that broke the SLO it would start from the
+        # throttle state that run left (in the quick bench, the minimum scale).
         for _ in range(opts.repeats):
-            runs.setdefault("naive", []).append(bench.run_policy("naive", UNLIMITED_BUDGET, online=True, offline=True))
+            runs.setdefault("colocate", []).append(bench.run_policy("colocate", None, online=True, offline=True))
         for cap in opts.static_caps:
             runs[f"static-{cap}"] = [bench.run_policy(
                 f"static-{cap}", {"max_offline_seqs": [cap], "max_offline_tokens": [cap + 64]}, online=True, offline=True)]
         for _ in range(opts.repeats):
-            runs.setdefault("colocate", []).append(bench.run_policy("colocate", None, online=True, offline=True))
+            runs.setdefault("naive", []).append(bench.run_policy("naive", UNLIMITED_BUDGET, online=True, offline=True))
+        runs = {**{k: v for k, v in runs.items() if k != "colocate"}, "colocate": runs["colocate"]}  # table order
         summary = summarize(runs, sweep, slo)
         summary["online_load"] = {"rate_per_s": opts.rate_per_s, "duration_s": opts.duration_s,
                                   "trace": str(opts.online_trace or "azure_llm_2023_conv.csv"),
@@ -468,6 +501,8 @@ def run_bench(config, opts: BenchOptions, out_dir: Path, on_progress: Callable[[
         summary["plots"] = [str(p) for p in plot(runs, summary, out_dir)]
         return summary
     finally:
+        if bench is not None:
+            bench.stop_backlog()
         try:
             ray.get(get_controller().set_override.remote(None), timeout=10)
         except Exception:  # noqa: BLE001 - the stack is going away anyway

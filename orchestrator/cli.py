@@ -134,7 +134,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         typer.echo(f"{r['replica_id']:<12} {r['online_requests']:>6} {r['offline_running']:>7} "
                    f"{r['offline_budget_seqs']:>3}/{r['offline_budget_tokens']:<4} "
                    f"{ms(r['observed_ttft_p99_ms']):>6}/{ms(r['slo_ttft_p99_ms']):<5} "
-                   f"{ms(r['observed_tpot_p99_ms']):>8}/{ms(r['predicted_step_p99_ms'])}/{ms(r['slo_tpot_p99_ms']):<6} "
+                   f"{ms(r['observed_tpot_p99_ms']):>8}/{ms(r['predicted_step_ms'])}/{ms(r['slo_tpot_p99_ms']):<6} "
                    f"{r['throttle']:>9} x{r['throttle_scale']:.2f} {r.get('model_calibration', 1.0):>7.2f}")
 
 
@@ -436,7 +436,7 @@ def bench(
     slo_from_file: bool = typer.Option(False, "--slo-from-file", help="Use manifests/slo.yaml's targets instead."),
     static_caps: str | None = typer.Option(None, "--static-caps", help="Comma-separated static offline caps."),
     repeats: int = typer.Option(1, "--repeats", help="Repeat online-only, naive and colocate runs (medians, spread)."),
-    quick: bool = typer.Option(False, "--quick", help="Short runs and fewer baselines (about 6 minutes on 2 cores)."),
+    quick: bool = typer.Option(False, "--quick", help="Short runs and fewer baselines (about 5 minutes on 2 cores)."),
     out: Path | None = typer.Option(None, "--out", help="Results directory (default results/bench-<time>)."),
 ) -> None:
     """Replay chat and a batch job under every policy side by side; write results.json and plots."""

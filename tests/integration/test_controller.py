@@ -80,7 +80,7 @@ def test_status_and_prometheus_show_budget_latency_and_throttle_per_replica(stac
     status = wait_for(lambda: (s := controller_status(stack)) and s["replicas"] and s, timeout_s=10)
     (row,) = status["replicas"]
     for key in ("online_requests", "offline_budget_seqs", "offline_budget_tokens", "observed_ttft_p99_ms",
-                "observed_tpot_p99_ms", "predicted_step_p99_ms", "slo_tpot_p99_ms", "throttle"):
+                "observed_tpot_p99_ms", "predicted_step_ms", "slo_tpot_p99_ms", "throttle"):
         assert key in row
     human = cli(stack, "status").stdout
     assert "controller:" in human and "TPOT p99" in human
