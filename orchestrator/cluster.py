@@ -162,11 +162,14 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _kill_group(pid: int, grace_s: float = 30.0) -> None:
+def _kill_group(pid: int, grace_s: float = 12.0) -> None:
     """Stop the `ray start` process led by `pid` and every process it spawned (ours alone).
 
     Ray's workers are started by the raylet in sessions of their own, so a process-group signal
     misses them; the process tree is collected first, then SIGTERM, then SIGKILL after `grace_s`.
+    Measured on a stack here: the raylet, workers and engines exit within ~11 s of SIGTERM, while
+    `ray start --block`, the GCS and Serve's controller and proxy actors were all still there at
+    30 s, so a longer grace only delays the SIGKILL that ends them.
     """
     import psutil
 

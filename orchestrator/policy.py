@@ -11,8 +11,8 @@ How a replica's budget is chosen:
    else the TPOT p99 target (a decode step yields one token per request, so a step longer than
    the TPOT target breaks it), times (1 - headroom).
 2. **Model.** For k online requests (with the replica's current online context), the largest
-   number of offline decode sequences whose predicted step latency (median head against a TPOT
-   target, p99 head against a profiled step p99) stays under the target
+   number of offline decode sequences whose predicted step latency (median head; p99 head against
+   a profiled step p99) stays under the target
    with room left for a minimal offline prefill chunk (`min_offline_chunk_tokens`: offline
    requests must prefill to make progress), then the largest chunk that fits beside them. With
    no chat in the engine (k = 0) the step only delays the next chat request's first token, so
@@ -209,16 +209,17 @@ def calibration_factor(model: LatencyModel, load: ReplicaLoad, cfg: PolicyConfig
 
 def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
                  cfg: PolicyConfig, idle_target_ms: float | None = None,
-                 calibration: float = 1.0, tail_for_chat: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+                 calibration: float = 1.0, tail: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """(max offline seqs by k, max offline tokens by k, predicted step of the current batch);
     predictions are multiplied by the replica's `calibration` factor.
 
-    Rows with chat (k >= 1) hold the median head to `target_ms`: a request's TPOT is the mean of
-    its decode steps, so one slow step in a hundred does not break a TPOT p99, and holding every
-    step's tail to the target left a third of the TPOT SLO unused (bench: TPOT p99 107 ms against
-    170). `tail_for_chat` holds the p99 head instead, for a target that is itself a step p99 (the
-    interference profile's budget). The idle row (k = 0) always holds the p99 head: that single
-    step is what the next chat request's first token may wait for."""
+    The median head is held to the targets: a request's TPOT is the mean of its decode steps, so
+    one slow step in a hundred does not break a TPOT p99 (holding every step's p99 head to the
+    target left a third of the TPOT SLO unused in the bench: TPOT p99 107 ms against 170), and
+    the idle row's target is already a quarter of the TTFT target. On this CPU the model's p99
+    head runs 2-3x its median, which held the idle row to 4 sequences while chat rows got 16.
+    `tail` holds the p99 head instead, for a target that is itself a step p99 (the interference
+    profile's budget)."""
     k = np.arange(cfg.table_size, dtype=np.float64)
     online_ctx = (load.online_context_tokens / load.num_online if load.num_online > 0
                   else float(cfg.default_online_context_tokens))
@@ -235,14 +236,12 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     both = {c: np.concatenate([cols[c], current[c]]) for c in cols}
     p50, p99 = model.predict_ms(featurize(both))
     p50, p99 = p50 * calibration, p99 * calibration
-    busy = p99 if tail_for_chat else p50
+    step_ms = p99 if tail else p50
     # With no chat in the engine (k = 0) no TPOT is at stake; a chat request that arrives waits
     # at most one step before its prefill, so that step is bounded by a share of the TTFT target.
     targets = np.full(kk.shape, target_ms)
     targets[0] = max(target_ms, idle_target_ms or target_ms)
-    step_ms = busy[:-1].reshape(kk.shape).copy()
-    step_ms[0] = p99[:-1].reshape(kk.shape)[0]
-    fits = step_ms <= targets  # (k, seqs, chunks)
+    fits = step_ms[:-1].reshape(kk.shape) <= targets  # (k, seqs, chunks)
     # The prediction is not guaranteed monotone; take the prefix of candidates that all fit.
     decode_fits = np.logical_and.accumulate(fits[:, :, 0], axis=1)
     # Offline requests must prefill to make progress: keep room for a minimal chunk beside the
@@ -261,7 +260,7 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
         chunk_fits = np.logical_and.accumulate(fits[i, best_s[i], :])
         max_tokens[i] = max_seqs[i] + chunks[chunk_fits.sum() - 1]
     # More online work never leaves room for more offline work.
-    return np.minimum.accumulate(max_seqs), np.minimum.accumulate(max_tokens), float(busy[-1])
+    return np.minimum.accumulate(max_seqs), np.minimum.accumulate(max_tokens), float(step_ms[-1])
 
 
 def offline_slots(max_num_seqs: int, cfg: PolicyConfig) -> int:
@@ -302,7 +301,7 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
             idle_target = slo.ttft_p99_ms * (1.0 - slo.headroom) * cfg.idle_step_share_of_ttft
             factor = calibration_factor(model, load, cfg)
             seqs, tokens, predicted = model_tables(
-                model, load, target_ms, cfg, idle_target, factor, tail_for_chat=snapshot.step_budget_ms is not None)
+                model, load, target_ms, cfg, idle_target, factor, tail=snapshot.step_budget_ms is not None)
         else:
             seqs = np.full(cfg.table_size, cfg.default_offline_seqs, dtype=np.float64)
             tokens = np.full(cfg.table_size, cfg.default_offline_tokens, dtype=np.float64)
