@@ -252,7 +252,7 @@ class Bench:
             "engine_busy_fraction": counter_delta(samples, "step_time_s_total", t0, t1) / elapsed,
             "offline_preempted": counter_delta(samples, "num_offline_preempted_total", t0, t1),
             "throttle_reaction_ms": reaction_times_ms(samples, t0, wall0, elapsed),
-            "timeseries": [{k: s[k] for k in ("t", "online_requests", "num_offline_tokens_total", "offline_budget_seqs",
+            "timeseries": [{k: s[k] for k in ("t", "online_requests", "offline_running", "num_offline_tokens_total", "offline_budget_seqs",
                                               "throttle", "throttle_scale", "pressure", "observed_ttft_p99_ms",
                                               "observed_tpot_p99_ms", "predicted_step_ms", "model_calibration")}
                            | {"t": s["t"] - t0} for s in samples],

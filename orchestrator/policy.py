@@ -11,8 +11,8 @@ How a replica's budget is chosen:
    else the TPOT p99 target (a decode step yields one token per request, so a step longer than
    the TPOT target breaks it), times (1 - headroom).
 2. **Model.** For k online requests (with the replica's current online context), the largest
-   number of offline decode sequences whose predicted step latency (median head; p99 head against
-   a profiled step p99) stays under the target
+   number of offline decode sequences whose predicted step latency (median head against a TPOT
+   target; p99 head against a profiled step p99 and in the idle row) stays under the target
    with room left for a minimal offline prefill chunk (`min_offline_chunk_tokens`: offline
    requests must prefill to make progress), then the largest chunk that fits beside them. With
    no chat in the engine (k = 0) the step only delays the next chat request's first token, so
@@ -213,13 +213,14 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     """(max offline seqs by k, max offline tokens by k, predicted step of the current batch);
     predictions are multiplied by the replica's `calibration` factor.
 
-    The median head is held to the targets: a request's TPOT is the mean of its decode steps, so
-    one slow step in a hundred does not break a TPOT p99 (holding every step's p99 head to the
-    target left a third of the TPOT SLO unused in the bench: TPOT p99 107 ms against 170), and
-    the idle row's target is already a quarter of the TTFT target. On this CPU the model's p99
-    head runs 2-3x its median, which held the idle row to 4 sequences while chat rows got 16.
-    `tail` holds the p99 head instead, for a target that is itself a step p99 (the interference
-    profile's budget)."""
+    Rows with chat (k >= 1) hold the median head to `target_ms`: a request's TPOT is the mean of
+    its decode steps, so one slow step in a hundred does not break a TPOT p99 (holding every
+    step's p99 head to the target left a third of the TPOT SLO unused in the bench: TPOT p99
+    107 ms against 170). `tail` holds the p99 head there instead, for a target that is itself a
+    step p99 (the interference profile's budget). The idle row (k = 0) always holds the p99 head:
+    its one step is what the next chat request's first token waits for, and TTFT p99 is a tail.
+    Held to the median head instead, it let idle steps grow and two full bench runs missed 99%
+    on TTFT p99 (1.3 s against 1.35-1.42 s, static caps 0.6 s)."""
     k = np.arange(cfg.table_size, dtype=np.float64)
     online_ctx = (load.online_context_tokens / load.num_online if load.num_online > 0
                   else float(cfg.default_online_context_tokens))
@@ -241,7 +242,9 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     # at most one step before its prefill, so that step is bounded by a share of the TTFT target.
     targets = np.full(kk.shape, target_ms)
     targets[0] = max(target_ms, idle_target_ms or target_ms)
-    fits = step_ms[:-1].reshape(kk.shape) <= targets  # (k, seqs, chunks)
+    rows_ms = step_ms[:-1].reshape(kk.shape).copy()
+    rows_ms[0] = p99[:-1].reshape(kk.shape)[0]
+    fits = rows_ms <= targets  # (k, seqs, chunks)
     # The prediction is not guaranteed monotone; take the prefix of candidates that all fit.
     decode_fits = np.logical_and.accumulate(fits[:, :, 0], axis=1)
     # Offline requests must prefill to make progress: keep room for a minimal chunk beside the
