@@ -52,8 +52,8 @@ class BenchOptions:
 
 
 def quick_options(**kw) -> BenchOptions:
-    # About 5 minutes on 2 cores, 70-120 s of stack start-up included (measured 5.2 min at 18 s
-    # per policy).
+    # Measured 3.9 min on 2 cores, 70-120 s of stack start-up included (5.2 min at 18 s per
+    # policy with the 30 s teardown grace).
     return BenchOptions(duration_s=15.0, static_caps=(2, 8), sweep_batches=(2, 8), sweep_s=5.0,
                         settle_s=3.0, **kw)
 

@@ -436,7 +436,7 @@ def bench(
     slo_from_file: bool = typer.Option(False, "--slo-from-file", help="Use manifests/slo.yaml's targets instead."),
     static_caps: str | None = typer.Option(None, "--static-caps", help="Comma-separated static offline caps."),
     repeats: int = typer.Option(1, "--repeats", help="Repeat online-only, naive and colocate runs (medians, spread)."),
-    quick: bool = typer.Option(False, "--quick", help="Short runs and fewer baselines (about 5 minutes on 2 cores)."),
+    quick: bool = typer.Option(False, "--quick", help="Short runs and fewer baselines (about 4 minutes on 2 cores)."),
     out: Path | None = typer.Option(None, "--out", help="Results directory (default results/bench-<time>)."),
 ) -> None:
     """Replay chat and a batch job under every policy side by side; write results.json and plots."""
