@@ -36,11 +36,16 @@ UNLIMITED_BUDGET = {"max_offline_seqs": [100000], "max_offline_tokens": [100000]
 
 @dataclass
 class BenchOptions:
-    rate_per_s: float = 1.0
-    duration_s: float = 90.0
-    static_caps: tuple[int, ...] = (1, 2, 4, 8)
-    sweep_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    sweep_s: float = 15.0
+    rate_per_s: float = 0.8
+    """At 1.0 the online-only run kept the engine 48-64% busy on 2 cores (the aim is 30-60%)."""
+    duration_s: float = 125.0
+    """100 chat requests at 0.8/s: with fewer, 99% attainment means not one miss."""
+    offline_only_s: float = 45.0
+    """The throughput ceiling needs no chat trace, only a steady backlog."""
+    static_caps: tuple[int, ...] = (1, 2, 4)
+    """Static caps of 8 and more missed the SLO by far in every full run (20-56% attainment)."""
+    sweep_batches: tuple[int, ...] = (2, 4, 8, 16, 32)
+    sweep_s: float = 10.0
     settle_s: float = 10.0
     repeats: int = 1
     slo_tolerance: float | None = 0.5
@@ -54,8 +59,8 @@ class BenchOptions:
 def quick_options(**kw) -> BenchOptions:
     # Measured 3.9 min on 2 cores, 70-120 s of stack start-up included (5.2 min at 18 s per
     # policy with the 30 s teardown grace).
-    return BenchOptions(duration_s=15.0, static_caps=(2, 8), sweep_batches=(2, 8), sweep_s=5.0,
-                        settle_s=3.0, **kw)
+    return BenchOptions(duration_s=15.0, offline_only_s=15.0, static_caps=(2, 8), sweep_batches=(2, 8),
+                        sweep_s=5.0, settle_s=3.0, **kw)
 
 
 @dataclass
@@ -142,6 +147,7 @@ class Bench:
         self.started = time.monotonic()
         self.job_id: str | None = None
         self.num_jobs = 0
+        self.num_chat_runs = 0
 
     def log(self, msg: str) -> None:
         self.on_progress(f"[bench {time.monotonic() - self.started:5.0f}s] {msg}")
@@ -217,13 +223,19 @@ class Bench:
 
     def run_policy(self, name: str, budget, *, online: bool, offline: bool) -> dict[str, Any]:
         """One side-by-side run: the same online replay and/or offline job under one budget."""
+        duration_s = self.opts.duration_s if online else self.opts.offline_only_s
         from orchestrator.workload import run_chat_load
 
         self._override(budget)
+        self.num_chat_runs += 1
+        # Same arrivals and lengths in every run, but fresh prompt text: a replay of the previous
+        # run's prompts is served from vLLM's prefix cache (chat prefills almost free), which
+        # flattered every policy run after the online-only reference.
+        seed_base = 1_000_000 * self.num_chat_runs
         if offline:
             self.ensure_backlog()
         self.log(f"{name}: {'chat' if online else ''}{' + ' if online and offline else ''}"
-                 f"{'batch job' if offline else ''}, {self.opts.duration_s:.0f} s")
+                 f"{'batch job' if offline else ''}, {duration_s:.0f} s")
 
         async def go():
             sampler = Sampler(self.controller)
@@ -232,8 +244,9 @@ class Bench:
             if offline:
                 await asyncio.sleep(self.opts.settle_s)
             t0, wall0 = time.monotonic(), time.time()
-            results = (await run_chat_load(self.state.endpoint, self.config.model.id, self.online_specs())
-                       if online else await asyncio.sleep(self.opts.duration_s) or [])
+            results = (await run_chat_load(self.state.endpoint, self.config.model.id, self.online_specs(),
+                                           seed_base=seed_base)
+                       if online else await asyncio.sleep(duration_s) or [])
             t1 = time.monotonic()
             await asyncio.sleep(0.6)
             stop.set()
@@ -275,7 +288,8 @@ class Bench:
                 stop, stop_sampler = asyncio.Event(), asyncio.Event()
                 tpots: list[float] = []
                 backlog = asyncio.create_task(offline_stream_backlog(
-                    self.state.endpoint, self.config.model.id, b, 64, 32, stop, seed_base=90_000, tpots_ms=tpots))
+                    self.state.endpoint, self.config.model.id, b, 64, 32, stop, seed_base=100_000_000 * b,
+                    tpots_ms=tpots))
                 task = asyncio.create_task(sampler.run(stop_sampler))
                 await asyncio.sleep(min(4.0, self.opts.sweep_s / 2))
                 t0 = time.monotonic()

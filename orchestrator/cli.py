@@ -430,7 +430,8 @@ def bench(
     config: str | None = typer.Option("manifests/colocate-bench.yaml", "--config", "-c", help="Stack config (bench model)."),
     online_trace: Path | None = typer.Option(None, "--online-trace", help="Azure-format chat trace CSV."),
     offline_trace: Path | None = typer.Option(None, "--offline-trace", help="Offline lengths CSV (arXiv format)."),
-    rate: float = typer.Option(1.0, "--rate", help="Online requests per second (trace inter-arrivals scaled)."),
+    rate: float | None = typer.Option(None, "--rate", help="Online requests per second (trace inter-arrivals "
+                                      "scaled; default 0.8)."),
     duration_s: float | None = typer.Option(None, "--duration-s", help="Seconds of chat per policy run."),
     slo_tolerance: float = typer.Option(0.5, "--slo-tolerance", help="SLO = online-only p99 x (1 + this)."),
     slo_from_file: bool = typer.Option(False, "--slo-from-file", help="Use manifests/slo.yaml's targets instead."),
@@ -447,7 +448,9 @@ def bench(
 
     cfg = _load(config)
     opts = quick_options() if quick else BenchOptions()
-    opts.rate_per_s, opts.repeats = rate, repeats
+    opts.repeats = repeats
+    if rate is not None:
+        opts.rate_per_s = rate
     opts.online_trace, opts.offline_trace = online_trace, offline_trace
     opts.slo_tolerance = None if slo_from_file else slo_tolerance
     if duration_s is not None:

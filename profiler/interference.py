@@ -157,7 +157,9 @@ def plot_profile(doc: dict[str, Any], path: Path) -> Path:
 def measure_point(*, controller, endpoint: str, model: str, specs, offline_seqs: int, backlog: int,
                   offline_prompt_tokens: int, offline_output_tokens: int, chunk_tokens: int,
                   settle_s: float = 3.0) -> LoadPoint:
-    """Online replay beside an offline backlog under a static budget of `offline_seqs`."""
+    """Online replay beside an offline backlog under a static budget of `offline_seqs`. Each
+    point's prompts are its own (seeded by `offline_seqs`): a replay of the previous point's
+    prompts would be served from vLLM's prefix cache."""
     import ray
 
     from orchestrator.workload import offline_stream_backlog, run_chat_load, summarize_chat
@@ -169,7 +171,8 @@ def measure_point(*, controller, endpoint: str, model: str, specs, offline_seqs:
     async def run() -> tuple[list, int, float]:
         stop = asyncio.Event()
         backlog_task = asyncio.create_task(offline_stream_backlog(
-            endpoint, model, backlog if offline_seqs > 0 else 0, offline_prompt_tokens, offline_output_tokens, stop))
+            endpoint, model, backlog if offline_seqs > 0 else 0, offline_prompt_tokens, offline_output_tokens, stop,
+            seed_base=50_000_000 + 1_000_000 * offline_seqs))
         await asyncio.sleep(settle_s if offline_seqs > 0 else 0.0)
 
         async def sample_steps() -> None:
@@ -180,7 +183,7 @@ def measure_point(*, controller, endpoint: str, model: str, specs, offline_seqs:
 
         sampler = asyncio.create_task(sample_steps())
         before = time.monotonic()
-        results = await run_chat_load(endpoint, model, specs)
+        results = await run_chat_load(endpoint, model, specs, seed_base=1_000_000 * (offline_seqs + 1))
         elapsed = time.monotonic() - before
         stop.set()
         tokens = await backlog_task
