@@ -1,10 +1,18 @@
+import asyncio
 import json
 
 import numpy as np
 import pytest
 
 from jobs.formats import read_jsonl
-from orchestrator.workload import ChatResult, RequestSpec, load_chat_trace, summarize_chat, write_batch_input
+from orchestrator.workload import (
+    ChatResult,
+    RequestSpec,
+    load_chat_trace,
+    run_chat_load,
+    summarize_chat,
+    write_batch_input,
+)
 
 
 @pytest.fixture
@@ -54,3 +62,47 @@ def test_summary_percentiles_ignore_failed_requests():
     assert s["num_requests"] == 101 and s["num_ok"] == 100
     assert s["ttft_p50_ms"] == pytest.approx(5050.0)
     assert s["errors"] == ["APIConnectionError: boom"]
+
+
+def _sent_prompts(monkeypatch, specs, seed_base):
+    import openai
+
+    sent = []
+
+    class EmptyStream:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            raise StopAsyncIteration
+
+    class FakeClient:
+        def __init__(self, **_):
+            self.chat = self.completions = self
+
+        async def create(self, **kw):
+            sent.append(kw["messages"][0]["content"])
+            return EmptyStream()
+
+    monkeypatch.setattr(openai, "AsyncOpenAI", FakeClient)
+    asyncio.run(run_chat_load("http://127.0.0.1:1/v1", "m", specs, seed_base=seed_base))
+    return sent
+
+
+def test_replays_share_arrivals_and_lengths_but_not_prompt_text(monkeypatch):
+    # vLLM's prefix cache would serve a replay of the same prompts without their prefill.
+    specs = [RequestSpec(0, 60, 5), RequestSpec(0, 60, 5), RequestSpec(0, 30, 5)]
+    first = _sent_prompts(monkeypatch, specs, 1_000_000)
+    assert first == _sent_prompts(monkeypatch, specs, 1_000_000)  # reproducible
+    second = _sent_prompts(monkeypatch, specs, 2_000_000)
+    assert [len(p.split()) for p in first] == [len(p.split()) for p in second]
+    # no shared leading block (16 tokens) between any two prompts of the two replays
+    heads = {tuple(p.split()[:16]) for p in first + second}
+    assert len(heads) == 6
+
+
+def test_batch_jobs_with_different_prefixes_get_different_prompts(tmp_path):
+    specs = [RequestSpec(0, 50, 7)] * 2
+    a = [i.body["messages"][0]["content"] for i in read_jsonl(write_batch_input(specs, tmp_path / "a.jsonl", "m", "a"))[0]]
+    b = [i.body["messages"][0]["content"] for i in read_jsonl(write_batch_input(specs, tmp_path / "b.jsonl", "m", "b"))[0]]
+    assert len(set(a + b)) == 4
