@@ -138,10 +138,8 @@ class PolicyConfig:
     seq_candidates: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     chunk_candidates: tuple[int, ...] = (0, 16, 32, 64, 128, 256, 512)
     min_offline_chunk_tokens: int = 32
-    idle_step_share_of_ttft: float = 0.4
-    """With no chat in the engine, a step may take this share of the TTFT target (less headroom).
-    A chat request that arrives waits for at most that one step. At 0.25 the full bench left a
-    third of the TTFT target unused (Colocate TTFT p99 807 ms against 1249, online-only 832)."""
+    idle_step_share_of_ttft: float = 0.25
+    """With no chat in the engine, a step may take this share of the TTFT target (less headroom)."""
     online_slot_share: float = 0.25
     """Share of an engine's sequence slots (max_num_seqs) offline work never takes, at any online
     load. Paused offline requests keep their slots; a chat request that finds none free preempts

@@ -36,10 +36,10 @@ def test_budget_is_the_largest_batch_the_model_predicts_under_the_step_target():
     assert d.budget.max_offline_seqs[22] == 0
     # 23 online decodes alone take 44.8 ms: no room for a chunk, one offline decode would be 46.4.
     assert d.budget.max_offline_seqs[23] == 0
-    # With no chat in the engine a step may take 0.4 of the TTFT target less headroom (144 ms),
-    # held against the p99 head (that one step delays a chat first token, a tail target):
-    # 64 decodes (138 ms) and a 64-token chunk (3.2 ms).
-    assert d.budget.at(0) == (64, 64 + 64)
+    # With no chat in the engine a step may take a quarter of the TTFT target less headroom
+    # (90 ms), held against the p99 head (that one step delays a chat first token, a tail
+    # target): 32 decodes (74 ms) and a 256-token chunk (12.8 ms).
+    assert d.budget.at(0) == (32, 32 + 256)
     assert list(d.budget.max_offline_seqs) == sorted(d.budget.max_offline_seqs, reverse=True)
 
 
@@ -54,13 +54,13 @@ def test_a_profiled_step_budget_is_a_step_p99_and_is_held_against_the_p99_head()
 
 
 def test_offline_work_never_takes_the_sequence_slots_kept_for_chat():
-    # The model allows 64 offline sequences at k = 0 (above), the default budget 8; an engine of
+    # The model allows 32 offline sequences at k = 0 (above), the default budget 8; an engine of
     # 16 (then 4) slots keeps a quarter of them for chat at every online load.
     for model, num_slots, expected in ((LinearModel(), 16, 12), (None, 4, 3)):
         d = decide(snap(0.0, max_num_seqs=num_slots), {}, model).replicas["r1"]
         assert max(d.budget.max_offline_seqs) == d.budget.at(0)[0] == expected
     # Unknown slots (no step seen yet): no cap beyond the model's.
-    assert decide(snap(0.0), {}, LinearModel()).replicas["r1"].budget.at(0)[0] == 64
+    assert decide(snap(0.0), {}, LinearModel()).replicas["r1"].budget.at(0)[0] == 32
 
 
 def test_no_model_means_the_documented_conservative_default():
@@ -142,7 +142,7 @@ def test_a_noisy_non_monotone_model_never_yields_a_budget_above_a_failing_candid
     class Bumpy(LinearModel):
         def predict_ms(self, x):
             p50, p99 = super().predict_ms(x)
-            bump = np.where(x[:, IDX["num_decode_reqs"]] == 6, 200.0, 0.0)
+            bump = np.where(x[:, IDX["num_decode_reqs"]] == 6, 100.0, 0.0)
             return p50 + bump, p99 + bump
 
     b = decide(snap(0.0), {}, Bumpy()).replicas["r1"].budget
