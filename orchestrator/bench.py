@@ -57,8 +57,7 @@ class BenchOptions:
 
 
 def quick_options(**kw) -> BenchOptions:
-    # Measured 3.9 min on 2 cores, 70-120 s of stack start-up included (5.2 min at 18 s per
-    # policy with the 30 s teardown grace).
+    # Measured 4.3 min on 2 cores, 70-120 s of stack start-up included.
     return BenchOptions(duration_s=15.0, offline_only_s=15.0, static_caps=(2, 8), sweep_batches=(2, 8),
                         sweep_s=5.0, settle_s=3.0, **kw)
 
@@ -147,7 +146,7 @@ class Bench:
         self.started = time.monotonic()
         self.job_id: str | None = None
         self.num_jobs = 0
-        self.num_chat_runs = 0
+        self.num_runs = 0
 
     def log(self, msg: str) -> None:
         self.on_progress(f"[bench {time.monotonic() - self.started:5.0f}s] {msg}")
@@ -223,15 +222,15 @@ class Bench:
 
     def run_policy(self, name: str, budget, *, online: bool, offline: bool) -> dict[str, Any]:
         """One side-by-side run: the same online replay and/or offline job under one budget."""
-        duration_s = self.opts.duration_s if online else self.opts.offline_only_s
         from orchestrator.workload import run_chat_load
 
+        duration_s = self.opts.duration_s if online else self.opts.offline_only_s
         self._override(budget)
-        self.num_chat_runs += 1
+        self.num_runs += 1
         # Same arrivals and lengths in every run, but fresh prompt text: a replay of the previous
         # run's prompts is served from vLLM's prefix cache (chat prefills almost free), which
         # flattered every policy run after the online-only reference.
-        seed_base = 1_000_000 * self.num_chat_runs
+        seed_base = 1_000_000 * self.num_runs
         if offline:
             self.ensure_backlog()
         self.log(f"{name}: {'chat' if online else ''}{' + ' if online and offline else ''}"
