@@ -11,10 +11,10 @@ test: venv  ## lint, then unit + integration tests (real Ray, real vLLM-on-CPU)
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest tests/unit tests/integration -q
 
-bench: venv  ## every policy side by side on the bench model (about 20 minutes on 2 cores)
+bench: venv  ## every policy side by side on the bench model (about 18 minutes on 2 cores)
 	.venv/bin/colocate bench
 
-bench-quick: venv  ## the same, short (about 5-7 minutes)
+bench-quick: venv  ## the same, short (about 4-5 minutes)
 	.venv/bin/colocate bench --quick
 
 test-unit: venv
