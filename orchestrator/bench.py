@@ -230,7 +230,7 @@ class Bench:
         # Same arrivals and lengths in every run, but fresh prompt text: a replay of the previous
         # run's prompts is served from vLLM's prefix cache (chat prefills almost free), which
         # flattered every policy run after the online-only reference.
-        seed_base = 1_000_000 * self.num_runs
+        prompt_tag = f"bench-run{self.num_runs}"
         if offline:
             self.ensure_backlog()
         self.log(f"{name}: {'chat' if online else ''}{' + ' if online and offline else ''}"
@@ -244,7 +244,7 @@ class Bench:
                 await asyncio.sleep(self.opts.settle_s)
             t0, wall0 = time.monotonic(), time.time()
             results = (await run_chat_load(self.state.endpoint, self.config.model.id, self.online_specs(),
-                                           seed_base=seed_base)
+                                           prompt_tag=prompt_tag)
                        if online else await asyncio.sleep(duration_s) or [])
             t1 = time.monotonic()
             await asyncio.sleep(0.6)
@@ -287,7 +287,7 @@ class Bench:
                 stop, stop_sampler = asyncio.Event(), asyncio.Event()
                 tpots: list[float] = []
                 backlog = asyncio.create_task(offline_stream_backlog(
-                    self.state.endpoint, self.config.model.id, b, 64, 32, stop, seed_base=100_000_000 * b,
+                    self.state.endpoint, self.config.model.id, b, 64, 32, stop, prompt_tag=f"sweep-b{b}",
                     tpots_ms=tpots))
                 task = asyncio.create_task(sampler.run(stop_sampler))
                 await asyncio.sleep(min(4.0, self.opts.sweep_s / 2))

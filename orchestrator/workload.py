@@ -96,7 +96,7 @@ class ChatResult:
     error: str | None = None
 
 
-async def _one_chat(client, model: str, spec: RequestSpec, seed: int, t0: float) -> ChatResult:
+async def _one_chat(client, model: str, spec: RequestSpec, seed: str, t0: float) -> ChatResult:
     delay = spec.arrival_s - (time.perf_counter() - t0)
     if delay > 0:
         await asyncio.sleep(delay)
@@ -123,21 +123,21 @@ async def _one_chat(client, model: str, spec: RequestSpec, seed: int, t0: float)
 
 
 async def run_chat_load(endpoint: str, model: str, specs: list[RequestSpec], *,
-                        seed_base: int = 10_000) -> list[ChatResult]:
-    """Replay `specs` at their arrival times. Request i's prompt text is seeded by seed_base + i:
-    replays that are compared with each other need different `seed_base`s (at least len(specs)
-    apart), else vLLM's prefix cache serves a replay's prompts from the one before it and its
-    chat prefills cost next to nothing (measured in the bench: static caps run after online-only
-    saw half its TTFT at the trace's bursts)."""
+                        prompt_tag: str = "chat") -> list[ChatResult]:
+    """Replay `specs` at their arrival times. Request i's prompt text is seeded by
+    f"{prompt_tag}-{i}": replays that are compared with each other need different tags, else
+    vLLM's prefix cache serves a replay's prompts from the one before it and its chat prefills
+    cost next to nothing (measured in the bench: static caps run after online-only saw half its
+    TTFT at the trace's bursts)."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0, timeout=600)
     t0 = time.perf_counter()
-    return list(await asyncio.gather(*(_one_chat(client, model, s, seed_base + i, t0) for i, s in enumerate(specs))))
+    return list(await asyncio.gather(*(_one_chat(client, model, s, f"{prompt_tag}-{i}", t0) for i, s in enumerate(specs))))
 
 
 async def offline_stream_backlog(endpoint: str, model: str, concurrency: int, prompt_tokens: int,
-                                 output_tokens: int, stop: asyncio.Event, *, seed_base: int = 50_000,
+                                 output_tokens: int, stop: asyncio.Event, *, prompt_tag: str = "backlog",
                                  tpots_ms: list[float] | None = None) -> int:
     """Keep `concurrency` streaming offline requests in flight until `stop`; return the tokens
     received, and append each completed request's TPOT (ms) to `tpots_ms` when given."""
@@ -153,7 +153,7 @@ async def offline_stream_backlog(endpoint: str, model: str, concurrency: int, pr
             i += 1
             try:
                 stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": make_prompt(prompt_tokens, seed_base + 1000 * w + i)}],
+                    model=model, messages=[{"role": "user", "content": make_prompt(prompt_tokens, f"{prompt_tag}-{w}-{i}")}],
                     max_tokens=output_tokens, stream=True, temperature=0.0,
                     extra_body={"ignore_eos": True, "request_class": "offline"})
                 stamps: list[float] = []

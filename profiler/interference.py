@@ -158,7 +158,7 @@ def measure_point(*, controller, endpoint: str, model: str, specs, offline_seqs:
                   offline_prompt_tokens: int, offline_output_tokens: int, chunk_tokens: int,
                   settle_s: float = 3.0) -> LoadPoint:
     """Online replay beside an offline backlog under a static budget of `offline_seqs`. Each
-    point's prompts are its own (seeded by `offline_seqs`): a replay of the previous point's
+    point's prompts are its own (tagged by `offline_seqs`): a replay of the previous point's
     prompts would be served from vLLM's prefix cache."""
     import ray
 
@@ -172,7 +172,7 @@ def measure_point(*, controller, endpoint: str, model: str, specs, offline_seqs:
         stop = asyncio.Event()
         backlog_task = asyncio.create_task(offline_stream_backlog(
             endpoint, model, backlog if offline_seqs > 0 else 0, offline_prompt_tokens, offline_output_tokens, stop,
-            seed_base=50_000_000 + 1_000_000 * offline_seqs))
+            prompt_tag=f"interference-backlog-{offline_seqs}"))
         await asyncio.sleep(settle_s if offline_seqs > 0 else 0.0)
 
         async def sample_steps() -> None:
@@ -183,7 +183,7 @@ def measure_point(*, controller, endpoint: str, model: str, specs, offline_seqs:
 
         sampler = asyncio.create_task(sample_steps())
         before = time.monotonic()
-        results = await run_chat_load(endpoint, model, specs, seed_base=1_000_000 * (offline_seqs + 1))
+        results = await run_chat_load(endpoint, model, specs, prompt_tag=f"interference-chat-{offline_seqs}")
         elapsed = time.monotonic() - before
         stop.set()
         tokens = await backlog_task

@@ -64,7 +64,7 @@ def test_summary_percentiles_ignore_failed_requests():
     assert s["errors"] == ["APIConnectionError: boom"]
 
 
-def _sent_prompts(monkeypatch, specs, seed_base):
+def _sent_prompts(monkeypatch, specs, prompt_tag):
     import openai
 
     sent = []
@@ -85,16 +85,16 @@ def _sent_prompts(monkeypatch, specs, seed_base):
             return EmptyStream()
 
     monkeypatch.setattr(openai, "AsyncOpenAI", FakeClient)
-    asyncio.run(run_chat_load("http://127.0.0.1:1/v1", "m", specs, seed_base=seed_base))
+    asyncio.run(run_chat_load("http://127.0.0.1:1/v1", "m", specs, prompt_tag=prompt_tag))
     return sent
 
 
 def test_replays_share_arrivals_and_lengths_but_not_prompt_text(monkeypatch):
     # vLLM's prefix cache would serve a replay of the same prompts without their prefill.
     specs = [RequestSpec(0, 60, 5), RequestSpec(0, 60, 5), RequestSpec(0, 30, 5)]
-    first = _sent_prompts(monkeypatch, specs, 1_000_000)
-    assert first == _sent_prompts(monkeypatch, specs, 1_000_000)  # reproducible
-    second = _sent_prompts(monkeypatch, specs, 2_000_000)
+    first = _sent_prompts(monkeypatch, specs, "run1")
+    assert first == _sent_prompts(monkeypatch, specs, "run1")  # reproducible
+    second = _sent_prompts(monkeypatch, specs, "run2")
     assert [len(p.split()) for p in first] == [len(p.split()) for p in second]
     # no shared leading block (16 tokens) between any two prompts of the two replays
     heads = {tuple(p.split()[:16]) for p in first + second}
