@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -492,6 +493,9 @@ def demo(
 
 
 def main() -> None:
+    # The CLI is a Ray driver, and Ray's driver logging prints INFO from every library: the openai
+    # client's httpx would add a line per chat request and bury the progress lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         app()
     except KeyboardInterrupt:

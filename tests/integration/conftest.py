@@ -6,6 +6,7 @@ state and temp directories, and torn down with `colocate down`.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,10 @@ import pytest
 import yaml
 
 from orchestrator.cluster import free_port
+
+# A test that joins Ray as a driver gets Ray's INFO logging; the openai client's httpx would log
+# every request and bury a failure's report.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_CACHE = ROOT / ".colocate" / "models" / "tiny-test"
