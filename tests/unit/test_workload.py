@@ -80,6 +80,12 @@ def _sent_prompts(monkeypatch, specs, prompt_tag):
         def __init__(self, **_):
             self.chat = self.completions = self
 
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *_):
+            return None
+
         async def create(self, **kw):
             sent.append(kw["messages"][0]["content"])
             return EmptyStream()
