@@ -242,7 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in ("httpx", "httpx2"):  # the openai client's HTTP library, under either name
+        logging.getLogger(name).setLevel(logging.WARNING)
     args = parse_args(argv)
     asyncio.run(run(args))
     return 0

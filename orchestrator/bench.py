@@ -324,6 +324,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], sweep: list[dict[str, Any]]
         table[name] = {k: _median_spread(rows, k) for k in (
             "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "slo_attainment",
             "offline_tokens_per_s", "total_tokens_per_s", "engine_busy_fraction", "offline_preempted")}
+        table[name]["num_runs"] = len(rows)
         reactions = [ms for r in rows for ms in r.get("throttle_reaction_ms", [])]
         table[name]["throttle_reaction_ms"] = {"median": statistics.median(reactions) if reactions else None,
                                                "max": max(reactions) if reactions else None, "count": len(reactions)}
@@ -432,6 +433,13 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{f(m['total_tokens_per_s']['median'], '{:.1f}'):>9} {f(m['utilization_vs_offline_only'], '{:.2f}'):>8} "
             f"{f(m['slo_bounded_utilization'], '{:.2f}'):>8} {f(m['offline_preempted']['median']):>7} "
             f"{f(m['throttle_reaction_ms']['median']):>8}")
+    for name, m in summary["policies"].items():
+        if m.get("num_runs", 1) > 1:
+            def span(key, fmt="{:.0f}", m=m):
+                return f"{f(m[key]['min'], fmt)}-{f(m[key]['max'], fmt)}"
+            lines.append(f"  {name} over {m['num_runs']} runs (min-max): attain {span('slo_attainment', '{:.3f}')}, "
+                         f"off tok/s {span('offline_tokens_per_s')}, TTFT p99 {span('ttft_p99_ms')}, "
+                         f"TPOT p99 {span('tpot_p99_ms')}")
     lines.append(f"SLO-bounded batch {summary['slo_bounded_batch']} ({f(summary['slo_bounded_tokens_per_s'], '{:.1f}')} tok/s); "
                  f"offline-only {summary['offline_only_tokens_per_s']:.1f} tok/s; best static meeting 99%: "
                  f"{summary['best_static_meeting_slo']}; colocate / best static offline: "

@@ -495,7 +495,8 @@ def demo(
 def main() -> None:
     # The CLI is a Ray driver, and Ray's driver logging prints INFO from every library: the openai
     # client's httpx would add a line per chat request and bury the progress lines.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in ("httpx", "httpx2"):  # the openai client's HTTP library, under either name
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         app()
     except KeyboardInterrupt:

@@ -19,7 +19,8 @@ from orchestrator.cluster import free_port
 
 # A test that joins Ray as a driver gets Ray's INFO logging; the openai client's httpx would log
 # every request and bury a failure's report.
-logging.getLogger("httpx").setLevel(logging.WARNING)
+for name in ("httpx", "httpx2"):  # the openai client's HTTP library, under either name
+    logging.getLogger(name).setLevel(logging.WARNING)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_CACHE = ROOT / ".colocate" / "models" / "tiny-test"

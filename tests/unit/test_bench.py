@@ -51,6 +51,19 @@ def test_summary_ratios_and_checks():
                            "colocate_ge_1.5x_best_static": True, "slo_bounded_utilization_ge_0.85": True}
     table = format_table(s)
     assert "colocate" in table and "SLO-bounded batch 4" in table
+    assert "over" not in table  # one run per policy: no spread lines
+
+
+def test_repeated_policies_show_their_spread():
+    good = [(100.0, 50.0, True)] * 10
+    runs = {"online-only": [run("online-only", 0, 20, good)], "offline-only": [run("offline-only", 200, 0, [])],
+            "colocate": [run("colocate", tps, 20, good) for tps in (90, 130, 100)]}
+    for rows in runs.values():
+        for r in rows:
+            r["slo_attainment"] = attainment(r, SLO)
+    s = summarize(runs, [], SLO)
+    assert s["policies"]["colocate"]["offline_tokens_per_s"] == {"median": 100, "min": 90, "max": 130}
+    assert "colocate over 3 runs (min-max): attain 1.000-1.000, off tok/s 90-130" in format_table(s)
 
 
 def test_plots_are_written(tmp_path):
