@@ -17,10 +17,11 @@ How a replica's budget is chosen:
    requests must prefill to make progress), then the largest chunk that fits beside them. With
    no chat in the engine (k = 0) the step only delays the next chat request's first token, so
    it may take `idle_step_share_of_ttft` of the TTFT target instead: idle capacity is what
-   co-location is for. All candidates go to the
-   latency model in one vectorized call, scaled by the replica's calibration (the median
-   observed/predicted ratio over its recent steps: the model is profiled on a bare engine, the
-   replica serves). Without a model: `PolicyConfig.default_*`, a conservative flat budget.
+   co-location is for; and at least `min_idle_offline_seqs` there whatever the model says, so
+   offline work keeps making progress and the calibration keeps seeing offline steps. All
+   candidates go to the latency model in one vectorized call, scaled by the replica's
+   calibration (the median observed/predicted ratio over its recent steps: the model is
+   profiled on a bare engine, the replica serves). Without a model: `PolicyConfig.default_*`, a conservative flat budget.
 3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) as a
    fraction of the SLO target (the model already bounds every step; this corrects what it
    misses: prefill interruptions, serving overhead, a model that is off): at or above
@@ -140,6 +141,14 @@ class PolicyConfig:
     min_offline_chunk_tokens: int = 32
     idle_step_share_of_ttft: float = 0.25
     """With no chat in the engine, a step may take this share of the TTFT target (less headroom)."""
+    min_idle_offline_seqs: int = 1
+    """With no chat in the engine, at least this many offline sequences (and a minimal prefill
+    chunk) may run whatever the model says; the feedback scale can still cut it. Such a step is
+    about one chat decode step long, all that an arriving chat request waits for. Without the
+    floor a model that puts every candidate over the target (a slow host raising the calibration
+    over a step curve that is nearly flat in batch size) stops offline work for good: with no
+    offline steps the calibration only sees chat steps and never comes down. Measured in a quick
+    bench: 0 offline tok/s in two of three Colocate runs while static-2 met the SLO at 200."""
     online_slot_share: float = 0.25
     """Share of an engine's sequence slots (max_num_seqs) offline work never takes, at any online
     load. Paused offline requests keep their slots; a chat request that finds none free preempts
@@ -305,6 +314,9 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
             factor = calibration_factor(model, load, cfg)
             seqs, tokens, predicted = model_tables(
                 model, load, target_ms, cfg, idle_target, factor, tail=snapshot.step_budget_ms is not None)
+            if seqs[0] < cfg.min_idle_offline_seqs:
+                seqs[0] = cfg.min_idle_offline_seqs
+                tokens[0] = cfg.min_idle_offline_seqs + cfg.min_offline_chunk_tokens
         else:
             seqs = np.full(cfg.table_size, cfg.default_offline_seqs, dtype=np.float64)
             tokens = np.full(cfg.table_size, cfg.default_offline_tokens, dtype=np.float64)

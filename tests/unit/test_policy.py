@@ -187,3 +187,23 @@ def test_offline_requests_paused_by_the_budget_do_not_count_as_running_work():
                     offline_context_tokens=3000.0, online_context_tokens=400.0), {}, LinearModel()).replicas["r1"]
     assert d.predicted_step_ms == pytest.approx(20.8)
     assert d.state.throttle == "open"
+
+
+class SlowModel(LinearModel):
+    """Every step over every target: a fixed 200 ms part."""
+
+    def predict_ms(self, x):
+        p50, p99 = super().predict_ms(x)
+        return p50 + 200.0, p99 + 200.0
+
+
+def test_a_model_with_no_room_anywhere_still_lets_one_offline_sequence_run_while_no_chat_is_in():
+    d = decide(snap(0.0), {}, SlowModel()).replicas["r1"]
+    assert d.budget.at(0) == (CFG.min_idle_offline_seqs, CFG.min_idle_offline_seqs + CFG.min_offline_chunk_tokens)
+    assert set(d.budget.max_offline_seqs[1:]) == {0}
+    # The feedback scale still cuts the floor when clients see the SLO approached.
+    hot = decide(snap(1.0, observed_tpot_p99_ms=49.0), {"r1": ReplicaState(0.5, "throttled", 0.0)},
+                 SlowModel()).replicas["r1"]
+    assert hot.budget.at(0)[0] == 0
+    off = decide(snap(0.0), {}, SlowModel(), PolicyConfig(min_idle_offline_seqs=0)).replicas["r1"]
+    assert set(off.budget.max_offline_seqs) == {0}
