@@ -21,7 +21,8 @@ How a replica's budget is chosen:
    offline work keeps making progress and the calibration keeps seeing offline steps. All
    candidates go to the latency model in one vectorized call, scaled by the replica's
    calibration (the median observed/predicted ratio over its recent steps: the model is
-   profiled on a bare engine, the replica serves). Without a model: `PolicyConfig.default_*`, a conservative flat budget.
+   profiled on a bare engine, the replica serves). Without a model: `PolicyConfig.default_*`,
+   a conservative flat budget.
 3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) as a
    fraction of the SLO target (the model already bounds every step; this corrects what it
    misses: prefill interruptions, serving overhead, a model that is off): at or above
