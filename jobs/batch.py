@@ -26,6 +26,7 @@ from typing import Any
 from jobs import ray_status
 from jobs.checkpoint import ResultLog
 from jobs.formats import BatchItem, output_record, read_input, write_parquet_output
+from orchestrator.logs import quiet_http_client_logs
 
 log = logging.getLogger("colocate.batch")
 
@@ -242,8 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
-    for name in ("httpx", "httpx2"):  # the openai client's HTTP library, under either name
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_http_client_logs()
     args = parse_args(argv)
     asyncio.run(run(args))
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -493,10 +492,9 @@ def demo(
 
 
 def main() -> None:
-    # The CLI is a Ray driver, and Ray's driver logging prints INFO from every library: the openai
-    # client's httpx would add a line per chat request and bury the progress lines.
-    for name in ("httpx", "httpx2"):  # the openai client's HTTP library, under either name
-        logging.getLogger(name).setLevel(logging.WARNING)
+    from orchestrator.logs import quiet_http_client_logs
+
+    quiet_http_client_logs()
     try:
         app()
     except KeyboardInterrupt:

@@ -6,7 +6,6 @@ state and temp directories, and torn down with `colocate down`.
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -16,11 +15,9 @@ import pytest
 import yaml
 
 from orchestrator.cluster import free_port
+from orchestrator.logs import quiet_http_client_logs
 
-# A test that joins Ray as a driver gets Ray's INFO logging; the openai client's httpx would log
-# every request and bury a failure's report.
-for name in ("httpx", "httpx2"):  # the openai client's HTTP library, under either name
-    logging.getLogger(name).setLevel(logging.WARNING)
+quiet_http_client_logs()
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_CACHE = ROOT / ".colocate" / "models" / "tiny-test"
