@@ -86,6 +86,11 @@ class TelemetryScheduler(Scheduler):
         self._telemetry_cost_s = 0.0
         self.channel: EngineChannel | None = None
         self._publish_steps = True
+        if os.environ.get(EXPORT_PATH_ENV):
+            # Imported now, not at shutdown: the engine's parent kills it a few seconds after
+            # SIGTERM (vLLM's default grace is 5 s), and on a loaded host the import alone can
+            # take a good part of that (CI once lost the export).
+            import pyarrow.parquet  # noqa: F401
         try:
             self.channel = EngineChannel.from_env()
         except Exception as err:  # noqa: BLE001 - an engine without a channel still serves

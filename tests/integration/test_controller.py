@@ -120,7 +120,13 @@ RECOVERY_S = (LATENCY_WINDOW_S + math.ceil((1.0 - _POLICY.min_scale) / _POLICY.g
 offline work at the next step, the feedback loop over a few seconds of observed latency."""
 SLO_TPOT_MS = 150.0
 """manifests/slo.yaml's target for the bench model: this chat load alone measured p50 ~60 ms and
-p99 ~100 ms; naive co-location 280-360 ms."""
+p99 ~100 ms here; naive co-location 280-360 ms."""
+SLO_TOLERANCE = 0.5
+"""The test's TPOT target is the larger of SLO_TPOT_MS and this chat load's p99 alone, measured
+first on the same host, times (1 + tolerance) (the bench's default SLO). A fixed target is a
+statement about the host's speed: a loaded CI host once ran the engine at half speed (offline
+27 tok/s against ~60), and chat with almost no offline work beside it (2 offline tokens a step)
+saw 171 ms against 150."""
 BENCH_MODEL = ROOT / ".colocate" / "models" / "tiny-bench"
 CPU_PROFILE = ROOT / "profiler" / "data" / "cpu-bench-profile.parquet"
 
@@ -210,15 +216,27 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     # path outside the engine take about a third of the TPOT target.
     assert wait_for(lambda: slo_of(stack)["headroom"] == 0.3 and slo_of(stack)["tpot_p99_ms"] == SLO_TPOT_MS,
                     timeout_s=10)
-    client = AsyncOpenAI(base_url=stack["endpoint"], api_key="unused", max_retries=0, timeout=300)
     model = stack["model"]
     rows: dict[str, tuple[float, dict]] = {}
     offline_tokens_at: list[tuple[float, int]] = []  # offline output tokens: (arrival time, 1)
+    slo_tpot_ms = SLO_TPOT_MS
+    alone: list[float] = []
 
     async def sample(label: str) -> None:
         rows[label] = await asyncio.to_thread(_offline_tokens, stack)
 
     async def run():
+        async with AsyncOpenAI(base_url=stack["endpoint"], api_key="unused", max_retries=0, timeout=300) as client:
+            return await phases(client)
+
+    async def phases(client):
+        nonlocal slo_tpot_ms
+        alone.extend(await _chat_phase(client, model, 20, settle_s=2.0))
+        slo_tpot_ms = max(SLO_TPOT_MS, round(float(np.percentile(alone, 99)) * (1.0 + SLO_TOLERANCE)))
+        if slo_tpot_ms != SLO_TPOT_MS:
+            await asyncio.to_thread(cli, stack, "slo", "set", "-c", str(stack["config_path"]),
+                                    f"{model}.tpot_p99_ms={slo_tpot_ms}")
+            assert await asyncio.to_thread(wait_for, lambda: slo_of(stack)["tpot_p99_ms"] == slo_tpot_ms, 10)
         stop = asyncio.Event()
         backlog = asyncio.create_task(_offline_backlog(client, model, stop, offline_tokens_at))
         await asyncio.sleep(25)  # the backlog's first prefill wave passes; the no-chat budget fills
@@ -241,10 +259,12 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
         await backlog
         return controlled, naive
 
+    original_slo = stack["slo_path"].read_text()
     try:
         controlled, naive = asyncio.run(run())
     finally:
         cli(stack, "override", "--clear", check=False)
+        stack["slo_path"].write_text(original_slo)
 
     def rate(phase: str) -> float:
         """The batch's throughput: offline output tokens streamed in the phase (the engine's token
@@ -263,7 +283,8 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     step_before, step_during, step_after = per_step("before"), per_step("during"), per_step("after")
     budget_before = rows["before_end"][1]["offline_budget_tokens"]
     budget_during = rows["during_end"][1]["offline_budget_tokens"]
-    report = (f"SLO TPOT p99 {SLO_TPOT_MS} ms; chat p99 TPOT naive {naive_p99:.1f} ms ({len(naive)} requests), "
+    report = (f"SLO TPOT p99 {slo_tpot_ms} ms (chat alone p99 {np.percentile(alone, 99):.1f} ms, "
+              f"{len(alone)} requests); chat p99 TPOT naive {naive_p99:.1f} ms ({len(naive)} requests), "
               f"controlled {controlled_p99:.1f} ms ({len(controlled)}); offline output tok/s before chat {before:.0f}, "
               f"during {during:.0f}, after {after:.0f}; offline tokens per step {step_before:.1f} / "
               f"{step_during:.1f} / {step_after:.1f}; budget (seqs/tokens per step) before "
@@ -273,8 +294,8 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
               f" -> {rows['after_end'][1].get('throttle_scale')}; model calibration "
               f"{rows['during_end'][1].get('model_calibration')}")
     print(report)
-    assert naive_p99 > SLO_TPOT_MS, report
-    assert controlled_p99 <= SLO_TPOT_MS, report
+    assert naive_p99 > slo_tpot_ms, report
+    assert controlled_p99 <= slo_tpot_ms, report
     # The cut: the engine admits less offline work into each step while chat runs (counted by the
     # engine itself; a status sample of the budget falls wherever the chat count is). (Offline tokens
     # per second need not fall as far: the steps get shorter once they carry no long prefill.)

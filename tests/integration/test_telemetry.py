@@ -29,7 +29,9 @@ ENGINE_SCRIPT = textwrap.dedent('''
         outs = llm.generate(prompts, params, priority=[0, 10, 10, 0])
         print("PROMPT_TOKENS", sum(len(o.prompt_token_ids) for o in outs))
         print("OUTPUT_TOKENS", sum(len(o.outputs[0].token_ids) for o in outs))
-        llm.llm_engine.engine_core.shutdown()
+        # The export runs in the engine's shutdown; vLLM's default grace before it kills the
+        # engine process is 5 s, which a loaded CI host once ran out of.
+        llm.llm_engine.engine_core.shutdown(timeout=120)
 ''')
 
 
