@@ -211,10 +211,10 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     and offline throughput recovers when chat stops. The same chat step with the controller's
     policy switched off (budget pinned unlimited: naive co-location) breaks the SLO."""
     stack = bench_stack
-    # manifests/slo.yaml keeps 30% of the bench model's targets as headroom: the latency model was
+    # manifests/slo.yaml keeps 35% of the bench model's targets as headroom: the latency model was
     # profiled on a bare engine, and under serving on 2 cores chat prefill steps and the serving
     # path outside the engine take about a third of the TPOT target.
-    assert wait_for(lambda: slo_of(stack)["headroom"] == 0.3 and slo_of(stack)["tpot_p99_ms"] == SLO_TPOT_MS,
+    assert wait_for(lambda: slo_of(stack)["headroom"] == 0.35 and slo_of(stack)["tpot_p99_ms"] == SLO_TPOT_MS,
                     timeout_s=10)
     model = stack["model"]
     rows: dict[str, tuple[float, dict]] = {}
