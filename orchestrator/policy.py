@@ -14,7 +14,8 @@ How a replica's budget is chosen:
    number of offline decode sequences whose predicted step latency (median head against a TPOT
    target; p99 head against a profiled step p99 and in the idle row) stays under the target
    with room left for a minimal offline prefill chunk (`min_offline_chunk_tokens`: offline
-   requests must prefill to make progress), then the largest chunk that fits beside them. With
+   requests must prefill to make progress) where that costs at most half the sequences
+   (`chunk_min_seq_share`; always in the idle row), then the largest chunk that fits beside them. With
    no chat in the engine (k = 0) the step only delays the next chat request's first token, so
    it may take `idle_step_share_of_ttft` of the TTFT target instead: idle capacity is what
    co-location is for; and at least `min_idle_offline_seqs` there whatever the model says, so
@@ -140,6 +141,14 @@ class PolicyConfig:
     seq_candidates: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     chunk_candidates: tuple[int, ...] = (0, 16, 32, 64, 128, 256, 512)
     min_offline_chunk_tokens: int = 32
+    chunk_min_seq_share: float = 0.5
+    """In rows with chat, room for a minimal offline prefill chunk is kept beside the offline
+    decodes only where the decodes that fit beside it are at least this share of those that fit
+    without it (and at least one); else the row runs decodes only, and offline prefills wait for
+    the idle row (which keeps its chunk while one sequence fits beside it). Taking
+    the chunk whatever it cost picked '0 decodes + a chunk' (no offline work at all: a chunk
+    needs a sequence) over 16 decodes as soon as the calibration rose to 2: a full bench ran 0
+    offline tok/s beside 1-4 chat requests for its last 35 s at 0.4-0.5 of the TPOT SLO."""
     idle_step_share_of_ttft: float = 0.25
     """With no chat in the engine, a step may take this share of the TTFT target (less headroom)."""
     min_idle_offline_seqs: int = 1
@@ -258,13 +267,18 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     # The prediction is not guaranteed monotone; take the prefix of candidates that all fit.
     decode_fits = np.logical_and.accumulate(fits[:, :, 0], axis=1)
     # Offline requests must prefill to make progress: keep room for a minimal chunk beside the
-    # decodes where that costs at most a few sequences (else decodes only).
+    # decodes where that costs at most `chunk_min_seq_share` of them (else decodes only).
     min_chunk = int(np.searchsorted(chunks, cfg.min_offline_chunk_tokens))
     with_chunk = decode_fits & (np.logical_and.accumulate(fits[:, :, :min_chunk + 1], axis=2)[:, :, -1]
                                 if min_chunk < len(chunks) else False)
-    best_s = np.where(decode_fits.any(axis=1), decode_fits.sum(axis=1) - 1, -1)
-    best_with_chunk = np.where(with_chunk.any(axis=1), with_chunk.sum(axis=1) - 1, -1)
-    best_s = np.where(best_with_chunk >= 0, best_with_chunk, best_s)
+    best_s = decode_fits.sum(axis=1) - 1  # -1: not even zero offline decodes fit
+    best_with_chunk = with_chunk.sum(axis=1) - 1
+    seqs_with_chunk = np.where(best_with_chunk >= 0, seqs[np.maximum(best_with_chunk, 0)], 0)
+    seqs_decode_only = np.where(best_s >= 0, seqs[np.maximum(best_s, 0)], 0)
+    # The idle row keeps the chunk at any cost but the last sequence: it is where offline prefills
+    # run; a row with chat lasts as long as a chat burst, and its prefills can wait for the next gap.
+    keep_chunk = (seqs_with_chunk >= 1) & ((k == 0) | (seqs_with_chunk >= cfg.chunk_min_seq_share * seqs_decode_only))
+    best_s = np.where(keep_chunk, best_with_chunk, best_s)
     max_seqs = np.where(best_s >= 0, seqs[np.maximum(best_s, 0)], 0)
     max_tokens = np.zeros(cfg.table_size)
     for i in range(cfg.table_size):

@@ -33,8 +33,10 @@ def test_budget_is_the_largest_batch_the_model_predicts_under_the_step_target():
     assert d.target_step_ms == 45.0
     assert d.budget.max_offline_seqs[1] == 16  # 21 would fit; the candidates are 16 and 24
     assert d.budget.max_offline_seqs[9] == 12  # 13 would fit; the candidates are 12 and 16
-    assert d.budget.max_offline_seqs[22] == 0
-    # 23 online decodes alone take 44.8 ms: no room for a chunk, one offline decode would be 46.4.
+    # Beside 22 online decodes a chunk leaves room for no offline decode, but one decode alone
+    # fits (8 + 1.6 * 23 = 44.8): the row runs that decode (a chunk needs a sequence).
+    assert d.budget.at(22) == (1, 1)
+    # 23 online decodes alone take 44.8 ms: one offline decode more would be 46.4.
     assert d.budget.max_offline_seqs[23] == 0
     # With no chat in the engine a step may take a quarter of the TTFT target less headroom
     # (90 ms), held against the p99 head (that one step delays a chat first token, a tail
@@ -50,7 +52,9 @@ def test_a_profiled_step_budget_is_a_step_p99_and_is_held_against_the_p99_head()
     assert d.target_step_ms == 45.0
     assert d.budget.max_offline_seqs[1] == 12  # 15 would fit; the candidates are 12 and 16
     assert d.budget.max_offline_seqs[5] == 8
-    assert d.budget.max_offline_seqs[16] == 0 and d.budget.max_offline_seqs[17] == 0
+    # k = 16: no decode beside the minimal 32-token chunk, one beside a 16-token chunk
+    # (10 + 2 * 17 + 0.8 = 44.8); k = 17: none.
+    assert d.budget.at(16) == (1, 17) and d.budget.max_offline_seqs[17] == 0
 
 
 def test_offline_work_never_takes_the_sequence_slots_kept_for_chat():
@@ -207,3 +211,27 @@ def test_a_model_with_no_room_anywhere_still_lets_one_offline_sequence_run_while
     assert hot.budget.at(0)[0] == 0
     off = decide(snap(0.0), {}, SlowModel(), PolicyConfig(min_idle_offline_seqs=0)).replicas["r1"]
     assert set(off.budget.max_offline_seqs) == {0}
+
+
+class PrefillOverheadModel:
+    """Median step = 10 ms + 1 ms per decode request + 20 ms if the step prefills at all (p99 =
+    1.25x): a chunk of any size costs as much as 20 decodes."""
+
+    def predict_ms(self, x):
+        p50 = 10.0 + x[:, IDX["num_decode_reqs"]] + 20.0 * (x[:, IDX["num_prefill_tokens"]] > 0)
+        return p50, 1.25 * p50
+
+
+def test_rows_with_chat_drop_the_prefill_chunk_where_it_would_cost_most_of_the_decodes():
+    d = decide(snap(0.0), {}, PrefillOverheadModel()).replicas["r1"]
+    # Target 45 ms. k = 15: a chunk fits only with no offline decode beside it (30 + 15 = 45),
+    # which is no offline work at all; without it 45 - 25 = 20 decodes fit (candidate 16).
+    assert d.budget.at(15) == (16, 16)
+    # k = 14: one decode beside a chunk, 16 without: decodes only.
+    assert d.budget.at(14) == (16, 16)
+    # k = 1: 12 beside a chunk, 32 without (34 fit): the chunk would cost more than half of them.
+    assert d.budget.at(1) == (32, 32)
+    # The idle row (target 90 ms against the p99 head: 1.25 (30 + s) <= 90, s <= 42) keeps its
+    # chunk: offline prefills run there.
+    seqs, tokens = d.budget.at(0)
+    assert seqs == 32 and tokens > seqs
