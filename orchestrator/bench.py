@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -96,14 +97,26 @@ def counter_delta(samples: list[dict[str, Any]], key: str, t0: float, t1: float)
     return total
 
 
+def _met(row: dict[str, Any], slo: dict[str, float]) -> list[bool]:
+    return [bool(ok and ttft is not None and ttft <= slo["ttft_p99_ms"] and (tpot is None or tpot <= slo["tpot_p99_ms"]))
+            for ttft, tpot, ok in row.get("requests") or []]
+
+
 def attainment(row: dict[str, Any], slo: dict[str, float]) -> float | None:
     """Share of online requests that succeeded and met both targets."""
-    reqs = row.get("requests") or []
-    if not reqs:
-        return None
-    met = [ok and ttft is not None and ttft <= slo["ttft_p99_ms"] and (tpot is None or tpot <= slo["tpot_p99_ms"])
-           for ttft, tpot, ok in reqs]
-    return float(np.mean(met))
+    met = _met(row, slo)
+    return float(np.mean(met)) if met else None
+
+
+def wilson_interval(num_met: int, num: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a share num_met / num: at 100 requests a 99% bar
+    is a question of one request, and the interval says how far a single run can be trusted."""
+    if num == 0:
+        return 0.0, 1.0
+    share = num_met / num
+    centre = (share + z * z / (2 * num)) / (1 + z * z / num)
+    half = z * math.sqrt(share * (1 - share) / num + z * z / (4 * num * num)) / (1 + z * z / num)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def chat_metrics(results, slo: dict[str, float] | None) -> dict[str, Any]:
@@ -325,6 +338,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]], sweep: list[dict[str, Any]]
             "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "slo_attainment",
             "offline_tokens_per_s", "total_tokens_per_s", "engine_busy_fraction", "offline_preempted")}
         table[name]["num_runs"] = len(rows)
+        met = [m for r in rows for m in _met(r, slo)]
+        if met:
+            table[name]["slo_attainment_ci95"] = list(wilson_interval(sum(met), len(met)))
+            table[name]["num_online_requests"] = len(met)
         reactions = [ms for r in rows for ms in r.get("throttle_reaction_ms", [])]
         table[name]["throttle_reaction_ms"] = {"median": statistics.median(reactions) if reactions else None,
                                                "max": max(reactions) if reactions else None, "count": len(reactions)}
@@ -440,6 +457,11 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(f"  {name} over {m['num_runs']} runs (min-max): attain {span('slo_attainment', '{:.3f}')}, "
                          f"off tok/s {span('offline_tokens_per_s')}, TTFT p99 {span('ttft_p99_ms')}, "
                          f"TPOT p99 {span('tpot_p99_ms')}")
+    intervals = [f"{name} {m['slo_attainment_ci95'][0]:.3f}-{m['slo_attainment_ci95'][1]:.3f}"
+                 for name, m in summary["policies"].items() if m.get("slo_attainment_ci95")]
+    if intervals:
+        counts = sorted({m["num_online_requests"] for m in summary["policies"].values() if m.get("num_online_requests")})
+        lines.append(f"attainment 95% interval (Wilson, {'/'.join(map(str, counts))} requests): " + ", ".join(intervals))
     lines.append(f"SLO-bounded batch {summary['slo_bounded_batch']} ({f(summary['slo_bounded_tokens_per_s'], '{:.1f}')} tok/s); "
                  f"offline-only {summary['offline_only_tokens_per_s']:.1f} tok/s; best static meeting 99%: "
                  f"{summary['best_static_meeting_slo']}; colocate / best static offline: "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from orchestrator.bench import attainment, counter_delta, format_table, plot, summarize
+import pytest
+
+from orchestrator.bench import attainment, counter_delta, format_table, plot, summarize, wilson_interval
 
 SLO = {"ttft_p99_ms": 300.0, "tpot_p99_ms": 100.0, "source": "test"}
 
@@ -49,9 +51,20 @@ def test_summary_ratios_and_checks():
     assert s["policies"]["colocate"]["throttle_reaction_ms"]["median"] == 40.0
     assert s["checks"] == {"colocate_attainment_ge_0.99": True, "naive_attainment_lt_0.99": True,
                            "colocate_ge_1.5x_best_static": True, "slo_bounded_utilization_ge_0.85": True}
+    assert s["policies"]["naive"]["slo_attainment_ci95"] == list(wilson_interval(50, 100))
+    assert "offline-only" not in {n for n, m in s["policies"].items() if "slo_attainment_ci95" in m}
     table = format_table(s)
     assert "colocate" in table and "SLO-bounded batch 4" in table
+    assert "attainment 95% interval (Wilson, 100 requests): online-only 0.963-1.000" in table
     assert "over" not in table  # one run per policy: no spread lines
+
+
+def test_attainment_interval_is_wilsons():
+    # Reference values of the 95% Wilson score interval.
+    assert wilson_interval(99, 100) == pytest.approx((0.9455, 0.9982), abs=1e-4)
+    assert wilson_interval(100, 100) == pytest.approx((0.9630, 1.0), abs=1e-4)
+    assert wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_repeated_policies_show_their_spread():
