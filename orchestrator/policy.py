@@ -271,15 +271,18 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     min_chunk = int(np.searchsorted(chunks, cfg.min_offline_chunk_tokens))
     with_chunk = decode_fits & (np.logical_and.accumulate(fits[:, :, :min_chunk + 1], axis=2)[:, :, -1]
                                 if min_chunk < len(chunks) else False)
-    best_s = decode_fits.sum(axis=1) - 1  # -1: not even zero offline decodes fit
+    def num_seqs(index: np.ndarray) -> np.ndarray:
+        """Sequence counts of candidate indices (-1, where none fits: 0)."""
+        return np.where(index >= 0, seqs[np.maximum(index, 0)], 0)
+
+    best_decode_only = decode_fits.sum(axis=1) - 1  # -1: not even zero offline decodes fit
     best_with_chunk = with_chunk.sum(axis=1) - 1
-    seqs_with_chunk = np.where(best_with_chunk >= 0, seqs[np.maximum(best_with_chunk, 0)], 0)
-    seqs_decode_only = np.where(best_s >= 0, seqs[np.maximum(best_s, 0)], 0)
+    seqs_with_chunk, seqs_decode_only = num_seqs(best_with_chunk), num_seqs(best_decode_only)
     # The idle row keeps the chunk at any cost but the last sequence: it is where offline prefills
     # run; a row with chat lasts as long as a chat burst, and its prefills can wait for the next gap.
     keep_chunk = (seqs_with_chunk >= 1) & ((k == 0) | (seqs_with_chunk >= cfg.chunk_min_seq_share * seqs_decode_only))
-    best_s = np.where(keep_chunk, best_with_chunk, best_s)
-    max_seqs = np.where(best_s >= 0, seqs[np.maximum(best_s, 0)], 0)
+    best_s = np.where(keep_chunk, best_with_chunk, best_decode_only)
+    max_seqs = np.where(keep_chunk, seqs_with_chunk, seqs_decode_only)
     max_tokens = np.zeros(cfg.table_size)
     for i in range(cfg.table_size):
         if best_s[i] < 0:
