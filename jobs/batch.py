@@ -5,8 +5,10 @@
 
 Every request is sent as `request_class: offline`, to the same OpenAI endpoint that serves chat,
 and only as many at once as the offline admission actor allows this job (its weighted share of
-the offline budget). Results are checkpointed line by line; resubmitting the same command resumes
-where the last run stopped, without redoing or duplicating finished work.
+the offline budget; `--max-in-flight` bounds it). Results are checkpointed line by line;
+resubmitting the same command resumes where the last run stopped, without redoing or duplicating
+finished work. The job refuses (exit code 2, writing nothing) an output it would have to destroy
+or mix up: the input itself, a file it did not write, or the results of another input.
 """
 
 from __future__ import annotations
@@ -24,13 +26,29 @@ from pathlib import Path
 from typing import Any
 
 from jobs import ray_status
-from jobs.checkpoint import ResultLog
-from jobs.formats import BatchItem, output_record, read_input, write_parquet_output
+from jobs.checkpoint import (
+    OutputRefused,
+    ResultLog,
+    lock_path,
+    meta_path,
+    mismatched_results,
+    read_meta,
+    write_meta,
+)
+from jobs.formats import (
+    BatchItem,
+    output_record,
+    parquet_tmp_path,
+    read_input,
+    request_fingerprint,
+    write_parquet_output,
+)
 from orchestrator.logs import quiet_http_client_logs
+from orchestrator.names import ENV_ENDPOINT, NAMESPACE
 
 log = logging.getLogger("colocate.batch")
 
-DEFAULT_ENDPOINT = os.environ.get("COLOCATE_ENDPOINT", "http://127.0.0.1:8000/v1")
+DEFAULT_ENDPOINT = os.environ.get(ENV_ENDPOINT, "http://127.0.0.1:8000/v1")
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
 
@@ -70,32 +88,42 @@ class Progress:
 
 
 class Admission:
-    """This job's in-flight allowance, from the cluster's admission actor when there is one."""
+    """This job's in-flight allowance, from the cluster's admission actor when there is one.
 
-    def __init__(self, key: str, weight: float, default_cap: int, use_ray: bool) -> None:
-        self.key, self.weight, self.default_cap = key, weight, default_cap
-        self.allowed = default_cap
+    `default_cap` (`--concurrency`) is the allowance while no controller sets a total budget or
+    the actor is unreachable; `max_cap` (`--max-in-flight`, None: none) bounds it always, here as
+    well as in the actor, so the bound holds even against an actor started by older code."""
+
+    def __init__(self, key: str, weight: float, default_cap: int, use_ray: bool,
+                 max_cap: int | None = None) -> None:
+        self.key, self.weight, self.default_cap, self.max_cap = key, weight, default_cap, max_cap
+        self.allowed = self._bounded(default_cap)
         self._actor = None
         self._use_ray = use_ray
+
+    def _bounded(self, allowed: int) -> int:
+        return allowed if self.max_cap is None else min(allowed, self.max_cap)
 
     def _heartbeat_blocking(self, progress: dict[str, Any]) -> int:
         import ray
 
-        from orchestrator.admission import get_or_create_admission
+        from orchestrator.control.admission import get_or_create_admission
 
         if self._actor is None:
             self._actor = get_or_create_admission()
-        return ray.get(self._actor.heartbeat.remote(self.key, self.weight, self.default_cap, progress), timeout=5)
+        return ray.get(self._actor.heartbeat.remote(self.key, self.weight, self.default_cap, progress,
+                                                    self.max_cap), timeout=5)
 
     async def heartbeat(self, progress: dict[str, Any]) -> None:
         if not self._use_ray:
             return
         try:
-            self.allowed = await asyncio.to_thread(self._heartbeat_blocking, {**progress, "allowed_inflight": self.allowed})
+            allowed = await asyncio.to_thread(self._heartbeat_blocking, {**progress, "allowed_inflight": self.allowed})
+            self.allowed = self._bounded(allowed)
         except Exception as err:  # noqa: BLE001 - admission gone (restarting): keep the static cap
-            log.warning("admission unavailable (%s); using the static cap %d", type(err).__name__, self.default_cap)
             self._actor = None
-            self.allowed = self.default_cap
+            self.allowed = self._bounded(self.default_cap)
+            log.warning("admission unavailable (%s); using the static cap %d", type(err).__name__, self.allowed)
 
 
 def _connect_ray() -> bool:
@@ -110,7 +138,7 @@ def _connect_ray() -> bool:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=address, namespace="colocate", logging_level="WARNING", log_to_driver=False)
+            ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
         return True
     except Exception as err:  # noqa: BLE001
         log.warning("not connected to a Ray cluster (%s); running with the static cap", err)
@@ -153,13 +181,110 @@ async def _resolve_model(client, model: str | None) -> str | None:
     return ids[0] if len(ids) == 1 else None
 
 
+@dataclass(frozen=True)
+class OutputFiles:
+    """Every file a job writes: results (the output itself for JSONL, a `.partial.jsonl` beside
+    a Parquet output), malformed input lines, and the results record."""
+
+    output: Path
+    results: Path
+    errors: Path
+    meta: Path
+
+    @classmethod
+    def of(cls, output: Path, errors: Path | None) -> OutputFiles:
+        results = output if output.suffix != ".parquet" else output.with_name(output.name + ".partial.jsonl")
+        return cls(output, results, errors or output.with_name(output.name + ".errors.jsonl"), meta_path(output))
+
+    def written(self) -> dict[str, Path]:
+        """By the name a refusal gives each; the scratch files too, as they are written as well."""
+        named = {"--output": self.output, "errors file": self.errors, "lock file": lock_path(self.results),
+                 "results record": self.meta,
+                 "results record's temporary file": self.meta.with_name(self.meta.name + ".tmp")}
+        if self.output != self.results:
+            named |= {"results file": self.results, "Parquet temporary file": parquet_tmp_path(self.output)}
+        return named
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Also through symlinks and hard links, for files that exist."""
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def _has_data(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def check_distinct_files(input_path: Path, files: OutputFiles) -> None:
+    """Refuse an output layout in which one write would overwrite the input or another output file
+    (`--output` = `--input`, or `--errors` = `--output`): the results log and the errors file are
+    opened for writing, which would destroy what they share a file with."""
+    written = list(files.written().items())
+    for name, path in written:
+        if _same_file(input_path, path):
+            raise OutputRefused(f"{name} {path} is the input file {input_path}; choose another --output"
+                                + (" or --errors" if name == "errors file" else ""))
+    for k, (name, path) in enumerate(written):
+        for other_name, other in written[k + 1:]:
+            if _same_file(path, other):
+                raise OutputRefused(f"{name} {path} and {other_name} {other} are the same file; "
+                                    "choose another --output or --errors")
+
+
+def check_own_output(files: OutputFiles, meta: dict[str, Any] | None, done_ids: set[str],
+                     requests: dict[str, str], input_path: Path) -> None:
+    """Refuse to write into anything but this input's own output.
+
+    Without a results record, any data at the output paths is someone else's. With one, every
+    finished result (and every row of a final Parquet file, which holds a whole earlier input)
+    must answer the request this input has under that custom_id: then this is the same job,
+    resumed, or grown by new requests; otherwise its results would be mixed with another input's.
+    """
+    has_final = files.output != files.results and _has_data(files.output)
+    if meta is None:
+        present = [p for p in (files.results, files.output, files.errors) if _has_data(p)]
+        if present:
+            raise OutputRefused(f"{present[0]} exists and was not written by a batch job (there is no "
+                                f"{files.meta}); choose another --output or delete it")
+        return
+    if _has_data(files.errors) and meta.get("errors") != str(files.errors.resolve()):
+        raise OutputRefused(f"{files.errors} exists and is not this output's errors file; "
+                            "choose another --errors or delete it")
+    answered = done_ids | (set(meta["requests"]) if has_final else set())
+    bad = mismatched_results(answered, meta["requests"], requests)
+    if bad:
+        raise OutputRefused(f"{files.output} holds results of another input ({meta.get('input')}): {len(bad)} "
+                            f"of them are not requests of {input_path} (e.g. custom_id {bad[0]!r}); choose "
+                            f"another --output or delete {files.output} and {files.meta}")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the job; OutputRefused, before anything is written, if that could destroy data."""
     from openai import AsyncOpenAI
 
-    output = Path(args.output)
-    errors_path = Path(args.errors) if args.errors else output.with_name(output.name + ".errors.jsonl")
-    results_path = output if output.suffix != ".parquet" else output.with_name(output.name + ".partial.jsonl")
-    items, input_errors = read_input(args.input)
+    input_path = Path(args.input)
+    files = OutputFiles.of(Path(args.output), Path(args.errors) if args.errors else None)
+    output, errors_path = files.output, files.errors
+    check_distinct_files(input_path, files)
+    items, input_errors = read_input(input_path)
+    requests = {i.custom_id: request_fingerprint(i) for i in items}
+    results = ResultLog(files.results).load()
+    check_own_output(files, read_meta(files.meta), set(results.done), requests, input_path)
+
+    # Checked: from here on, every file written is this job's own.
+    results.open()
+    write_meta(files.meta, {"input": str(input_path.resolve()), "input_sha256": _file_sha256(input_path),
+                            "errors": str(errors_path.resolve()), "requests": requests})
     errors_path.parent.mkdir(parents=True, exist_ok=True)
     with open(errors_path, "w") as f:
         for e in input_errors:
@@ -167,7 +292,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if input_errors:
         log.warning("%d malformed input line(s) written to %s", len(input_errors), errors_path)
 
-    results = ResultLog(results_path).open()
     wanted = {i.custom_id for i in items}
     progress = Progress(total=len(items), num_input_errors=len(input_errors))
     progress.done = progress.done_at_start = sum(1 for c in results.done if c in wanted)
@@ -176,7 +300,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     key = hashlib.sha1(str(output.resolve()).encode()).hexdigest()[:12]
     use_ray = not args.no_ray and _connect_ray()
-    admission = Admission(key, args.weight, args.concurrency, use_ray=use_ray)
+    admission = Admission(key, args.weight, args.concurrency, use_ray=use_ray, max_cap=args.max_in_flight)
     job_id = ray_status.submission_id() if use_ray else None
     client = AsyncOpenAI(base_url=args.endpoint, api_key="unused", max_retries=0, timeout=args.request_timeout_s)
     model = await _resolve_model(client, args.model)
@@ -226,7 +350,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight", type=float, default=1.0, help="share of offline capacity relative to other jobs")
     p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="OpenAI base URL of the chat service")
     p.add_argument("--concurrency", type=int, default=4,
-                   help="offline requests in flight when no controller sets the budget")
+                   help="offline requests in flight when no controller sets the budget (with one, the "
+                        "job gets its weighted share of the controller's total instead)")
+    p.add_argument("--max-in-flight", type=int, default=None,
+                   help="never more offline requests in flight than this, whatever the budget (default: no bound)")
     p.add_argument("--max-attempts", type=int, default=20, help="tries per request on 5xx or connection errors")
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument("--progress-interval-s", type=float, default=5.0)
@@ -236,6 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--weight must be positive")
     if args.concurrency < 1:
         p.error("--concurrency must be at least 1")
+    if args.max_in_flight is not None and args.max_in_flight < 1:
+        p.error("--max-in-flight must be at least 1")
     if not Path(args.input).is_file():
         p.error(f"--input {args.input}: no such file")
     return args
@@ -245,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     quiet_http_client_logs()
     args = parse_args(argv)
-    asyncio.run(run(args))
+    try:
+        asyncio.run(run(args))
+    except OutputRefused as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -37,6 +37,9 @@ class InputError:
 def _validate_body(url: str, body: Any) -> str | None:
     if not isinstance(body, dict):
         return "body must be a JSON object"
+    if body.get("stream") not in (None, False):
+        # A streamed answer is a series of events, not one response body to record.
+        return "body.stream must be false or absent: batch requests cannot stream"
     if url == "/v1/chat/completions":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -130,6 +133,13 @@ def read_input(path: str | Path) -> tuple[list[BatchItem], list[InputError]]:
     return read_jsonl(p)
 
 
+def request_fingerprint(item: BatchItem) -> str:
+    """What a result answers: the request's url and body (key order aside). Resuming is safe only
+    while each finished result's `custom_id` still names the same request."""
+    canonical = json.dumps({"url": item.url, "body": item.body}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def output_record(item: BatchItem, status_code: int, body: dict[str, Any] | None,
                   error: dict[str, Any] | None, request_id: str | None) -> dict[str, Any]:
     """One line of OpenAI Batch output: `response` for any HTTP answer, `error` if none came."""
@@ -140,6 +150,11 @@ def output_record(item: BatchItem, status_code: int, body: dict[str, Any] | None
         "response": None if body is None else {"status_code": status_code, "request_id": request_id, "body": body},
         "error": error,
     }
+
+
+def parquet_tmp_path(path: Path) -> Path:
+    """Where the Parquet output is written before it is renamed into place."""
+    return path.with_suffix(path.suffix + ".tmp")
 
 
 def write_parquet_output(records: list[dict[str, Any]], path: Path) -> None:
@@ -168,6 +183,6 @@ def write_parquet_output(records: list[dict[str, Any]], path: Path) -> None:
         ("finish_reason", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
         ("error", pa.string()), ("response_json", pa.string()),
     ])
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = parquet_tmp_path(path)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
     tmp.replace(path)

@@ -1,11 +1,5 @@
-"""Publish a running job's progress as its Ray job status message (`ray job status`, `ray job list`).
-
-Ray has no public call for a running job to set its own message, so this rewrites the `message`
-field of the job's record in the GCS, the same record Ray's job supervisor writes. It is safe
-because the supervisor writes that record only before the driver starts and after the driver's
-process tree has exited (`job_supervisor.py`, Ray 2.60), and it only ever touches a RUNNING job.
-Best effort: a failure here never affects the batch job.
-"""
+"""Publish a running job's progress as its Ray job status message (`ray job status`, `ray job list`),
+through `orchestrator.compat.ray_api.publish_job_message` (a private Ray record; see there)."""
 
 from __future__ import annotations
 
@@ -28,22 +22,11 @@ def submission_id() -> str | None:
 
 
 def publish_progress(job_id: str, message: str) -> bool:
+    """Best effort: a failure here never affects the batch job."""
     try:
-        from ray._private import ray_constants
-        from ray.dashboard.modules.job.common import JobInfo, JobInfoStorageClient, JobStatus
-        from ray.experimental import internal_kv
+        from orchestrator.compat.ray_api import publish_job_message
 
-        key = JobInfoStorageClient.JOB_DATA_KEY.format(job_id=job_id).encode()
-        raw = internal_kv._internal_kv_get(key, namespace=ray_constants.KV_NAMESPACE_JOB)
-        if raw is None:
-            return False
-        info = JobInfo.from_json(json.loads(raw))
-        if info.status != JobStatus.RUNNING:
-            return False
-        info.message = message
-        internal_kv._internal_kv_put(key, json.dumps(info.to_json()).encode(), overwrite=True,
-                                     namespace=ray_constants.KV_NAMESPACE_JOB)
-        return True
+        return publish_job_message(job_id, message)
     except Exception as err:  # noqa: BLE001
         log.debug("could not publish progress to the Ray job record: %s", err)
         return False

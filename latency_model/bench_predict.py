@@ -28,7 +28,7 @@ def _time_calls(fn: Callable[[], object], repeats: int) -> np.ndarray:
 def candidate_features(num: int, seed: int = 0) -> np.ndarray:
     """Candidate compositions like the controller's grid: online and offline decodes, a chunk."""
     from latency_model.features import featurize
-    from orchestrator.policy import _candidate_columns
+    from orchestrator.control.policy import _candidate_columns
 
     rng = np.random.default_rng(seed)
     k = rng.integers(0, 32, num).astype(float)

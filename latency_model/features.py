@@ -1,5 +1,5 @@
 """The one feature function, used by training (on telemetry rows) and by the controller (on
-candidate batches). Both describe a step by the aggregates in `profiler.schema`.
+candidate batches). Both describe a step by the aggregates in `latency_model.schema`.
 
 Beyond HyGen's features (prefill tokens, its square, decode tokens, request counts) it adds
 the KV the step reads: decode context tokens and the quadratic prefill attention work, which
@@ -22,7 +22,7 @@ INPUT_COLUMNS: tuple[str, ...] = (
     "decode_context_tokens",
     "max_decode_context_tokens",
 )
-"""Per-step aggregates the features are computed from (columns of `profiler.schema`)."""
+"""Per-step aggregates the features are computed from (columns of `latency_model.schema`)."""
 FEATURE_NAMES: tuple[str, ...] = (
     *INPUT_COLUMNS,
     "mean_decode_context_tokens",

@@ -1,6 +1,6 @@
 """XGBoost quantile model of step latency: a median head and a p99 head.
 
-Trained on a step dataset (`profiler.schema`), with three splits: train, calibration and
+Trained on a step dataset (`latency_model.schema`), with three splits: train, calibration and
 hold-out. The p99 head is conformally calibrated (scaled by the calibration split's quantile of
 observed / predicted, since CPU and GPU timing noise grows with the step) so that its coverage
 holds on data it has not seen; the hold-out split only measures.

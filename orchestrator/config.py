@@ -89,8 +89,86 @@ class ClusterConfig(_Strict):
     object_store_memory_bytes: int = Field(512 * 1024**2, ge=78_643_200)
 
 
+class PolicyConfig(_Strict):
+    """The controller's decision rule (orchestrator.control.policy); every field settable under
+    `controller.policy` in the YAML. Fractions are of the SLO target (pressure) or of the engine."""
+
+    shrink_at: float = Field(0.95, gt=0)
+    """Observed p99 / SLO target at or above which the throttle scale is cut."""
+    grow_below: float = Field(0.8, gt=0)
+    """Observed p99 / SLO target below which the scale grows back after `grow_hold_s`."""
+    shrink_factor: float = Field(0.5, gt=0, lt=1)
+    shrink_hold_s: float = Field(1.0, ge=0)
+    grow_step: float = Field(0.125, gt=0, le=1)
+    grow_hold_s: float = Field(1.0, ge=0)
+    band_grow_hold_s: float = Field(4.0, ge=0)
+    """Inside the band a reduced scale still grows, one `grow_step` per `band_grow_hold_s`: a
+    signal that sits in the band whatever the offline load does (chat TTFT near its target from
+    chat prefills alone) must not hold a collapsed budget for good. Measured in the full bench:
+    the budget collapsed at a burst and stayed at 0-8 sequences for the last 45 s of the run
+    while the observed TTFT hovered at 0.8-0.95 of its target."""
+    min_scale: float = Field(0.0625, gt=0, le=1)
+    default_offline_seqs: int = Field(2, ge=0)
+    default_offline_tokens: int = Field(64, ge=0)
+    default_idle_offline_seqs: int = Field(8, ge=0)
+    default_idle_offline_tokens: int = Field(512, ge=0)
+    """The budget without a latency model: while no online request is in the engine, 8 offline
+    sequences and 512 tokens per step; with any online request, 2 sequences and small prefill
+    chunks (64 tokens). The engine switches between the two at the next step."""
+    default_online_context_tokens: int = Field(256, ge=0)
+    """Context assumed for online requests a replica does not hold yet (for its k > now rows)."""
+    seq_candidates: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    """Offline sequence counts the model is asked about, ascending from 0."""
+    chunk_candidates: tuple[int, ...] = (0, 16, 32, 64, 128, 256, 512)
+    """Offline prefill chunk sizes (tokens) the model is asked about, ascending from 0."""
+    min_offline_chunk_tokens: int = Field(32, ge=0)
+    chunk_min_seq_share: float = Field(0.5, ge=0, le=1)
+    """In rows with chat, room for a minimal offline prefill chunk is kept beside the offline
+    decodes only where the decodes that fit beside it are at least this share of those that fit
+    without it (and at least one); else the row runs decodes only, and offline prefills wait for
+    the idle row (which keeps its chunk while one sequence fits beside it). Taking
+    the chunk whatever it cost picked '0 decodes + a chunk' (no offline work at all: a chunk
+    needs a sequence) over 16 decodes as soon as the calibration rose to 2: a full bench ran 0
+    offline tok/s beside 1-4 chat requests for its last 35 s at 0.4-0.5 of the TPOT SLO."""
+    idle_step_share_of_ttft: float = Field(0.25, gt=0, le=1)
+    """With no chat in the engine, a step may take this share of the TTFT target (less headroom)."""
+    min_idle_offline_seqs: int = Field(1, ge=0)
+    """With no chat in the engine, at least this many offline sequences (and a minimal prefill
+    chunk) may run whatever the model says; the feedback scale can still cut it. Such a step is
+    about one chat decode step long, all that an arriving chat request waits for. Without the
+    floor a model that puts every candidate over the target (a slow host raising the calibration
+    over a step curve that is nearly flat in batch size) stops offline work for good: with no
+    offline steps the calibration only sees chat steps and never comes down. Measured in a quick
+    bench: 0 offline tok/s in two of three Colocate runs while static-2 met the SLO at 200."""
+    online_slot_share: float = Field(0.25, ge=0, lt=1)
+    """Share of an engine's sequence slots (max_num_seqs) offline work never takes, at any online
+    load. Paused offline requests keep their slots; a chat request that finds none free preempts
+    one (its prefill is lost and redone), so the budget keeps a quarter of them for chat."""
+    table_size: int = Field(32, ge=1, le=64)
+    """Rows of the budget table (online counts 0..table_size-1; the engine's channel holds 64)."""
+    calibration_min_steps: int = Field(8, ge=1)
+    calibration_bounds: tuple[float, float] = (0.8, 4.0)
+    """The model was profiled on a bare engine; while serving (HTTP, detokenization and batch
+    clients sharing the host) the same batch can run slower, or, on quieter hardware, faster.
+    Predictions are scaled by the median observed/predicted ratio over the replica's recent steps
+    (at least `calibration_min_steps` of them), kept within these bounds."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicyConfig:
+        for name in ("seq_candidates", "chunk_candidates"):
+            values = getattr(self, name)
+            if not values or values[0] != 0 or list(values) != sorted(set(values)):
+                raise ValueError(f"{name} must start at 0 and increase strictly, got {list(values)}")
+        if self.grow_below > self.shrink_at:
+            raise ValueError(f"grow_below ({self.grow_below}) must not exceed shrink_at ({self.shrink_at})")
+        low, high = self.calibration_bounds
+        if not 0 < low <= high:
+            raise ValueError(f"calibration_bounds must satisfy 0 < low <= high, got {self.calibration_bounds}")
+        return self
+
+
 class ControllerConfig(_Strict):
-    """The central controller (orchestrator.controller) and the replicas' side of it."""
+    """The central controller (orchestrator.control.controller) and the replicas' side of it."""
 
     enabled: bool = True
     """False: no controller; offline work runs at vLLM's low priority without a budget (naive)."""
@@ -109,6 +187,8 @@ class ControllerConfig(_Strict):
     """Step-latency model artifact (`colocate train`); None: a conservative default budget."""
     profile_path: str | None = None
     """Interference profile (`colocate interference`); None: per-step budget from the TPOT target."""
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    """The decision rule's parameters (defaults are documented on each field)."""
 
 
 class ColocateConfig(_Strict):

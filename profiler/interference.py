@@ -24,8 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-PROFILE_KIND = "ColocateInterferenceProfile"
-PROFILE_VERSION = 1
+from orchestrator.control.profile import PROFILE_KIND, PROFILE_VERSION
 
 
 @dataclass(frozen=True)
@@ -97,23 +96,6 @@ def profile_document(best: LoadPoint | None, points: list[LoadPoint], *, model: 
     }
 
 
-def load_interference_profile(path: str | Path) -> dict[str, Any]:
-    """Read a profile file, failing with the file and the problem."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{p}: no such file") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{p}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(doc, dict) or doc.get("kind") != PROFILE_KIND or doc.get("version") != PROFILE_VERSION:
-        raise ValueError(f"{p}: not a {PROFILE_KIND} version {PROFILE_VERSION}")
-    budget = doc.get("step_budget_ms")
-    if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
-        raise ValueError(f"{p}: step_budget_ms must be a positive number or null, got {budget!r}")
-    return doc
-
-
 def plot_profile(doc: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
@@ -162,7 +144,7 @@ def measure_point(*, controller, endpoint: str, model: str, specs, offline_seqs:
     prompts would be served from vLLM's prefix cache."""
     import ray
 
-    from orchestrator.workload import offline_stream_backlog, run_chat_load, summarize_chat
+    from bench.workload import offline_stream_backlog, run_chat_load, summarize_chat
 
     ray.get(controller.set_override.remote({"max_offline_seqs": [offline_seqs],
                                             "max_offline_tokens": [offline_seqs * (1 + chunk_tokens)]}))
@@ -204,9 +186,9 @@ def run_interference(config, *, ttft_p99_ms: float, tpot_p99_ms: float, rate_per
                      on_progress: Callable[[str], None] = print) -> dict[str, Any]:
     import ray
 
-    from orchestrator import cluster
-    from orchestrator.controller import get_controller
-    from orchestrator.workload import AZURE_CONV, load_chat_trace
+    from bench.workload import AZURE_CONV, load_chat_trace
+    from orchestrator.cluster import lifecycle as cluster
+    from orchestrator.control.controller import get_controller
 
     state = cluster.StackState.load()
     if state is None:

@@ -122,10 +122,11 @@ def run_sweep(engine, channel, scenarios: list[Scenario], *, vocab_size: int, ma
 def profile(config, out: Path, *, num_scenarios: int = 60, seed: int = 0,
             on_progress: Callable[[str], None] = print) -> dict:
     """Build an engine like a replica's, run the sweep, write the step dataset to `out`."""
-    from orchestrator.app import engine_kwargs, replica_env, resolve_model_source
-    from orchestrator.engine_channel import CHANNEL_ENV, EngineChannel, rows_to_columns
-    from profiler.schema import SCHEMA_VERSION
-    from profiler.telemetry import export_parquet
+    from latency_model.schema import SCHEMA_VERSION
+    from orchestrator.engine.channel import EngineChannel, rows_to_columns
+    from orchestrator.engine.telemetry import export_parquet
+    from orchestrator.names import ENV_ENGINE_CHANNEL
+    from orchestrator.serving.app import engine_kwargs, replica_env, resolve_model_source
 
     source = resolve_model_source(config)
     kwargs = engine_kwargs(config)
@@ -136,7 +137,7 @@ def profile(config, out: Path, *, num_scenarios: int = 60, seed: int = 0,
             "controller": config.controller.model_copy(update={"enabled": False})})).items():
         os.environ.setdefault(key, value)
     channel = EngineChannel.create()
-    os.environ[CHANNEL_ENV] = str(channel.path)
+    os.environ[ENV_ENGINE_CHANNEL] = str(channel.path)
     try:
         from vllm import LLM
 
@@ -159,7 +160,7 @@ def profile(config, out: Path, *, num_scenarios: int = 60, seed: int = 0,
         engine.engine_core.shutdown()
     finally:
         channel.close(unlink=True)
-        os.environ.pop(CHANNEL_ENV, None)
+        os.environ.pop(ENV_ENGINE_CHANNEL, None)
     cols = rows_to_columns(rows)
     export_parquet(cols, out)
     records = cols["step_latency_ms"]

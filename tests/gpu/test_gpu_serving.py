@@ -14,7 +14,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from orchestrator.cluster import free_port
+from orchestrator.cluster.lifecycle import free_port
 from tests.integration.conftest import MODEL_CACHE, ROOT
 
 pytestmark = pytest.mark.gpu

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cluster import free_port
+from orchestrator.cluster.lifecycle import free_port
 from orchestrator.logs import quiet_http_client_logs
 
 quiet_http_client_logs()

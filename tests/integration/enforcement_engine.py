@@ -5,15 +5,17 @@ import json
 import os
 import sys
 
-from orchestrator.engine_channel import CHANNEL_ENV, EngineChannel, OfflineBudget, rows_to_columns
+from orchestrator.engine.budget import OfflineBudget
+from orchestrator.engine.channel import EngineChannel, rows_to_columns
+from orchestrator.names import ENV_ENGINE_CHANNEL
 
 if __name__ == "__main__":
     chan = EngineChannel.create(fallback=OfflineBudget.flat(2, 64))
-    os.environ[CHANNEL_ENV] = str(chan.path)
+    os.environ[ENV_ENGINE_CHANNEL] = str(chan.path)
     from vllm import LLM, SamplingParams
     llm = LLM(model=sys.argv[1], dtype="bfloat16", enforce_eager=True, max_model_len=2048,
               max_num_batched_tokens=256, scheduling_policy="priority", enable_prefix_caching=False,
-              scheduler_cls="orchestrator.engine_scheduler.ColocateScheduler")
+              scheduler_cls="orchestrator.engine.scheduler.ColocateScheduler")
     eng = llm.llm_engine
     # 0 online: 4 offline seqs, 512 tokens; 1+ online: 1 offline seq, 8 tokens.
     chan.write_budget(OfflineBudget((4, 1), (512, 8)), valid_for_s=600)

@@ -5,18 +5,20 @@ import json
 import os
 import sys
 
-from orchestrator.engine_channel import CHANNEL_ENV, EngineChannel, OfflineBudget, rows_to_columns
+from orchestrator.engine.budget import OfflineBudget
+from orchestrator.engine.channel import EngineChannel, rows_to_columns
+from orchestrator.names import ENV_ENGINE_CHANNEL
 
 if __name__ == "__main__":
     chan = EngineChannel.create(fallback=OfflineBudget.flat(2, 64))
-    os.environ[CHANNEL_ENV] = str(chan.path)
+    os.environ[ENV_ENGINE_CHANNEL] = str(chan.path)
     from vllm import LLM, SamplingParams
     # 20 blocks of 32 tokens (one reserved): three offline requests of 180-token prompts take 18.
     # "slots": the cache is large, but the three offline requests take every sequence slot.
     limit = {"max_num_seqs": 3} if sys.argv[2:] == ["slots"] else {"num_gpu_blocks_override": 20}
     llm = LLM(model=sys.argv[1], dtype="bfloat16", enforce_eager=True, max_model_len=512,
               max_num_batched_tokens=256, scheduling_policy="priority", enable_prefix_caching=False,
-              block_size=32, scheduler_cls="orchestrator.engine_scheduler.ColocateScheduler", **limit)
+              block_size=32, scheduler_cls="orchestrator.engine.scheduler.ColocateScheduler", **limit)
     eng = llm.llm_engine
     # No chat: 3 offline sequences; with chat: none (all paused, holding their KV).
     chan.write_budget(OfflineBudget((3, 0), (1024, 0)), valid_for_s=600)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from openai import AsyncOpenAI
 
-from orchestrator.bench import BenchOptions
-from orchestrator.policy import PolicyConfig
-from orchestrator.server import LATENCY_WINDOW_S
-from orchestrator.workload import make_prompt
+from bench.bench import BenchOptions
+from bench.workload import make_prompt
+from orchestrator.control.policy import PolicyConfig
+from orchestrator.serving.server import LATENCY_WINDOW_S
 from tests.integration.conftest import ROOT, colocate_cmd, start_stack
 
 pytestmark = pytest.mark.integration
@@ -135,7 +135,7 @@ CPU_PROFILE = ROOT / "profiler" / "data" / "cpu-bench-profile.parquet"
 @pytest.fixture(scope="module")
 def bench_stack(tmp_path_factory):
     from latency_model.model import train
-    from profiler.schema import read_steps
+    from latency_model.schema import read_steps
 
     work = tmp_path_factory.mktemp("bench-stack")
     model, _ = train(read_steps(CPU_PROFILE))

@@ -21,7 +21,7 @@ SCRIPT = Path(__file__).with_name("enforcement_engine.py")
 @pytest.fixture(scope="module")
 def phases(tmp_path_factory):
     if not (MODEL_CACHE / "config.json").exists():
-        from orchestrator.tiny_model import build_tiny_model
+        from orchestrator.models.tiny import build_tiny_model
 
         build_tiny_model(MODEL_CACHE, size="test")
     tmp = tmp_path_factory.mktemp("enforce")
@@ -73,7 +73,7 @@ def test_a_chat_request_that_does_not_fit_preempts_paused_offline_work_never_onl
     (without it the engine holds the chat request forever: no budget for offline work, no room for
     chat) and the chat request gets its first token in the step after it arrived."""
     if not (MODEL_CACHE / "config.json").exists():
-        from orchestrator.tiny_model import build_tiny_model
+        from orchestrator.models.tiny import build_tiny_model
 
         build_tiny_model(MODEL_CACHE, size="test")
     script = SCRIPT.with_name("kv_pressure_engine.py")

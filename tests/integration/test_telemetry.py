@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from profiler.schema import read_steps
+from latency_model.schema import read_steps
 from tests.integration.conftest import MODEL_CACHE, ROOT
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ ENGINE_SCRIPT = textwrap.dedent('''
 
 def test_every_step_is_recorded_with_its_composition(tmp_path):
     if not (MODEL_CACHE / "config.json").exists():
-        from orchestrator.tiny_model import build_tiny_model
+        from orchestrator.models.tiny import build_tiny_model
 
         build_tiny_model(MODEL_CACHE, size="test")
     script = tmp_path / "engine.py"

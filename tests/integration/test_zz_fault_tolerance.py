@@ -13,10 +13,10 @@ import pytest
 import ray
 from ray.job_submission import JobStatus
 
-from orchestrator.admission import ADMISSION_NAME
-from orchestrator.admission import NAMESPACE as ADMISSION_NAMESPACE
-from orchestrator.cluster import LLM_DEPLOYMENT_PREFIX, connect
-from orchestrator.controller import get_controller
+from orchestrator.cluster.lifecycle import LLM_DEPLOYMENT_PREFIX, connect
+from orchestrator.control.admission import ADMISSION_NAME
+from orchestrator.control.admission import NAMESPACE as ADMISSION_NAMESPACE
+from orchestrator.control.controller import get_controller
 from tests.integration.test_batch_jobs import records, start_job_and_wait_for_results, write_input
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,6 @@ import pytest
 
 from jobs.checkpoint import ResultLog
 from jobs.formats import output_record, read_input, write_parquet_output
-from orchestrator.admission import share_budget
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -117,32 +116,15 @@ def test_parquet_output_has_one_typed_row_per_record(tmp_path):
         ("a", 200, "hey", 4), ("b", 400, None, None)]
 
 
-@pytest.mark.parametrize("total, weights, expected", [
-    (8, {"a": 1, "b": 1}, {"a": 4, "b": 4}),
-    (8, {"a": 3, "b": 1}, {"a": 6, "b": 2}),
-    (10, {"a": 1, "b": 1, "c": 1}, {"a": 4, "b": 3, "c": 3}),
-    (2, {"a": 1, "b": 1, "c": 1}, {"a": 1, "b": 1, "c": 1}),
-    (5, {"a": 100, "b": 1}, {"a": 4, "b": 1}),
-    (5, {}, {}),
-])
-def test_share_budget_is_proportional_to_weight_and_never_starves(total, weights, expected):
-    shares = share_budget(total, weights)
-    assert shares == expected
-    if weights:
-        assert sum(shares.values()) == max(total, len(weights))
-
-
-def test_allowance_shares_among_live_jobs_and_forgets_stale_or_finished_ones():
-    from orchestrator.admission import JOB_STALE_AFTER_S, allowance
-
-    now = 1000.0
-    jobs = {
-        "a": {"weight": 1, "default_cap": 4, "seen_s": now},
-        "b": {"weight": 3, "default_cap": 4, "seen_s": now},
-        "old": {"weight": 5, "default_cap": 4, "seen_s": now - JOB_STALE_AFTER_S - 1},
-        "done": {"weight": 5, "default_cap": 4, "seen_s": now, "finished": True},
-    }
-    assert (allowance(jobs, "a", now, None), allowance(jobs, "b", now, None)) == (1, 3)
-    # A controller total of 12 splits 3:9, but no job goes past its own cap of 4.
-    assert (allowance(jobs, "a", now, 12), allowance(jobs, "b", now, 12)) == (3, 4)
-    assert allowance(jobs, "done", now, None) == 4
+def test_a_streaming_body_is_an_input_error_and_the_rest_is_read(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join([
+        line("a", body={**CHAT, "stream": True}),
+        line("b", body={**CHAT, "stream": False}),
+        line("c", url="/v1/completions", body={"prompt": "p", "stream": True}),
+        line("d"),
+    ]) + "\n")
+    items, errors = read_input(path)
+    assert [i.custom_id for i in items] == ["b", "d"]
+    assert [(e.line, e.custom_id) for e in errors] == [(1, "a"), (3, "c")]
+    assert all("batch requests cannot stream" in e.reason for e in errors)

@@ -148,3 +148,24 @@ def test_bad_arguments_are_rejected(tmp_path):
     (tmp_path / "in.jsonl").write_text("")
     with pytest.raises(SystemExit):
         parse_args(["--input", str(tmp_path / "in.jsonl"), "--output", "o.jsonl", "--weight", "0"])
+
+
+def test_max_in_flight_bounds_the_static_cap(tmp_path, fake):
+    write_input(tmp_path / "in.jsonl", 8)
+    run_job(tmp_path, fake, "--concurrency", "4", "--max-in-flight", "1")
+    assert fake.max_concurrent == 1
+
+
+def test_a_streaming_line_goes_to_the_errors_file_and_the_rest_completes(tmp_path, fake):
+    write_input(tmp_path / "in.jsonl", 3)
+    with open(tmp_path / "in.jsonl", "a") as f:
+        f.write(json.dumps({"custom_id": "s", "method": "POST", "url": "/v1/chat/completions",
+                            "body": {"messages": [{"role": "user", "content": "hi"}], "stream": True}}) + "\n")
+    summary = run_job(tmp_path, fake)
+    records = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in records) == ["q0", "q1", "q2"]
+    assert not any(b.get("stream") for b in fake.bodies)
+    errors = [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["custom_id"]) for e in errors] == [(4, None), (5, "s")]
+    assert "cannot stream" in errors[1]["reason"]
+    assert summary["done"] == 3 and summary["num_input_errors"] == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.bench import attainment, counter_delta, format_table, plot, summarize, wilson_interval
+from bench.bench import attainment, counter_delta, format_table, plot, summarize, wilson_interval
 
 SLO = {"ttft_p99_ms": 300.0, "tpot_p99_ms": 100.0, "source": "test"}
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.app import engine_kwargs, resolve_model_source
-from orchestrator.cli import app
+from orchestrator.cli.main import app
 from orchestrator.config import parse_config
+from orchestrator.serving.app import engine_kwargs, resolve_model_source
 
 runner = CliRunner()
 
@@ -92,7 +92,7 @@ def test_model_source_hub_id_passes_through_and_missing_dir_without_build_is_an_
 
 
 def test_cpu_dtype_is_bf16_only_where_the_cpu_computes_it():
-    from orchestrator.app import cpu_dtype
+    from orchestrator.serving.app import cpu_dtype
 
     assert cpu_dtype("flags : fpu avx2 fma") == "float32"
     assert cpu_dtype("flags : fpu avx2 avx512f avx512_bf16") == "bfloat16"

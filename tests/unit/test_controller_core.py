@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 
 import pytest
 
-from orchestrator.controller import ControllerCore
-from orchestrator.slo import SloError, apply_setting, load_slo
+from orchestrator.control.controller import ControllerCore
+from orchestrator.control.slo import SloError, apply_setting, load_slo
 
 SLO_YAML = textwrap.dedent("""\
     kind: ColocateSLO
@@ -51,9 +52,11 @@ def setup(tmp_path):
     slo = tmp_path / "slo.yaml"
     slo.write_text(SLO_YAML)
     clock, store = Clock(), MemoryStore()
+    admission_totals = []
 
     def make():
-        return ControllerCore(model_id="m", slo_path=str(slo), clock=clock, store=store, metrics=False)
+        return ControllerCore(model_id="m", slo_path=str(slo), clock=clock, store=store, metrics=False,
+                              admission=admission_totals.append)
 
     return make, slo, clock, store
 
@@ -65,9 +68,45 @@ def test_tick_decides_a_budget_per_fresh_replica_and_replies_with_it(setup):
     c.reports["old"] = report(clock, rid="old", reported_at_s=clock() - 10)
     decision = c.tick()
     assert set(decision.replicas) == {"r1"}
-    reply = c.replies["r1"]
+    reply = asyncio.run(c.report(report(clock)))
     assert reply["max_offline_seqs"][:2] == [8, 2]  # no latency model: the conservative default
-    assert reply["valid_for_s"] == c.silence_timeout_s
+    assert reply["expires_in_s"] == c.silence_timeout_s
+
+
+def test_a_controller_whose_ticks_fail_leaves_replicas_at_the_safe_budget_within_the_timeout(setup, tmp_path):
+    """The budget's validity runs from when it was decided: the controller keeps answering with
+    its last stored budget while ticks fail, and that budget must expire silence_timeout_s after
+    it was decided (it used to be re-stamped with a fresh validity at every reply, forever)."""
+    from orchestrator.control.reply import remaining_validity_s, reply_budget
+    from orchestrator.engine.budget import OfflineBudget
+    from orchestrator.engine.channel import EngineChannel
+
+    make, _, clock, _ = setup
+    c = make()
+    c.reports["r1"] = report(clock)
+    c.tick()
+    chan = EngineChannel.create(tmp_path / "chan", fallback=OfflineBudget.flat(1, 64))
+
+    def replica_round(elapsed_s: float = 0.01):
+        """What the replica does with a reply: write it with the validity left, if any."""
+        reply = asyncio.run(c.report(report(clock)))
+        valid_for_s = remaining_validity_s(reply, elapsed_s)
+        if valid_for_s > 0:
+            chan.write_budget(reply_budget(reply), valid_for_s=valid_for_s, now_s=clock())
+
+    replica_round()
+    assert chan.budget_at(0, clock()) == (8, 512, False)
+
+    def broken_tick():
+        raise RuntimeError("observe failed")
+
+    c.tick = broken_tick  # every later tick fails; the replica keeps reporting every 0.1 s
+    deadline = clock() + c.silence_timeout_s
+    while clock() <= deadline + 0.5:
+        clock.t += 0.1
+        replica_round()
+    assert chan.budget_at(0, clock()) == (1, 64, True)
+    chan.close(unlink=True)
 
 
 def test_throttle_state_survives_a_restart_through_the_checkpoint(setup):

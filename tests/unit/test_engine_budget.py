@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator.engine_channel import (
+from orchestrator.engine.budget import OfflineBudget
+from orchestrator.engine.channel import (
     CHANNEL_PREFIX,
     RING_COLUMNS,
     EngineChannel,
-    OfflineBudget,
     sweep_stale_channels,
 )
-from orchestrator.engine_scheduler import OfflineCandidate, plan_step
+from orchestrator.engine.plan import OfflineCandidate, plan_step
 
 DECODE = OfflineCandidate(1, False)
 
@@ -123,25 +123,8 @@ def test_channel_files_of_dead_replicas_are_swept_and_live_ones_kept(tmp_path):
     assert not stale.exists() and live.exists() and other.exists()
 
 
-def test_engine_polling_sleeps_instead_of_spinning(monkeypatch):
-    import time
-
-    from vllm.distributed.device_communicators import shm_broadcast
-
-    from orchestrator.engine_scheduler import quiet_engine_polling
-
-    monkeypatch.setattr(shm_broadcast, "sched_yield", shm_broadcast.sched_yield)
-    spin = shm_broadcast.sched_yield
-    assert not quiet_engine_polling(0) and shm_broadcast.sched_yield is spin
-    assert quiet_engine_polling(2000)
-    start = time.perf_counter()
-    for _ in range(5):
-        shm_broadcast.sched_yield()
-    assert time.perf_counter() - start >= 5 * 0.002
-
-
 def test_cpu_replicas_get_the_quiet_polling_default():
-    from orchestrator.app import _CPU_ENV_DEFAULTS
-    from orchestrator.engine_scheduler import POLL_SLEEP_ENV
+    from orchestrator.names import ENV_POLL_SLEEP_US
+    from orchestrator.serving.app import _CPU_ENV_DEFAULTS
 
-    assert float(_CPU_ENV_DEFAULTS[POLL_SLEEP_ENV]) > 0
+    assert float(_CPU_ENV_DEFAULTS[ENV_POLL_SLEEP_US]) > 0

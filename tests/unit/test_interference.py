@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from orchestrator.control.profile import load_interference_profile
 from profiler.interference import (
     LoadPoint,
-    load_interference_profile,
     plot_profile,
     profile_document,
     search_largest,

@@ -11,7 +11,7 @@ import pytest
 
 from latency_model.features import FEATURE_NAMES, featurize
 from latency_model.model import ModelFileError, load, train
-from profiler.schema import STEP_SCHEMA, DatasetError, read_steps
+from latency_model.schema import STEP_SCHEMA, DatasetError, read_steps
 
 
 def synthetic_steps(n=3000, seed=0) -> pa.Table:
@@ -122,7 +122,7 @@ def test_dataset_errors_name_the_file_and_problem(tmp_path):
 def test_colocate_train_cli_reports_metrics_and_rejects_bad_datasets(tmp_path):
     from typer.testing import CliRunner
 
-    from orchestrator.cli import app
+    from orchestrator.cli.main import app
 
     data = tmp_path / "steps.parquet"
     pq.write_table(synthetic_steps(600), data)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from latency_model.features import FEATURE_NAMES
-from orchestrator.policy import PolicyConfig, ReplicaLoad, ReplicaState, SloTargets, Snapshot, decide
+from orchestrator.control.policy import PolicyConfig, ReplicaLoad, ReplicaState, SloTargets, Snapshot, decide
 
 SLO = SloTargets(ttft_p99_ms=400.0, tpot_p99_ms=50.0, headroom=0.1)
 CFG = PolicyConfig()

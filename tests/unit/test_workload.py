@@ -4,8 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from jobs.formats import read_jsonl
-from orchestrator.workload import (
+from bench.workload import (
     ChatResult,
     RequestSpec,
     load_chat_trace,
@@ -13,6 +12,7 @@ from orchestrator.workload import (
     summarize_chat,
     write_batch_input,
 )
+from jobs.formats import read_jsonl
 
 
 @pytest.fixture

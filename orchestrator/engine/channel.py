@@ -10,11 +10,19 @@ anything over RPC would cost more than a step. So the two share one small memory
 - the **engine counters** (written by the scheduler): online/offline requests running, waiting
   and paused, offline preemptions, throttled steps;
 - the **step ring** (written by the scheduler): one row per step with the aggregates of
-  `profiler.schema` and the step's end time, read by the replica for the controller and by
-  `colocate profile`.
+  `latency_model.schema` and the step's end time, read by the replica for the controller and by
+  `colocate profile`;
+- the **latency ring** (written by the scheduler): one row per online request event, its time to
+  first token when the first token is produced and its time per output token when it finishes,
+  measured in the engine (the same for streamed and non-streamed replies).
 
 Each field has exactly one writer; float64 slots are written whole, so a reader sees either the
-old or the new value. Ring rows are written before the row count is advanced.
+old or the new value. Ring rows are written before the row count is advanced. The budget tables
+are many slots, so they are guarded by a sequence lock: the writer makes the sequence odd, writes,
+and makes it even again; a reader that sees an odd or changed sequence reads again, and after a
+few tries uses the fallback budget, so a half-written table is never applied. (Python's stores
+reach memory in program order on x86-64, the platform tested here; the sequence check is what a
+seqlock needs on such a total-store-order machine.)
 """
 
 from __future__ import annotations
@@ -23,21 +31,23 @@ import mmap
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from profiler.schema import STEP_SCHEMA
+from latency_model.schema import STEP_SCHEMA
+from orchestrator.engine.budget import TABLE_SIZE, UNLIMITED, OfflineBudget
+from orchestrator.names import ENV_ENGINE_CHANNEL
 
-CHANNEL_ENV = "COLOCATE_ENGINE_CHANNEL"
 MAGIC = 0xC0C0CA7E
-LAYOUT_VERSION = 2
-TABLE_SIZE = 64
-"""Budget entries by online request count; counts beyond the table use its last entry."""
+LAYOUT_VERSION = 3
 
 RING_COLUMNS: tuple[str, ...] = (*[f.name for f in STEP_SCHEMA], "end_time_s", "num_online_reqs")
 DEFAULT_RING_CAPACITY = 8192
+LATENCY_COLUMNS: tuple[str, ...] = ("time_s", "ttft_ms", "tpot_ms")
+"""One row per online request event: ttft_ms or tpot_ms is set, the other is NaN."""
+LATENCY_RING_CAPACITY = 4096
+_SEQLOCK_TRIES = 3
 
 # Header slots (float64 each).
 _MAGIC, _VERSION, _BUDGET_SEQ, _VALID_UNTIL, _FALLBACK_SEQS, _FALLBACK_TOKENS, _RING_CAP, _RING_COUNT = range(8)
@@ -45,12 +55,13 @@ COUNTER_NAMES: tuple[str, ...] = (
     "num_online_running", "num_online_waiting", "num_offline_running", "num_offline_waiting",
     "num_offline_paused", "num_offline_preempted_total", "num_throttled_steps", "num_fallback_steps",
     "online_context_tokens", "offline_context_tokens", "num_online_tokens_total", "num_offline_tokens_total",
-    "num_steps_total", "step_time_s_total", "max_num_seqs",
+    "num_steps_total", "step_time_s_total", "max_num_seqs", "online_running_tpot_max_ms",
 )
 _COUNTERS = 8
 _SEQS_TABLE = _COUNTERS + len(COUNTER_NAMES)
 _TOKENS_TABLE = _SEQS_TABLE + TABLE_SIZE
-_HEADER_SLOTS = _TOKENS_TABLE + TABLE_SIZE
+_LATENCY_COUNT = _TOKENS_TABLE + TABLE_SIZE
+_HEADER_SLOTS = _LATENCY_COUNT + 1
 
 
 CHANNEL_PREFIX = "colocate-engine-"
@@ -88,34 +99,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class OfflineBudget:
-    """How much offline work an engine may run, by the number of online requests it holds.
-
-    `max_offline_seqs[k]` and `max_offline_tokens[k]` apply while k online requests are running
-    or waiting (the last entry for any larger k). A controller computes the tables ahead, so the
-    engine reacts to a burst of chat at the next step without asking anyone.
-    """
-
-    max_offline_seqs: tuple[int, ...]
-    max_offline_tokens: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if not (1 <= len(self.max_offline_seqs) <= TABLE_SIZE and len(self.max_offline_tokens) == len(self.max_offline_seqs)):
-            raise ValueError(f"budget tables must have the same length, 1..{TABLE_SIZE}")
-        if min(self.max_offline_seqs) < 0 or min(self.max_offline_tokens) < 0:
-            raise ValueError("budgets cannot be negative")
-
-    @classmethod
-    def flat(cls, max_offline_seqs: int, max_offline_tokens: int) -> OfflineBudget:
-        return cls((max_offline_seqs,), (max_offline_tokens,))
-
-    def at(self, num_online: int) -> tuple[int, int]:
-        i = min(num_online, len(self.max_offline_seqs) - 1)
-        return self.max_offline_seqs[i], self.max_offline_tokens[i]
-
-
-UNLIMITED = 1 << 30
 
 
 class EngineChannel:
@@ -128,10 +111,12 @@ class EngineChannel:
         capacity = int(self.header[_RING_CAP])
         self.ring = np.ndarray((capacity, len(RING_COLUMNS)), dtype=np.float64, buffer=mm,
                                offset=_HEADER_SLOTS * 8)
+        self.latency_ring = np.ndarray((LATENCY_RING_CAPACITY, len(LATENCY_COLUMNS)), dtype=np.float64, buffer=mm,
+                                       offset=(_HEADER_SLOTS + capacity * len(RING_COLUMNS)) * 8)
 
     @staticmethod
     def _size(capacity: int) -> int:
-        return (_HEADER_SLOTS + capacity * len(RING_COLUMNS)) * 8
+        return (_HEADER_SLOTS + capacity * len(RING_COLUMNS) + LATENCY_RING_CAPACITY * len(LATENCY_COLUMNS)) * 8
 
     @classmethod
     def create(cls, path: str | Path | None = None, *, ring_capacity: int = DEFAULT_RING_CAPACITY,
@@ -168,11 +153,11 @@ class EngineChannel:
 
     @classmethod
     def from_env(cls) -> EngineChannel | None:
-        path = os.environ.get(CHANNEL_ENV)
+        path = os.environ.get(ENV_ENGINE_CHANNEL)
         return cls.open(path) if path else None
 
     def close(self, unlink: bool = False) -> None:
-        del self.header, self.ring
+        del self.header, self.ring, self.latency_ring
         self._mm.close()
         if unlink:
             self.path.unlink(missing_ok=True)
@@ -184,10 +169,12 @@ class EngineChannel:
         seqs = np.full(TABLE_SIZE, budget.max_offline_seqs[-1], dtype=np.float64)
         toks = np.full(TABLE_SIZE, budget.max_offline_tokens[-1], dtype=np.float64)
         seqs[:n], toks[:n] = budget.max_offline_seqs, budget.max_offline_tokens
-        self.header[_SEQS_TABLE:_TOKENS_TABLE] = seqs
-        self.header[_TOKENS_TABLE:_HEADER_SLOTS] = toks
-        self.header[_VALID_UNTIL] = (time.time() if now_s is None else now_s) + valid_for_s
-        self.header[_BUDGET_SEQ] += 1
+        h = self.header
+        h[_BUDGET_SEQ] += 1  # odd: a write is in progress
+        h[_SEQS_TABLE:_TOKENS_TABLE] = seqs
+        h[_TOKENS_TABLE:_LATENCY_COUNT] = toks
+        h[_VALID_UNTIL] = (time.time() if now_s is None else now_s) + valid_for_s
+        h[_BUDGET_SEQ] += 1  # even: complete
 
     def set_fallback(self, budget: OfflineBudget) -> None:
         self.header[_FALLBACK_SEQS], self.header[_FALLBACK_TOKENS] = budget.at(0)
@@ -195,13 +182,24 @@ class EngineChannel:
     def budget_at(self, num_online: int, now_s: float) -> tuple[int, int, bool]:
         """(max offline seqs, max offline tokens per step, fallback?) for this step."""
         h = self.header
-        if h[_BUDGET_SEQ] == 0 or now_s > h[_VALID_UNTIL]:
-            return int(h[_FALLBACK_SEQS]), int(h[_FALLBACK_TOKENS]), True
         i = min(num_online, TABLE_SIZE - 1)
-        return int(h[_SEQS_TABLE + i]), int(h[_TOKENS_TABLE + i]), False
+        for _ in range(_SEQLOCK_TRIES):
+            seq = h[_BUDGET_SEQ]
+            if seq == 0:
+                break  # never written
+            if int(seq) % 2:
+                continue  # being written
+            seqs, tokens, valid_until = h[_SEQS_TABLE + i], h[_TOKENS_TABLE + i], h[_VALID_UNTIL]
+            if h[_BUDGET_SEQ] != seq:
+                continue  # written while we read
+            if now_s > valid_until:
+                break
+            return int(seqs), int(tokens), False
+        return int(h[_FALLBACK_SEQS]), int(h[_FALLBACK_TOKENS]), True
 
     def budget_seq(self) -> int:
-        return int(self.header[_BUDGET_SEQ])
+        """Budgets written so far."""
+        return int(self.header[_BUDGET_SEQ]) // 2
 
     # --- counters and ring: engine writes, replica reads ----------------------------------
 
@@ -220,19 +218,37 @@ class EngineChannel:
         self.ring[count % self.ring.shape[0]] = row
         self.header[_RING_COUNT] = count + 1
 
+    def append_latency(self, time_s: float, *, ttft_ms: float = float("nan"), tpot_ms: float = float("nan")) -> None:
+        count = int(self.header[_LATENCY_COUNT])
+        self.latency_ring[count % LATENCY_RING_CAPACITY] = (time_s, ttft_ms, tpot_ms)
+        self.header[_LATENCY_COUNT] = count + 1
+
+    def latencies_since(self, since: int) -> tuple[np.ndarray, int]:
+        """Latency rows appended after event number `since`, and the number to pass next time."""
+        return _ring_since(self.latency_ring, int(self.header[_LATENCY_COUNT]), since)
+
     def num_steps(self) -> int:
         return int(self.header[_RING_COUNT])
 
     def steps_since(self, since: int) -> tuple[np.ndarray, int]:
         """Rows appended after step number `since` (at most what the ring still holds), and the
         step number to pass next time. Leaves a margin so a row being overwritten is never read."""
-        count = int(self.header[_RING_COUNT])
-        capacity = self.ring.shape[0]
-        start = max(since, count - (capacity - 16))
-        if start >= count:
-            return np.empty((0, len(RING_COLUMNS))), count
-        idx = np.arange(start, count) % capacity
-        return self.ring[idx].copy(), count
+        return _ring_since(self.ring, int(self.header[_RING_COUNT]), since)
+
+
+def _ring_since(ring: np.ndarray, count: int, since: int) -> tuple[np.ndarray, int]:
+    """Rows `since`..`count` of a ring (at most what it still holds), leaving a margin so that a
+    row being overwritten is never read."""
+    capacity = ring.shape[0]
+    start = max(since, count - (capacity - 16))
+    if start >= count:
+        return np.empty((0, ring.shape[1])), count
+    idx = np.arange(start, count) % capacity
+    return ring[idx].copy(), count
+
+
+def latency_rows_to_columns(rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: rows[:, i] for i, name in enumerate(LATENCY_COLUMNS)}
 
 
 def rows_to_columns(rows: np.ndarray) -> dict[str, np.ndarray]:

@@ -16,19 +16,30 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, ErrorResponse
-from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm import LLMServer
 
 from latency_model.features import INPUT_COLUMNS
-from orchestrator.engine_channel import CHANNEL_ENV, UNLIMITED, EngineChannel, OfflineBudget, rows_to_columns
-from orchestrator.registry import get_or_create_registry
-from orchestrator.request_class import (
+from orchestrator.compat import ray_api
+from orchestrator.control.reply import remaining_validity_s, reply_budget
+from orchestrator.engine.budget import UNLIMITED, OfflineBudget
+from orchestrator.engine.channel import EngineChannel, latency_rows_to_columns, rows_to_columns
+from orchestrator.names import (
+    CONTROLLER_NAME,
+    ENV_CONTROLLER_ENABLED,
+    ENV_ENGINE_CHANNEL,
+    ENV_FALLBACK_BUDGET,
+    ENV_REPORT_PERIOD_S,
+    NAMESPACE,
+)
+from orchestrator.serving.registry import get_or_create_registry
+from orchestrator.serving.request_class import (
     REQUEST_CLASS_FIELD,
     RequestClass,
     parse_request_class,
+    validate_messages,
     vllm_priority,
 )
+from orchestrator.stats import p99
 
 REPORT_PERIOD_S = 1.0
 LATENCY_WINDOW_S = 5.0
@@ -39,65 +50,48 @@ CALIBRATION_STEPS = 48
 
 log = logging.getLogger("ray.serve")
 
-_ENV_CONTROLLER = "COLOCATE_CONTROLLER_ENABLED"
-_ENV_REPORT_PERIOD = "COLOCATE_CONTROLLER_REPORT_PERIOD_S"
-_ENV_FALLBACK = "COLOCATE_FALLBACK_OFFLINE_BUDGET"
-
 
 def controller_env(controller) -> dict[str, str]:
     """What a replica needs to know about the controller (a `ControllerConfig`), as env vars."""
     return {
-        _ENV_CONTROLLER: "1" if controller.enabled else "0",
-        _ENV_REPORT_PERIOD: str(controller.report_period_s),
-        _ENV_FALLBACK: f"{controller.fallback_offline_seqs},{controller.fallback_offline_tokens}",
+        ENV_CONTROLLER_ENABLED: "1" if controller.enabled else "0",
+        ENV_REPORT_PERIOD_S: str(controller.report_period_s),
+        ENV_FALLBACK_BUDGET: f"{controller.fallback_offline_seqs},{controller.fallback_offline_tokens}",
     }
 
 
 def _fallback_budget() -> OfflineBudget:
-    if os.environ.get(_ENV_CONTROLLER, "0") != "1":
+    if os.environ.get(ENV_CONTROLLER_ENABLED, "0") != "1":
         # No controller: offline work is limited only by vLLM's priorities (naive co-location).
         return OfflineBudget.flat(UNLIMITED, UNLIMITED)
-    seqs, tokens = (int(v) for v in os.environ.get(_ENV_FALLBACK, "1,64").split(","))
+    seqs, tokens = (int(v) for v in os.environ.get(ENV_FALLBACK_BUDGET, "1,64").split(","))
     return OfflineBudget.flat(seqs, tokens)
 
 
-def _p99(values) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return float(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))])
-
-
 class OnlineLatencies:
-    """Recent online TTFT and TPOT per request, as a client sees them (measured on the stream)."""
+    """Recent online TTFT and TPOT per request, as the engine measured them (the channel's
+    latency ring), over the last `window_s` seconds (wall clock of this host)."""
 
     def __init__(self, window_s: float = LATENCY_WINDOW_S) -> None:
         self.window_s = window_s
         self.ttft_ms: collections.deque[tuple[float, float]] = collections.deque()
         self.tpot_ms: collections.deque[tuple[float, float]] = collections.deque()
-        self.inflight: dict[int, tuple[float, float, int]] = {}  # id -> (start, first, chunks)
 
-    def start(self, key: int, now: float) -> None:
-        self.inflight[key] = (now, 0.0, 0)
+    def add(self, rows: dict[str, Any]) -> None:
+        for t, ttft, tpot in zip(rows["time_s"], rows["ttft_ms"], rows["tpot_ms"]):
+            if ttft == ttft:  # not NaN
+                self.ttft_ms.append((float(t), float(ttft)))
+            if tpot == tpot:
+                self.tpot_ms.append((float(t), float(tpot)))
 
-    def chunk(self, key: int, now: float) -> None:
-        start, first, n = self.inflight[key]
-        if n == 0:
-            self.ttft_ms.append((now, (now - start) * 1000.0))
-            first = now
-        self.inflight[key] = (start, first, n + 1)
-
-    def end(self, key: int, now: float) -> None:
-        _, first, n = self.inflight.pop(key)
-        if n > 2:
-            self.tpot_ms.append((now, (now - first) * 1000.0 / (n - 1)))
-
-    def p99s(self, now: float) -> tuple[float | None, float | None]:
+    def p99s(self, now_s: float, running_tpot_max_ms: float = 0.0) -> tuple[float | None, float | None]:
+        """p99 TTFT and TPOT; a request still running with a slower TPOT than any finished one
+        counts too (a long reply must not hide its latency until it ends)."""
         for q in (self.ttft_ms, self.tpot_ms):
-            while q and q[0][0] < now - self.window_s:
+            while q and q[0][0] < now_s - self.window_s:
                 q.popleft()
-        running = [(now - first) * 1000.0 / (n - 1) for _, first, n in self.inflight.values() if n > 2]
-        return _p99([v for _, v in self.ttft_ms]), _p99([v for _, v in self.tpot_ms] + running)
+        tpots = [v for _, v in self.tpot_ms] + ([running_tpot_max_ms] if running_tpot_max_ms > 0 else [])
+        return p99(v for _, v in self.ttft_ms), p99(tpots)
 
 
 class EngineStatsHolder:
@@ -110,7 +104,7 @@ class EngineStatsHolder:
         self.num_steps = 0
 
     def stat_logger_factory(self):
-        from vllm.v1.metrics.loggers import StatLoggerBase
+        from orchestrator.compat.vllm_api import StatLoggerBase
 
         holder = self
 
@@ -132,37 +126,24 @@ class EngineStatsHolder:
         return _Logger
 
 
-class ColocateVLLMEngine(VLLMEngine):
+def _start_engine(engine, vllm_engine_args, vllm_engine_config, placement_group, *, log_engine_metrics: bool):
+    from orchestrator.compat.vllm_api import start_async_llm
+
+    return start_async_llm(vllm_engine_args, vllm_engine_config, placement_group,
+                           [engine.stats.stat_logger_factory()], log_engine_metrics=log_engine_metrics)
+
+
+class ColocateVLLMEngine(ray_api.vllm_engine_class(_start_engine)):
     """Ray's vLLM engine with our stat logger attached, so the replica sees every step's stats."""
 
     def __init__(self, llm_config) -> None:
         super().__init__(llm_config)
         self.stats = EngineStatsHolder()
 
-    def _start_async_llm_engine(self, vllm_engine_args, vllm_engine_config, placement_group):
-        from vllm.v1.engine.async_llm import AsyncLLM
-        from vllm.v1.executor.abstract import Executor
 
-        vllm_engine_config.parallel_config.placement_group = placement_group
-        loggers = [self.stats.stat_logger_factory()]
-        if self.llm_config.log_engine_metrics:
-            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
-
-            loggers.append(RayPrometheusStatLogger)
-        return AsyncLLM(
-            vllm_config=vllm_engine_config,
-            executor_class=Executor.get_class(vllm_engine_config),
-            log_requests=vllm_engine_args.enable_log_requests,
-            log_stats=True,
-            stat_loggers=loggers,
-        )
-
-
-def _error_stream(message: str, code: int = 400) -> AsyncGenerator[ErrorResponse, None]:
+def _error_stream(message: str, code: int = 400, param: str | None = REQUEST_CLASS_FIELD) -> AsyncGenerator:
     async def gen():
-        yield ErrorResponse(
-            error=ErrorInfo(message=message, type="BadRequestError", code=code, param=REQUEST_CLASS_FIELD)
-        )
+        yield ray_api.error_response(message, code, "BadRequestError", param)
 
     return gen()
 
@@ -170,17 +151,14 @@ def _error_stream(message: str, code: int = 400) -> AsyncGenerator[ErrorResponse
 class ColocateLLMServer(LLMServer):
     """LLMServer that classifies every request and reports its load to the Colocate registry."""
 
-    _default_engine_cls = ColocateVLLMEngine
-
     async def start(self):
         self._inflight: Counter[RequestClass] = Counter()
         self._completed: Counter[RequestClass] = Counter()
         # Serve LLM hands a streamed response over in batches (lists of SSE chunks); the largest
         # batch seen shows whether stream batching is really off (1) or merging tokens (>1).
         self._max_chunks_per_stream_write = 0
-        self._model_id = self._llm_config.model_id
+        self._model_id = ray_api.server_model_id(self)
         self._latencies = OnlineLatencies()
-        self._next_key = 0
         self._budget: dict[str, Any] | None = None
         self._steps_seen = 0
         # Latencies of recent steps that held online requests: (end time, ms), LATENCY_WINDOW_S.
@@ -192,12 +170,13 @@ class ColocateLLMServer(LLMServer):
         self._pending_burst: tuple[float, float] | None = None  # (prev step end, offline before)
         # The engine process inherits this environment, so it finds the channel by name.
         self._channel = EngineChannel.create(fallback=_fallback_budget())
-        os.environ[CHANNEL_ENV] = str(self._channel.path)
+        self._latency_events_seen = 0
+        os.environ[ENV_ENGINE_CHANNEL] = str(self._channel.path)
         start_s = time.monotonic()
         await super().start()
         self._engine_start_s = time.monotonic() - start_s
         self._report_task = asyncio.create_task(self._report_loop())
-        if os.environ.get(_ENV_CONTROLLER, "0") == "1":
+        if os.environ.get(ENV_CONTROLLER_ENABLED, "0") == "1":
             self._controller_task = asyncio.create_task(self._controller_loop())
 
     def __del__(self):
@@ -206,6 +185,10 @@ class ColocateLLMServer(LLMServer):
             chan.path.unlink(missing_ok=True)
 
     def _classify(self, request) -> RequestClass:
+        """The request's class, as its vLLM priority; ValueError (answered 400) for an unknown
+        class or a chat message with a role OpenAI does not have."""
+        if getattr(request, "messages", None) is not None:
+            validate_messages(request.messages)
         extra = request.model_extra or {}
         request_class = parse_request_class(extra.get(REQUEST_CLASS_FIELD))
         request.priority = vllm_priority(request_class)
@@ -215,30 +198,23 @@ class ColocateLLMServer(LLMServer):
         try:
             request_class = self._classify(request)
         except ValueError as err:
-            return _error_stream(str(err))
+            param = REQUEST_CLASS_FIELD if REQUEST_CLASS_FIELD in str(err) else "messages"
+            return _error_stream(str(err), param=param)
         stream = await method(request, raw_request_info)
         return self._count(stream, request_class)
 
     async def _count(self, stream, request_class: RequestClass):
+        """Counts requests in flight and completed per class. Latencies are not taken here: the
+        engine measures them per request (a non-streamed reply is one chunk here)."""
         self._inflight[request_class] += 1
-        online = request_class is RequestClass.ONLINE
-        key = self._next_key
-        self._next_key += 1
-        if online:
-            self._latencies.start(key, time.monotonic())
         try:
             async for item in stream:
                 if isinstance(item, list):
                     self._max_chunks_per_stream_write = max(self._max_chunks_per_stream_write, len(item))
-                if online:
-                    for _ in range(len(item) if isinstance(item, list) else 1):
-                        self._latencies.chunk(key, time.monotonic())
                 yield item
         finally:
             self._inflight[request_class] -= 1
             self._completed[request_class] += 1
-            if online:
-                self._latencies.end(key, time.monotonic())
 
     async def chat(self, request, raw_request_info=None):
         return await self._classified(request, raw_request_info, super().chat)
@@ -270,11 +246,12 @@ class ColocateLLMServer(LLMServer):
     def load_snapshot(self) -> dict[str, Any]:
         """What the controller decides on: this replica's online and offline load, its recent
         steps and the online latencies its clients saw."""
-        now = time.monotonic()
         rows, self._steps_seen = self._channel.steps_since(self._steps_seen)
         steps = rows_to_columns(rows)
+        events, self._latency_events_seen = self._channel.latencies_since(self._latency_events_seen)
+        self._latencies.add(latency_rows_to_columns(events))
         counters = self._channel.counters()
-        ttft_p99, tpot_p99 = self._latencies.p99s(now)
+        ttft_p99, tpot_p99 = self._latencies.p99s(time.time(), counters["online_running_tpot_max_ms"])
         with_online = steps["num_online_reqs"] > 0
         self._online_steps.extend(zip(steps["end_time_s"][with_online], steps["step_latency_ms"][with_online]))
         self._track_reactions(steps)
@@ -297,7 +274,7 @@ class ColocateLLMServer(LLMServer):
             "num_offline_inflight": self._inflight[RequestClass.OFFLINE],
             "kv_cache_usage": float(steps["kv_cache_usage"][-1]) if len(rows) else None,
             "num_steps": len(rows),
-            "step_p99_ms": _p99([ms for _, ms in self._online_steps]),
+            "step_p99_ms": p99(ms for _, ms in self._online_steps),
             "observed_ttft_p99_ms": ttft_p99,
             "observed_tpot_p99_ms": tpot_p99,
             "budget_seq": self._channel.budget_seq(),
@@ -332,20 +309,19 @@ class ColocateLLMServer(LLMServer):
         """Report load to the controller; its reply is this replica's offline budget."""
         import ray
 
-        from orchestrator.controller import CONTROLLER_NAME, NAMESPACE
-
-        period_s = float(os.environ.get(_ENV_REPORT_PERIOD, "0.1"))
+        period_s = float(os.environ.get(ENV_REPORT_PERIOD_S, "0.1"))
         controller = None
         while True:
             try:
                 if controller is None:
                     controller = await asyncio.to_thread(ray.get_actor, CONTROLLER_NAME, namespace=NAMESPACE)
+                sent_s = time.monotonic()
                 reply = await controller.report.remote(self.load_snapshot())
                 if reply is not None:
                     self._budget = reply
-                    self._channel.write_budget(
-                        OfflineBudget(tuple(reply["max_offline_seqs"]), tuple(reply["max_offline_tokens"])),
-                        valid_for_s=reply["valid_for_s"])
+                    valid_for_s = remaining_validity_s(reply, time.monotonic() - sent_s)
+                    if valid_for_s > 0:
+                        self._channel.write_budget(reply_budget(reply), valid_for_s=valid_for_s)
             except Exception as err:  # noqa: BLE001 - the engine falls back on its own when we go quiet
                 if controller is not None:
                     log.warning("colocate: controller report failed: %s", err)
@@ -363,3 +339,6 @@ class ColocateLLMServer(LLMServer):
             except Exception:  # noqa: BLE001 - reporting must never take a replica down
                 registry = None
             await asyncio.sleep(REPORT_PERIOD_S)
+
+
+ray_api.use_engine_class(ColocateLLMServer, ColocateVLLMEngine)

@@ -47,7 +47,7 @@ def model_tiny(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Build a seeded random-weight Llama model with a locally trained tokenizer."""
-    from orchestrator.tiny_model import SIZES, build_tiny_model
+    from orchestrator.models.tiny import SIZES, build_tiny_model
 
     if size not in SIZES:
         _echo(f"error: --size must be one of {sorted(SIZES)}, got {size!r}")
@@ -63,7 +63,7 @@ def up(
     address: str | None = typer.Option(None, "--address", help="Existing Ray cluster; none starts a local one."),
 ) -> None:
     """Start (or join) a Ray cluster, deploy the chat application, wait until it is healthy."""
-    from orchestrator import cluster
+    from orchestrator.cluster import lifecycle as cluster
 
     cfg = _load(config, address)
     try:
@@ -77,7 +77,7 @@ def up(
 @app.command()
 def down() -> None:
     """Remove what `colocate up` created; stops a cluster only if `up` started it."""
-    from orchestrator import cluster
+    from orchestrator.cluster import lifecycle as cluster
 
     state = cluster.StackState.load()
     if state is None:
@@ -90,7 +90,7 @@ def down() -> None:
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """The application, each replica (state, model, requests running/waiting), and the cluster."""
-    from orchestrator import cluster
+    from orchestrator.cluster import lifecycle as cluster
 
     state = cluster.StackState.load()
     if state is None:
@@ -141,7 +141,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 def collect_status(state) -> dict:
     from ray import serve
 
-    from orchestrator import cluster
+    from orchestrator.cluster import lifecycle as cluster
 
     cluster.connect(state.address)
     app_status = serve.status().applications.get(state.app_name)
@@ -165,7 +165,7 @@ def collect_status(state) -> dict:
 def controller_status() -> dict | None:
     import ray
 
-    from orchestrator.controller import get_controller
+    from orchestrator.control.controller import get_controller
 
     try:
         return ray.get(get_controller().status.remote(), timeout=10)
@@ -184,7 +184,7 @@ def slo_show(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The SLO file, and the targets the running controller has in force (with any rejection)."""
-    from orchestrator.slo import SloError, dump_slo, load_slo
+    from orchestrator.control.slo import SloError, dump_slo, load_slo
 
     cfg, path = _slo_context(config)
     try:
@@ -193,7 +193,7 @@ def slo_show(
     except SloError as err:
         text, file_error = None, str(err)
     in_force = None
-    from orchestrator import cluster
+    from orchestrator.cluster import lifecycle as cluster
 
     state = cluster.StackState.load()
     if state is not None:
@@ -216,7 +216,7 @@ def slo_set(
     config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
 ) -> None:
     """Change targets: validated first, then written; the controller applies them within 2 s."""
-    from orchestrator.slo import SloError, apply_setting, diff, load_slo, write_slo_atomically
+    from orchestrator.control.slo import SloError, apply_setting, diff, load_slo, write_slo_atomically
 
     cfg, path = _slo_context(config)
     try:
@@ -234,7 +234,7 @@ def slo_set(
 
 def _stack_with_job_api():
     """The recorded stack, if it has a job API (a local cluster `up` started); else exit 1."""
-    from orchestrator import cluster
+    from orchestrator.cluster import lifecycle as cluster
 
     state = cluster.StackState.load()
     if state is None or not state.dashboard_url:
@@ -252,7 +252,7 @@ def submit(
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Offline requests in flight without a controller."),
 ) -> None:
     """Submit a batch job through Ray's job API (the same as `ray job submit ... -- python -m jobs.batch`)."""
-    from orchestrator.demo import submit_batch_job
+    from orchestrator.cluster.jobs import submit_batch_job
 
     state = _stack_with_job_api()
     args = ["--input", str(input_path.resolve()), "--output", str(output.resolve()),
@@ -269,8 +269,8 @@ def jobs(as_json: bool = typer.Option(False, "--json")) -> None:
     """Batch jobs on the cluster with their progress (done/total, tokens/s, ETA)."""
     from ray.job_submission import JobSubmissionClient
 
-    from orchestrator import cluster
-    from orchestrator.jobs_view import job_rows
+    from orchestrator.cluster import lifecycle as cluster
+    from orchestrator.cluster.jobs import job_rows
 
     state = _stack_with_job_api()
     cluster.connect(state.address)
@@ -287,67 +287,14 @@ def jobs(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command()
-def profile(
-    out: Path = typer.Option(..., "--out", help="Step dataset (Parquet) to write."),
-    config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
-    scenarios: int = typer.Option(60, "--scenarios", help="Scenarios in the sweep (5 corners + random draws)."),
-    seed: int = typer.Option(0, "--seed"),
-) -> None:
-    """Drive an engine built like the replicas through a sweep of batch compositions; record every step."""
-    from profiler.sweep import profile as run_profile
-
-    cfg = _load(config)
-    summary = run_profile(cfg, out, num_scenarios=scenarios, seed=seed, on_progress=_echo)
-    typer.echo(json.dumps(summary, indent=2))
-
-
-@app.command()
-def interference(
-    out: Path = typer.Option(Path("results/interference.json"), "--out", help="Profile file the controller reads."),
-    plot: Path = typer.Option(Path("results/interference.png"), "--plot", help="PNG of p99 TTFT/TPOT vs offline load."),
-    config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
-    rate: float = typer.Option(1.0, "--rate", help="Online chat requests per second."),
-    duration_s: float = typer.Option(30.0, "--duration-s", help="Seconds of chat per measured point."),
-    trace: Path | None = typer.Option(None, "--trace", help="Azure-format CSV (default: the shared Azure conv trace)."),
-    max_seqs: int = typer.Option(32, "--max-seqs", help="Largest offline load to try (sequences per replica)."),
-    ttft_p99_ms: float | None = typer.Option(None, "--ttft-p99-ms", help="Default: the SLO file's target."),
-    tpot_p99_ms: float | None = typer.Option(None, "--tpot-p99-ms", help="Default: the SLO file's target."),
-) -> None:
-    """Search the largest offline load (and per-step latency budget) at which the chat SLO holds."""
-    from orchestrator.slo import SloError, load_slo
-    from profiler.interference import run_interference
-
-    cfg = _load(config)
-    if ttft_p99_ms is None or tpot_p99_ms is None:
-        try:
-            targets = load_slo(cfg.controller.slo_path, {cfg.model.id}).models[cfg.model.id]
-        except SloError as err:
-            _echo(f"error: {err}")
-            raise typer.Exit(2) from None
-        ttft_p99_ms = ttft_p99_ms or targets.ttft_p99_ms
-        tpot_p99_ms = tpot_p99_ms or targets.tpot_p99_ms
-    try:
-        doc = run_interference(cfg, ttft_p99_ms=ttft_p99_ms, tpot_p99_ms=tpot_p99_ms, rate_per_s=rate,
-                               duration_s=duration_s, trace=trace, max_seqs=max_seqs, out=out, plot=plot,
-                               on_progress=_echo)
-    except RuntimeError as err:
-        _echo(f"error: {err}")
-        raise typer.Exit(1) from None
-    typer.echo(f"largest offline load meeting TTFT p99 <= {ttft_p99_ms} ms and TPOT p99 <= {tpot_p99_ms} ms: "
-               f"{doc['offline_seqs']} seq/replica ({doc['offline_tokens_per_s']:.1f} tok/s); "
-               f"per-step budget {doc['step_budget_ms']} ms")
-    typer.echo(f"profile: {out}  plot: {plot}")
-
-
-@app.command()
 def train(
-    dataset: Path = typer.Argument(..., help="Step-telemetry Parquet dataset (profiler.schema)."),
+    dataset: Path = typer.Argument(..., help="Step-telemetry Parquet dataset (latency_model.schema)."),
     out: Path = typer.Option(..., "--out", help="Model directory to write."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Train the XGBoost step-latency model (p50 and p99 heads) and report hold-out accuracy."""
     from latency_model.model import train as train_model
-    from profiler.schema import DatasetError, read_steps
+    from latency_model.schema import DatasetError, read_steps
 
     try:
         table = read_steps(dataset)
@@ -374,8 +321,8 @@ def override(
     """Pin every replica's offline budget to a static cap (or --clear it): for baselines and incidents."""
     import ray
 
-    from orchestrator import cluster
-    from orchestrator.controller import get_controller
+    from orchestrator.cluster import lifecycle as cluster
+    from orchestrator.control.controller import get_controller
 
     if clear == (max_offline_seqs is not None):
         _echo("error: give --max-offline-seqs (and optionally --max-offline-tokens), or --clear")
@@ -425,76 +372,27 @@ def bench_predict(
         out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-@app.command()
-def bench(
-    config: str | None = typer.Option("manifests/colocate-bench.yaml", "--config", "-c", help="Stack config (bench model)."),
-    online_trace: Path | None = typer.Option(None, "--online-trace", help="Azure-format chat trace CSV."),
-    offline_trace: Path | None = typer.Option(None, "--offline-trace", help="Offline lengths CSV (arXiv format)."),
-    rate: float | None = typer.Option(None, "--rate", help="Online requests per second (trace inter-arrivals "
-                                      "scaled; default 0.8)."),
-    duration_s: float | None = typer.Option(None, "--duration-s", help="Seconds of chat per policy run."),
-    slo_tolerance: float = typer.Option(0.5, "--slo-tolerance", help="SLO = online-only p99 x (1 + this)."),
-    slo_from_file: bool = typer.Option(False, "--slo-from-file", help="Use manifests/slo.yaml's targets instead."),
-    static_caps: str | None = typer.Option(None, "--static-caps", help="Comma-separated static offline caps."),
-    repeats: int = typer.Option(1, "--repeats", help="Repeat online-only, naive and colocate runs (medians, spread)."),
-    quick: bool = typer.Option(False, "--quick", help="Short runs and fewer baselines (about 4 minutes on 2 cores)."),
-    out: Path | None = typer.Option(None, "--out", help="Results directory (default results/bench-<time>)."),
-) -> None:
-    """Replay chat and a batch job under every policy side by side; write results.json and plots."""
-    import time as _time
+def register_plugins(target: typer.Typer = app) -> list[str]:
+    """Add the commands that client packages (the profiler, the benchmark) register under the
+    `colocate.commands` entry point. A plugin that fails to import is reported, not fatal: the
+    core commands keep working."""
+    from importlib.metadata import entry_points
 
-    from orchestrator import cluster
-    from orchestrator.bench import BenchOptions, format_table, quick_options, run_bench
-
-    cfg = _load(config)
-    opts = quick_options() if quick else BenchOptions()
-    opts.repeats = repeats
-    if rate is not None:
-        opts.rate_per_s = rate
-    opts.online_trace, opts.offline_trace = online_trace, offline_trace
-    opts.slo_tolerance = None if slo_from_file else slo_tolerance
-    if duration_s is not None:
-        opts.duration_s = duration_s
-    if static_caps:
-        opts.static_caps = tuple(int(c) for c in static_caps.split(","))
-    out_dir = out or Path("results") / f"bench-{_time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        summary = run_bench(cfg, opts, out_dir, on_progress=_echo)
-    except cluster.StackError as err:
-        _echo(f"error: {err}")
-        raise typer.Exit(1) from None
-    typer.echo(format_table(summary))
-    typer.echo(f"results: {out_dir / 'results.json'}  plots: {', '.join(summary['plots'])}")
-
-
-@app.command()
-def demo(
-    config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
-    duration_s: float = typer.Option(45.0, "--duration-s", help="Seconds of chat traffic."),
-    chat_rate: float = typer.Option(1.0, "--chat-rate", help="Mean chat requests per second."),
-    num_offline: int = typer.Option(60, "--num-offline", help="Requests in the batch job."),
-    keep: bool = typer.Option(False, "--keep", help="Leave the stack running afterwards."),
-) -> None:
-    """The main job: bring the stack up, run chat traffic and a batch job together, summarize."""
-    from orchestrator import cluster
-    from orchestrator.demo import format_summary, run_demo
-
-    cfg = _load(config)
-    try:
-        summary = run_demo(cfg, duration_s=duration_s, chat_rate_per_s=chat_rate,
-                           num_offline=num_offline, keep=keep, on_progress=_echo)
-    except (cluster.StackError, FileNotFoundError) as err:
-        _echo(f"error: {err}")
-        raise typer.Exit(1) from None
-    typer.echo(format_summary(summary))
-    if summary["batch"]["status"] != "SUCCEEDED" or summary["chat"]["num_ok"] == 0:
-        raise typer.Exit(1)
+    names = []
+    for ep in entry_points(group="colocate.commands"):
+        try:
+            ep.load()(target)
+            names.append(ep.name)
+        except Exception as err:  # noqa: BLE001 - a broken plugin must not take the CLI down
+            _echo(f"warning: commands of {ep.name!r} ({ep.value}) unavailable: {err}")
+    return names
 
 
 def main() -> None:
     from orchestrator.logs import quiet_http_client_logs
 
     quiet_http_client_logs()
+    register_plugins()
     try:
         app()
     except KeyboardInterrupt:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from orchestrator.stats import percentile, wilson_interval
 
 UNLIMITED_BUDGET = {"max_offline_seqs": [100000], "max_offline_tokens": [100000]}
 
@@ -108,24 +109,13 @@ def attainment(row: dict[str, Any], slo: dict[str, float]) -> float | None:
     return float(np.mean(met)) if met else None
 
 
-def wilson_interval(num_met: int, num: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (z = 1.96) Wilson score interval of a share num_met / num: at 100 requests a 99% bar
-    is a question of one request, and the interval says how far a single run can be trusted."""
-    if num == 0:
-        return 0.0, 1.0
-    share = num_met / num
-    centre = (share + z * z / (2 * num)) / (1 + z * z / num)
-    half = z * math.sqrt(share * (1 - share) / num + z * z / (4 * num * num)) / (1 + z * z / num)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def chat_metrics(results, slo: dict[str, float] | None) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     ttft = np.array([r.ttft_s * 1000 for r in ok if r.ttft_s is not None])
     tpot = np.array([r.tpot_s * 1000 for r in ok if r.tpot_s is not None])
 
     def pct(a, q):
-        return float(np.percentile(a, q)) if len(a) else None
+        return percentile(a, q)
 
     out = {"num_online": len(results), "num_online_failed": len(results) - len(ok),
            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
@@ -165,7 +155,7 @@ class Bench:
         self.on_progress(f"[bench {time.monotonic() - self.started:5.0f}s] {msg}")
 
     def online_specs(self):
-        from orchestrator.workload import AZURE_CONV, load_chat_trace
+        from bench.workload import AZURE_CONV, load_chat_trace
 
         return load_chat_trace(self.opts.online_trace or AZURE_CONV, rate_per_s=self.opts.rate_per_s,
                                duration_s=self.opts.duration_s, length_scale=self.max_len / 8192,
@@ -179,7 +169,7 @@ class Bench:
     def _submit_job(self, tag: str) -> str:
         from ray.job_submission import JobSubmissionClient
 
-        from orchestrator.workload import ARXIV_LENGTHS, load_offline_lengths, write_batch_input
+        from bench.workload import ARXIV_LENGTHS, load_offline_lengths, write_batch_input
 
         specs = load_offline_lengths(self.opts.offline_trace or ARXIV_LENGTHS,
                                      num_requests=self.opts.num_offline_requests,
@@ -235,7 +225,7 @@ class Bench:
 
     def run_policy(self, name: str, budget, *, online: bool, offline: bool) -> dict[str, Any]:
         """One side-by-side run: the same online replay and/or offline job under one budget."""
-        from orchestrator.workload import run_chat_load
+        from bench.workload import run_chat_load
 
         duration_s = self.opts.duration_s if online else self.opts.offline_only_s
         self._override(budget)
@@ -289,7 +279,7 @@ class Bench:
 
     def batch_sweep(self) -> list[dict[str, Any]]:
         """Offline streams alone at steady batch sizes: TPOT p99 and throughput per batch."""
-        from orchestrator.workload import offline_stream_backlog
+        from bench.workload import offline_stream_backlog
 
         rows = []
         for b in self.opts.sweep_batches:
@@ -475,10 +465,10 @@ def run_bench(config, opts: BenchOptions, out_dir: Path, on_progress: Callable[[
     import ray
 
     from latency_model.model import train
-    from orchestrator import cluster
-    from orchestrator.controller import get_controller
-    from orchestrator.slo import load_slo
-    from profiler.schema import read_steps
+    from latency_model.schema import read_steps
+    from orchestrator.cluster import lifecycle as cluster
+    from orchestrator.control.controller import get_controller
+    from orchestrator.control.slo import load_slo
 
     out_dir.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[1]

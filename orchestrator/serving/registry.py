@@ -7,8 +7,8 @@ from typing import Any
 
 import ray
 
-NAMESPACE = "colocate"
-REGISTRY_NAME = "colocate-registry"
+from orchestrator.names import NAMESPACE, REGISTRY_NAME
+
 STALE_AFTER_S = 10.0
 
 

@@ -14,9 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator import cluster
-from orchestrator.config import ColocateConfig
-from orchestrator.workload import (
+from bench.workload import (
     ARXIV_LENGTHS,
     AZURE_CONV,
     load_chat_trace,
@@ -25,44 +23,9 @@ from orchestrator.workload import (
     summarize_chat,
     write_batch_input,
 )
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Uploaded to the cluster as the job's working directory: the code, not environments or data.
-JOB_EXCLUDES = [".venv", ".colocate", ".git", "results", "**/__pycache__", "*.parquet"]
-
-
-def submit_batch_job(dashboard_url: str, entrypoint_args: list[str], metadata: dict[str, str]) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(dashboard_url)
-    return client.submit_job(
-        entrypoint="python -m jobs.batch " + " ".join(entrypoint_args),
-        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": JOB_EXCLUDES},
-        metadata=metadata,
-        entrypoint_num_cpus=0,
-    )
-
-
-def wait_for_job(dashboard_url: str, job_id: str, timeout_s: float,
-                 on_progress: Callable[[str], None]) -> tuple[str, str]:
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(dashboard_url)
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while True:
-        status = client.get_job_status(job_id)
-        logs = client.get_job_logs(job_id)
-        progress = [ln for ln in logs.splitlines() if "progress:" in ln]
-        if progress and progress[-1] != last:
-            last = progress[-1]
-            on_progress("batch " + last.split("progress:", 1)[1].strip())
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return str(status.value), logs
-        if time.monotonic() > deadline:
-            client.stop_job(job_id)
-            return "TIMED_OUT", logs
-        time.sleep(2)
+from orchestrator.cluster import lifecycle as cluster
+from orchestrator.cluster.jobs import submit_batch_job, wait_for_job
+from orchestrator.config import ColocateConfig
 
 
 def run_demo(config: ColocateConfig, *, duration_s: float, chat_rate_per_s: float, num_offline: int,

@@ -20,18 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ClusterConfig, ColocateConfig
+from orchestrator.names import ENV_STATE_DIR, LLM_DEPLOYMENT_PREFIX, NAMESPACE
 
-STATE_DIR_ENV = "COLOCATE_STATE_DIR"
-NAMESPACE = "colocate"
-# Ray Serve LLM names each model's deployment "<server class>:<model id>".
-LLM_DEPLOYMENT_PREFIX = "ColocateLLMServer:"
 # Local clusters are single-user and loopback-only; token auth would make every CLI call
 # (including `ray job submit`) carry a token for no gain.
 CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get(STATE_DIR_ENV, ".colocate")).resolve()
+    return Path(os.environ.get(ENV_STATE_DIR, ".colocate")).resolve()
 
 
 @dataclass
@@ -227,14 +224,15 @@ def deploy(config: ColocateConfig, model_source: str) -> None:
 
     from ray import serve
 
-    from orchestrator.app import build_app
+    from orchestrator.compat.ray_api import serve_run_nonblocking
+    from orchestrator.serving.app import build_app
 
     # Serve logs every deployment option at INFO on the driver; `up` reports progress itself.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    # _run with _blocking=False returns once the deploy is submitted; wait_until_healthy then
-    # waits with a timeout and progress, which serve.run cannot give.
-    serve._run(build_app(config, model_source), name=config.serve.app_name, route_prefix="/", _blocking=False)
+    # Returns once the deploy is submitted; wait_until_healthy then waits with a timeout and
+    # progress, which serve.run cannot give.
+    serve_run_nonblocking(build_app(config, model_source), name=config.serve.app_name, route_prefix="/")
 
 
 def wait_until_healthy(
@@ -277,11 +275,11 @@ def teardown(state: StackState) -> list[str]:
         connect(state.address)
         serve.delete(state.app_name)
         done.append(f"deleted application {state.app_name!r} from {state.address}")
-        from orchestrator.controller import kill_controller
+        from orchestrator.control.controller import kill_controller
 
         if kill_controller():
             done.append("stopped the controller")
-    from orchestrator.engine_channel import sweep_stale_channels
+    from orchestrator.engine.channel import sweep_stale_channels
 
     if removed := sweep_stale_channels():
         done.append(f"removed {len(removed)} engine channel file(s) of stopped replicas")
@@ -294,7 +292,7 @@ def replica_rows(app_name: str, address: str) -> list[dict[str, Any]]:
     import ray
     from ray.util.state import list_actors
 
-    from orchestrator.registry import get_or_create_registry
+    from orchestrator.serving.registry import get_or_create_registry
 
     reports = {r["replica_id"]: r for r in ray.get(get_or_create_registry().snapshot.remote())}
     rows = []
@@ -324,7 +322,7 @@ class StackError(RuntimeError):
 
 def bring_up(config: ColocateConfig, on_progress: Callable[[str], None] = lambda _: None) -> StackState:
     """Start or join a cluster, deploy the app, wait until healthy, record the state."""
-    from orchestrator.app import resolve_model_source
+    from orchestrator.serving.app import resolve_model_source
 
     existing = StackState.load()
     if existing is not None:
@@ -350,7 +348,7 @@ def bring_up(config: ColocateConfig, on_progress: Callable[[str], None] = lambda
     try:
         connect(state.address)
         if config.controller.enabled:
-            from orchestrator.controller import start_controller
+            from orchestrator.control.controller import start_controller
 
             on_progress(f"starting the controller (SLO file {config.controller.slo_path}, "
                         f"period {config.controller.period_s * 1000:.0f} ms)")

@@ -39,159 +39,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import replace
 
 import numpy as np
 
 from latency_model.features import featurize
-from orchestrator.engine_channel import TABLE_SIZE, OfflineBudget
+from orchestrator.config import PolicyConfig
+from orchestrator.control.snapshot import (
+    Decision,
+    LatencyModel,
+    ReplicaDecision,
+    ReplicaLoad,
+    ReplicaState,
+    SloTargets,
+    Snapshot,
+)
+from orchestrator.engine.budget import TABLE_SIZE, OfflineBudget
 
-
-class LatencyModel(Protocol):
-    def predict_ms(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-@dataclass(frozen=True)
-class SloTargets:
-    ttft_p99_ms: float
-    tpot_p99_ms: float
-    headroom: float = 0.1
-    max_offline_seqs: int | None = None
-    max_offline_tokens: int | None = None
-
-
-@dataclass(frozen=True)
-class ReplicaLoad:
-    replica_id: str
-    num_online: int = 0
-    """Online requests running or waiting in the engine."""
-    online_context_tokens: float = 0.0
-    """Sum of the context lengths of the online requests decoding in the latest step."""
-    num_offline_running: int = 0
-    """Offline requests holding KV in the engine, including those paused by the budget."""
-    num_offline_paused: int = 0
-    num_offline_waiting: int = 0
-    offline_context_tokens: float = 0.0
-    observed_ttft_p99_ms: float | None = None
-    observed_tpot_p99_ms: float | None = None
-    step_p99_ms: float | None = None
-    kv_cache_usage: float | None = None
-    reported_at_s: float = 0.0
-    recent_steps: Mapping[str, Any] | None = None
-    """The engine's latest steps as columns (`latency_model.features.INPUT_COLUMNS` and
-    `step_latency_ms`): what the model is calibrated against while serving."""
-    max_num_seqs: int | None = None
-    """The engine's sequence slots (vLLM's max_num_seqs); None until the engine has started."""
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    now_s: float
-    slo: SloTargets
-    replicas: tuple[ReplicaLoad, ...]
-    step_budget_ms: float | None = None
-    """From the interference profile; None: derived from the TPOT target."""
-
-
-@dataclass(frozen=True)
-class ReplicaState:
-    scale: float = 1.0
-    throttle: str = "open"
-    """open (full budget), throttled (cut since the last calm period), recovering (growing back)."""
-    last_change_s: float = -math.inf
-    calm_since_s: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"scale": self.scale, "throttle": self.throttle,
-                "last_change_s": None if math.isinf(self.last_change_s) else self.last_change_s,
-                "calm_since_s": self.calm_since_s}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> ReplicaState:
-        last = d.get("last_change_s")
-        return cls(float(d["scale"]), str(d["throttle"]), -math.inf if last is None else float(last),
-                   d.get("calm_since_s"))
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    shrink_at: float = 0.95
-    grow_below: float = 0.8
-    shrink_factor: float = 0.5
-    shrink_hold_s: float = 1.0
-    grow_step: float = 0.125
-    grow_hold_s: float = 1.0
-    band_grow_hold_s: float = 4.0
-    """Inside the band a reduced scale still grows, one `grow_step` per `band_grow_hold_s`: a
-    signal that sits in the band whatever the offline load does (chat TTFT near its target from
-    chat prefills alone) must not hold a collapsed budget for good. Measured in the full bench:
-    the budget collapsed at a burst and stayed at 0-8 sequences for the last 45 s of the run
-    while the observed TTFT hovered at 0.8-0.95 of its target."""
-    min_scale: float = 0.0625
-    default_offline_seqs: int = 2
-    default_offline_tokens: int = 64
-    default_idle_offline_seqs: int = 8
-    default_idle_offline_tokens: int = 512
-    """The budget without a latency model: while no online request is in the engine, 8 offline
-    sequences and 512 tokens per step; with any online request, 2 sequences and small prefill
-    chunks (64 tokens). The engine switches between the two at the next step."""
-    default_online_context_tokens: int = 256
-    """Context assumed for online requests a replica does not hold yet (for its k > now rows)."""
-    seq_candidates: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-    chunk_candidates: tuple[int, ...] = (0, 16, 32, 64, 128, 256, 512)
-    min_offline_chunk_tokens: int = 32
-    chunk_min_seq_share: float = 0.5
-    """In rows with chat, room for a minimal offline prefill chunk is kept beside the offline
-    decodes only where the decodes that fit beside it are at least this share of those that fit
-    without it (and at least one); else the row runs decodes only, and offline prefills wait for
-    the idle row (which keeps its chunk while one sequence fits beside it). Taking
-    the chunk whatever it cost picked '0 decodes + a chunk' (no offline work at all: a chunk
-    needs a sequence) over 16 decodes as soon as the calibration rose to 2: a full bench ran 0
-    offline tok/s beside 1-4 chat requests for its last 35 s at 0.4-0.5 of the TPOT SLO."""
-    idle_step_share_of_ttft: float = 0.25
-    """With no chat in the engine, a step may take this share of the TTFT target (less headroom)."""
-    min_idle_offline_seqs: int = 1
-    """With no chat in the engine, at least this many offline sequences (and a minimal prefill
-    chunk) may run whatever the model says; the feedback scale can still cut it. Such a step is
-    about one chat decode step long, all that an arriving chat request waits for. Without the
-    floor a model that puts every candidate over the target (a slow host raising the calibration
-    over a step curve that is nearly flat in batch size) stops offline work for good: with no
-    offline steps the calibration only sees chat steps and never comes down. Measured in a quick
-    bench: 0 offline tok/s in two of three Colocate runs while static-2 met the SLO at 200."""
-    online_slot_share: float = 0.25
-    """Share of an engine's sequence slots (max_num_seqs) offline work never takes, at any online
-    load. Paused offline requests keep their slots; a chat request that finds none free preempts
-    one (its prefill is lost and redone), so the budget keeps a quarter of them for chat."""
-    table_size: int = 32
-    calibration_min_steps: int = 8
-    calibration_bounds: tuple[float, float] = (0.8, 4.0)
-    """The model was profiled on a bare engine; while serving (HTTP, detokenization and batch
-    clients sharing the host) the same batch can run slower, or, on quieter hardware, faster.
-    Predictions are scaled by the median observed/predicted ratio over the replica's recent steps
-    (at least `calibration_min_steps` of them), kept within these bounds."""
-
-
-@dataclass(frozen=True)
-class ReplicaDecision:
-    budget: OfflineBudget
-    state: ReplicaState
-    target_step_ms: float
-    predicted_step_ms: float | None
-    """The current batch's predicted step, in the head the budget was chosen with."""
-    pressure: float
-    """Observed online p99 TTFT and TPOT over their SLO targets, the larger; >= shrink_at throttles."""
-    calibration: float = 1.0
-    """Observed / predicted step latency on this replica's recent steps (1: uncalibrated)."""
-
-
-@dataclass(frozen=True)
-class Decision:
-    replicas: dict[str, ReplicaDecision] = field(default_factory=dict)
-
-    @property
-    def state(self) -> dict[str, ReplicaState]:
-        return {rid: d.state for rid, d in self.replicas.items()}
+__all__ = ["Decision", "LatencyModel", "PolicyConfig", "ReplicaDecision", "ReplicaLoad", "ReplicaState",
+           "SloTargets", "Snapshot", "decide", "model_tables", "calibration_factor", "offline_slots"]
 
 
 def _candidate_columns(num_online: np.ndarray, online_ctx: np.ndarray, num_offline: np.ndarray,

@@ -38,3 +38,17 @@ def parse_request_class(value: object) -> RequestClass:
             pass
     known = ", ".join(repr(c.value) for c in RequestClass)
     raise ValueError(f"'{REQUEST_CLASS_FIELD}' must be one of {known}, got {value!r}")
+
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+"""The message roles of OpenAI's chat completions API."""
+
+
+def validate_messages(messages: object) -> None:
+    """Raise ValueError (answered with a 400) for a chat message whose role OpenAI does not have:
+    OpenAI rejects `"role": "wizard"`, and a model's chat template would otherwise render it."""
+    for i, message in enumerate(messages or ()):
+        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        if role not in CHAT_ROLES:
+            known = ", ".join(sorted(CHAT_ROLES))
+            raise ValueError(f"messages[{i}].role must be one of {known}, got {role!r}")

@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.config import format_validation_error
-from orchestrator.policy import SloTargets
+from orchestrator.control.policy import SloTargets
 
 
 class ModelSlo(BaseModel):

@@ -26,11 +26,12 @@ from typing import Any
 
 import ray
 
-from orchestrator.policy import Decision, PolicyConfig, ReplicaLoad, ReplicaState, Snapshot, decide
+from orchestrator.config import PolicyConfig
+from orchestrator.control.policy import Decision, ReplicaLoad, ReplicaState, Snapshot, decide
+from orchestrator.control.profile import load_profile
+from orchestrator.control.reply import make_reply
+from orchestrator.names import CHECKPOINT_KEY, CONTROLLER_NAME, NAMESPACE
 
-CONTROLLER_NAME = "colocate-controller"
-NAMESPACE = "colocate"
-CHECKPOINT_KEY = b"colocate/controller/checkpoint"
 STALE_REPORT_S = 2.0
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,6 @@ def replica_load(report: dict[str, Any]) -> ReplicaLoad:
         recent_steps=report.get("recent_steps"),
         max_num_seqs=int(report["max_num_seqs"]) if report.get("max_num_seqs") else None,
     )
-
-
-def load_profile(path: str | None) -> dict[str, Any] | None:
-    if not path:
-        return None
-    from profiler.interference import load_interference_profile
-
-    return load_interference_profile(path)
 
 
 class _Metrics:
@@ -95,18 +88,25 @@ class _Metrics:
                 gauge.set(float(value), tags=tags)
 
 
+def _send_admission_total(total: int) -> None:
+    from orchestrator.control.admission import get_or_create_admission
+
+    # Looked up on every change: the admission actor may have been replaced since.
+    get_or_create_admission().set_total_budget.remote(total)
+
+
 class GcsCheckpoint:
     """The controller's checkpoint in the cluster's GCS key-value store (survives the actor)."""
 
     def get(self) -> bytes | None:
-        from ray.experimental.internal_kv import _internal_kv_get
+        from orchestrator.compat.ray_api import kv_get
 
-        return _internal_kv_get(CHECKPOINT_KEY, namespace=NAMESPACE)
+        return kv_get(CHECKPOINT_KEY, NAMESPACE)
 
     def put(self, data: bytes) -> None:
-        from ray.experimental.internal_kv import _internal_kv_put
+        from orchestrator.compat.ray_api import kv_put
 
-        _internal_kv_put(CHECKPOINT_KEY, data, overwrite=True, namespace=NAMESPACE)
+        kv_put(CHECKPOINT_KEY, data, NAMESPACE)
 
 
 class ControllerCore:
@@ -116,15 +116,17 @@ class ControllerCore:
     def __init__(self, *, model_id: str, slo_path: str, period_s: float = 0.25,
                  silence_timeout_s: float = 2.0, model_path: str | None = None,
                  profile_path: str | None = None, policy: dict[str, Any] | None = None,
-                 clock: Callable[[], float] = time.time, store=None, metrics: bool = True) -> None:
-        from orchestrator.slo import SloFile, SloWatcher
+                 clock: Callable[[], float] = time.time, store=None, metrics: bool = True,
+                 admission: Callable[[int], None] | None = None) -> None:
+        from orchestrator.control.slo import SloFile, SloWatcher
 
         self.store = store if store is not None else GcsCheckpoint()
+        self._send_admission_total = admission if admission is not None else _send_admission_total
         self.model_id = model_id
         self.period_s = period_s
         self.silence_timeout_s = silence_timeout_s
         self.clock = clock
-        self.policy = PolicyConfig(**(policy or {}))
+        self.policy = PolicyConfig.model_validate(policy or {})
         self.latency_model = None
         self.notes: list[str] = []
         if model_path:
@@ -150,7 +152,7 @@ class ControllerCore:
         self.slo = SloWatcher(slo_path, {model_id}, last_good=last_good)
         self._poll_slo()
         self.reports: dict[str, dict[str, Any]] = {}
-        self.replies: dict[str, dict[str, Any]] = {}
+        self.replies: dict[str, tuple[dict[str, Any], float]] = {}  # replica -> (budget, decided at)
         self.last_decision: Decision | None = None
         self.last_decision_s: float | None = None
         self.metrics = _Metrics() if metrics else None
@@ -189,7 +191,14 @@ class ControllerCore:
         """A replica's load; the reply is its current offline budget (None: none decided yet)."""
         self._ensure_loop()
         self.reports[snapshot["replica_id"]] = snapshot
-        return self.replies.get(snapshot["replica_id"])
+        stored = self.replies.get(snapshot["replica_id"])
+        if stored is None:
+            return None
+        budget, decided_at_s = stored
+        # The budget's validity runs from when it was decided: if ticks fail or skip this
+        # replica, the same budget keeps ageing and the engine falls back on its own.
+        return make_reply(budget, decided_at_s=decided_at_s, now_s=self.clock(),
+                          silence_timeout_s=self.silence_timeout_s)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -219,7 +228,7 @@ class ControllerCore:
         for rid, d in decision.replicas.items():
             budget = self.override or {"max_offline_seqs": list(d.budget.max_offline_seqs),
                                        "max_offline_tokens": list(d.budget.max_offline_tokens)}
-            self.replies[rid] = {**budget, "valid_for_s": self.silence_timeout_s, "decided_at_s": now}
+            self.replies[rid] = (budget, now)
         self.state = {**self.state, **decision.state}
         self._set_admission(decision, snapshot)
         # record
@@ -242,7 +251,7 @@ class ControllerCore:
         the policy: static caps for the interference profiler and the benchmark's baselines.
         None returns control to the policy."""
         if budget is not None:
-            from orchestrator.engine_channel import OfflineBudget
+            from orchestrator.engine.budget import OfflineBudget
 
             OfflineBudget(tuple(budget["max_offline_seqs"]), tuple(budget["max_offline_tokens"]))
             budget = {"max_offline_seqs": list(budget["max_offline_seqs"]),
@@ -262,10 +271,7 @@ class ControllerCore:
         if total == self._admission_total:
             return
         try:
-            from orchestrator.admission import get_or_create_admission
-
-            # Looked up on every change: the admission actor may have been replaced since.
-            get_or_create_admission().set_total_budget.remote(total)
+            self._send_admission_total(total)
             self._admission_total = total
         except Exception as err:  # noqa: BLE001 - jobs keep their last allowance
             log.warning("colocate controller: could not update the batch admission: %s", err)
@@ -275,7 +281,7 @@ class ControllerCore:
     def _status_row(self, load: ReplicaLoad, d, targets) -> dict[str, Any]:
         seqs, tokens = d.budget.at(load.num_online)
         if self.override is not None:
-            from orchestrator.engine_channel import OfflineBudget
+            from orchestrator.engine.budget import OfflineBudget
 
             seqs, tokens = OfflineBudget(tuple(self.override["max_offline_seqs"]),
                                          tuple(self.override["max_offline_tokens"])).at(load.num_online)
@@ -357,7 +363,7 @@ def start_controller(config, cwd: Path | None = None):
                                 get_if_exists=True).remote(
         model_id=config.model.id, slo_path=resolve(c.slo_path), period_s=c.period_s,
         silence_timeout_s=c.silence_timeout_s, model_path=resolve(c.model_path),
-        profile_path=resolve(c.profile_path))
+        profile_path=resolve(c.profile_path), policy=c.policy.model_dump(mode="json"))
     ray.get(handle.ready.remote(), timeout=60)
     return handle
 
@@ -368,12 +374,12 @@ def get_controller():
 
 def kill_controller() -> bool:
     """Stop the controller and forget its checkpoint (a later `up` starts fresh)."""
-    from ray.experimental.internal_kv import _internal_kv_del
+    from orchestrator.compat.ray_api import kv_del
 
     try:
         handle = get_controller()
     except ValueError:
         return False
     ray.kill(handle, no_restart=True)
-    _internal_kv_del(CHECKPOINT_KEY, namespace=NAMESPACE)
+    kv_del(CHECKPOINT_KEY, NAMESPACE)
     return True

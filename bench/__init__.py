@@ -1,0 +1,1 @@
+"""Clients of the stack: the benchmark, the demo and workload replay."""

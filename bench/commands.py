@@ -1,0 +1,77 @@
+"""`colocate bench | demo ...` commands, registered with the core CLI through the `colocate.commands`
+entry point (pyproject.toml): the core never imports the benchmark, the benchmark builds on the core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from orchestrator.cli.main import DEFAULT_CONFIG, _echo, _load
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def bench(
+        config: str | None = typer.Option("manifests/colocate-bench.yaml", "--config", "-c", help="Stack config (bench model)."),
+        online_trace: Path | None = typer.Option(None, "--online-trace", help="Azure-format chat trace CSV."),
+        offline_trace: Path | None = typer.Option(None, "--offline-trace", help="Offline lengths CSV (arXiv format)."),
+        rate: float | None = typer.Option(None, "--rate", help="Online requests per second (trace inter-arrivals "
+                                          "scaled; default 0.8)."),
+        duration_s: float | None = typer.Option(None, "--duration-s", help="Seconds of chat per policy run."),
+        slo_tolerance: float = typer.Option(0.5, "--slo-tolerance", help="SLO = online-only p99 x (1 + this)."),
+        slo_from_file: bool = typer.Option(False, "--slo-from-file", help="Use manifests/slo.yaml's targets instead."),
+        static_caps: str | None = typer.Option(None, "--static-caps", help="Comma-separated static offline caps."),
+        repeats: int = typer.Option(1, "--repeats", help="Repeat online-only, naive and colocate runs (medians, spread)."),
+        quick: bool = typer.Option(False, "--quick", help="Short runs and fewer baselines (about 4 minutes on 2 cores)."),
+        out: Path | None = typer.Option(None, "--out", help="Results directory (default results/bench-<time>)."),
+    ) -> None:
+        """Replay chat and a batch job under every policy side by side; write results.json and plots."""
+        import time as _time
+
+        from bench.bench import BenchOptions, format_table, quick_options, run_bench
+        from orchestrator.cluster import lifecycle as cluster
+
+        cfg = _load(config)
+        opts = quick_options() if quick else BenchOptions()
+        opts.repeats = repeats
+        if rate is not None:
+            opts.rate_per_s = rate
+        opts.online_trace, opts.offline_trace = online_trace, offline_trace
+        opts.slo_tolerance = None if slo_from_file else slo_tolerance
+        if duration_s is not None:
+            opts.duration_s = duration_s
+        if static_caps:
+            opts.static_caps = tuple(int(c) for c in static_caps.split(","))
+        out_dir = out or Path("results") / f"bench-{_time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            summary = run_bench(cfg, opts, out_dir, on_progress=_echo)
+        except cluster.StackError as err:
+            _echo(f"error: {err}")
+            raise typer.Exit(1) from None
+        typer.echo(format_table(summary))
+        typer.echo(f"results: {out_dir / 'results.json'}  plots: {', '.join(summary['plots'])}")
+
+
+    @app.command()
+    def demo(
+        config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
+        duration_s: float = typer.Option(45.0, "--duration-s", help="Seconds of chat traffic."),
+        chat_rate: float = typer.Option(1.0, "--chat-rate", help="Mean chat requests per second."),
+        num_offline: int = typer.Option(60, "--num-offline", help="Requests in the batch job."),
+        keep: bool = typer.Option(False, "--keep", help="Leave the stack running afterwards."),
+    ) -> None:
+        """The main job: bring the stack up, run chat traffic and a batch job together, summarize."""
+        from bench.demo import format_summary, run_demo
+        from orchestrator.cluster import lifecycle as cluster
+
+        cfg = _load(config)
+        try:
+            summary = run_demo(cfg, duration_s=duration_s, chat_rate_per_s=chat_rate,
+                               num_offline=num_offline, keep=keep, on_progress=_echo)
+        except (cluster.StackError, FileNotFoundError) as err:
+            _echo(f"error: {err}")
+            raise typer.Exit(1) from None
+        typer.echo(format_summary(summary))
+        if summary["batch"]["status"] != "SUCCEEDED" or summary["chat"]["num_ok"] == 0:
+            raise typer.Exit(1)

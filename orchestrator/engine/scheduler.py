@@ -1,0 +1,100 @@
+"""In-engine enforcement of the offline budget, at every step.
+
+`ColocateScheduler` is vLLM's scheduler (with step telemetry) that, before each step, reads the
+offline budget from the engine channel for the current number of online requests and applies it
+(`orchestrator.engine.enforce`, planned by the pure `orchestrator.engine.plan.plan_step`):
+
+- online requests are planned first: their tokens are reserved before any offline work;
+- running offline requests beyond the budget are *paused*: they stay in vLLM's running list with
+  their KV cache, but are not scheduled this step. Because they stay in that list, vLLM's
+  priority preemption still finds them first when memory runs out (offline requests carry a
+  lower priority), so offline work is preempted, never online;
+- while an online request waits to be admitted or has prompt left to prefill, offline work sits
+  the step out (paused, not discarded), so a burst of chat gets its prefill in the very next
+  step, in steps of its own: on a CPU a prefill step beside a full offline decode batch added
+  hundreds of ms to TTFT;
+- a waiting online request that finds no free KV blocks or sequence slot (paused requests hold
+  both) gets them by preempting offline requests, newest first;
+- waiting offline requests are admitted only up to the budget's free sequences.
+
+If the controller stops refreshing the budget, the channel hands out the safe fallback budget.
+Any error in this path is logged, whatever it changed is undone, and the engine runs unplanned
+from then on: enforcement must never take the engine down or lose a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from orchestrator.compat.vllm_api import async_scheduler_base, quiet_engine_polling
+from orchestrator.engine.enforce import OFFLINE_PRIORITY, BudgetEnforcer, counts_as_counters
+from orchestrator.engine.telemetry import TelemetryScheduler
+from orchestrator.names import ENV_POLL_SLEEP_US
+
+log = logging.getLogger(__name__)
+
+
+class ColocateScheduler(TelemetryScheduler):
+    """vLLM's scheduler with step telemetry and the per-step offline budget."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._plan_failed = False
+        if quiet_engine_polling(float(os.environ.get(ENV_POLL_SLEEP_US, "0"))):
+            log.info("colocate: engine core polls its worker every %s us instead of spinning",
+                     os.environ[ENV_POLL_SLEEP_US])
+        self._enforcer = BudgetEnforcer(self.access)
+        if self.channel is not None:
+            self.channel.set_counters(max_num_seqs=self.access.max_num_seqs)
+
+    def schedule(self, *args, **kwargs):
+        undo = None
+        if self.channel is not None and not self._plan_failed:
+            try:
+                undo = self._apply_budget()
+            except Exception:  # noqa: BLE001 - never take the engine down
+                self._plan_failed = True
+                log.exception("colocate: offline budget enforcement failed (changes undone); running unplanned")
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            if undo is not None:
+                undo()
+        if undo is not None:
+            self._count_preempted(output)
+        return output
+
+    def _apply_budget(self):
+        chan = self.channel
+        fallback = []
+
+        def budget_at(num_online: int) -> tuple[int, int]:
+            seqs, tokens, is_fallback = chan.budget_at(num_online, time.time())
+            fallback.append(is_fallback)
+            return seqs, tokens
+
+        undo, _, counts = self._enforcer.apply(budget_at)
+        chan.set_counters(**counts_as_counters(counts))
+        if counts.throttled:
+            chan.add_counter("num_throttled_steps", 1)
+        if fallback and fallback[0]:
+            chan.add_counter("num_fallback_steps", 1)
+        if counts.idle:
+            # Everything is paused and nothing is online: do not spin the engine loop flat out.
+            time.sleep(0.001)
+        return undo
+
+    def _count_preempted(self, output) -> None:
+        n = 0
+        for request_id in self.access.preempted_ids(output):
+            r = self.access.request(request_id)
+            if r is not None and self.access.priority(r) >= OFFLINE_PRIORITY:
+                n += 1
+        if n:
+            self.channel.add_counter("num_offline_preempted_total", n)
+
+
+class ColocateAsyncScheduler(ColocateScheduler, async_scheduler_base()):
+    """The same, for engines with async scheduling (vLLM's default on GPUs)."""

@@ -1,0 +1,215 @@
+"""Per-step and per-request telemetry inside a vLLM engine: a Scheduler subclass named in
+`scheduler_cls`.
+
+For every step it records the batch composition as the aggregates of `latency_model.schema`
+(prefill tokens and requests, prefill attention work, decode requests and the context they read,
+offline requests, KV use) and the measured step latency: the time from the end of `schedule()`
+to the start of `update_from_output()` for that same step (paired by the scheduler output object,
+so with async scheduling, where two steps are in flight, each step gets its own latency). Records
+go to a bounded ring, exportable to Parquet with the versioned schema, and, when the replica gave
+the engine a channel (`orchestrator.engine.channel`), to the channel's step ring too.
+
+For every online request it records, from the engine's own clock, the time to its first token
+(from the front end's arrival time) and, when it finishes, its time per output token. These are
+the latencies the controller holds against the SLO: measured where the tokens are produced, they
+are the same for a streamed and a non-streamed reply (counting response chunks at the replica
+read a whole non-streamed reply as its time to first token).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latency_model.schema import STEP_SCHEMA
+from orchestrator.compat.vllm_api import Scheduler, SchedulerAccess
+from orchestrator.engine.channel import RING_COLUMNS, EngineChannel
+from orchestrator.names import ENV_TELEMETRY_PATH, ENV_TELEMETRY_RING_SIZE
+from orchestrator.serving.request_class import RequestClass, vllm_priority
+
+log = logging.getLogger(__name__)
+
+_OFFLINE_PRIORITY = vllm_priority(RequestClass.OFFLINE)
+MAX_PENDING_STEPS = 8
+"""Steps scheduled and not yet answered that are remembered (vLLM keeps at most two in flight)."""
+
+
+def step_record(access: SchedulerAccess, scheduler_output) -> dict[str, Any]:
+    """Aggregates of one scheduled step. Called after `schedule()`, which has already advanced
+    each request's num_computed_tokens by its scheduled tokens."""
+    num_prefill_tokens = num_prefill_reqs = prefill_ctx = 0
+    attention2 = 0.0
+    num_decode = decode_ctx = max_decode_ctx = num_offline = offline_tokens = 0
+    scheduled = access.scheduled_tokens(scheduler_output)
+    for req_id, num_tokens in scheduled.items():
+        req = access.request(req_id)
+        if req is None:
+            continue
+        context = access.context_tokens(req) - num_tokens
+        if access.priority(req) >= _OFFLINE_PRIORITY:
+            num_offline += 1
+            offline_tokens += num_tokens
+        if context < access.num_prompt_tokens(req):
+            num_prefill_reqs += 1
+            num_prefill_tokens += num_tokens
+            prefill_ctx += context
+            attention2 += num_tokens * (context + num_tokens / 2)
+        else:
+            num_decode += 1
+            decode_ctx += context
+            max_decode_ctx = max(max_decode_ctx, context)
+    return {
+        "num_prefill_tokens": num_prefill_tokens,
+        "num_prefill_reqs": num_prefill_reqs,
+        "prefill_context_tokens": prefill_ctx,
+        "prefill_attention_tokens2": attention2,
+        "num_decode_reqs": num_decode,
+        "decode_context_tokens": decode_ctx,
+        "max_decode_context_tokens": max_decode_ctx,
+        "num_offline_reqs": num_offline,
+        "num_online_reqs": len(scheduled) - num_offline,
+        "num_offline_tokens": offline_tokens,
+        "num_online_tokens": access.total_scheduled_tokens(scheduler_output) - offline_tokens,
+        "kv_cache_usage": access.kv_cache_usage(),
+    }
+
+
+class TelemetryScheduler(Scheduler):
+    """vLLM's scheduler, plus one telemetry record per step in a bounded ring."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.access = SchedulerAccess(self)
+        self.telemetry: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=int(os.environ.get(ENV_TELEMETRY_RING_SIZE, "20000")))
+        # Steps scheduled and not yet answered, by their scheduler output.
+        self._pending: collections.OrderedDict[int, tuple[float, dict[str, Any] | None]] = collections.OrderedDict()
+        self._first_token_s: dict[str, float] = {}  # online request id -> wall time of its first token
+        self._telemetry_cost_s = 0.0
+        self.channel: EngineChannel | None = None
+        self._publish_steps = True
+        if os.environ.get(ENV_TELEMETRY_PATH):
+            # Imported now, not at shutdown: the engine's parent kills it a few seconds after
+            # SIGTERM (vLLM's default grace is 5 s), and on a loaded host the import alone can
+            # take a good part of that (CI once lost the export).
+            import pyarrow.parquet  # noqa: F401
+        try:
+            self.channel = EngineChannel.from_env()
+        except Exception as err:  # noqa: BLE001 - an engine without a channel still serves
+            log.warning("colocate: engine channel unavailable (%s); telemetry stays in the engine", err)
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        start = time.perf_counter()
+        record = step_record(self.access, output) if self.access.total_scheduled_tokens(output) > 0 else None
+        now = time.perf_counter()
+        self._telemetry_cost_s += now - start
+        self._pending[id(output)] = (now, record)
+        while len(self._pending) > MAX_PENDING_STEPS:
+            self._pending.popitem(last=False)
+        return output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        now = time.perf_counter()
+        scheduled_at, record = self._pending.pop(id(scheduler_output), (None, None))
+        if record is not None:
+            record["step_latency_ms"] = (now - scheduled_at) * 1000.0
+            self.telemetry.append(record)
+            if self.channel is not None and self._publish_steps:
+                self._publish(record)
+        online = self._online_scheduled(scheduler_output)
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        if online and self.channel is not None and self._publish_steps:
+            self._record_request_latencies(online)
+        return result
+
+    def _online_scheduled(self, scheduler_output) -> list[tuple[str, Any]]:
+        out = []
+        for req_id in self.access.scheduled_tokens(scheduler_output):
+            req = self.access.request(req_id)
+            if req is not None and self.access.priority(req) < _OFFLINE_PRIORITY:
+                out.append((req_id, req))
+        return out
+
+    def _record_request_latencies(self, online: list[tuple[str, Any]]) -> None:
+        """First-token and finish events of the online requests in the step just answered."""
+        a = self.access
+        now_s = time.time()
+        try:
+            for req_id, req in online:
+                num_out = a.num_output_tokens(req)
+                if num_out >= 1 and req_id not in self._first_token_s:
+                    self._first_token_s[req_id] = now_s
+                    self.channel.append_latency(now_s, ttft_ms=(now_s - a.arrival_time_s(req)) * 1000.0)
+                if a.is_finished(req):
+                    first = self._first_token_s.pop(req_id, None)
+                    if first is not None and num_out > 1:
+                        self.channel.append_latency(now_s, tpot_ms=(now_s - first) * 1000.0 / (num_out - 1))
+            running = [(now_s - first) * 1000.0 / (a.num_output_tokens(req) - 1)
+                       for req_id, req in online
+                       if (first := self._first_token_s.get(req_id)) is not None and a.num_output_tokens(req) > 1
+                       and not a.is_finished(req)]
+            self.channel.set_counters(online_running_tpot_max_ms=max(running, default=0.0))
+            if len(self._first_token_s) > 4 * max(1, a.max_num_seqs):
+                # Requests aborted before they finished never come back here: forget them.
+                self._first_token_s = {k: v for k, v in self._first_token_s.items() if a.request(k) is not None}
+        except Exception as err:  # noqa: BLE001 - telemetry must never take the engine down
+            log.warning("colocate: request latency record failed (%s); no longer publishing", err)
+            self._publish_steps = False
+
+    def _publish(self, record: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        try:
+            record["end_time_s"] = time.time()
+            self.channel.append_step(np.fromiter((record[c] for c in RING_COLUMNS), dtype=np.float64,
+                                                 count=len(RING_COLUMNS)))
+            self.channel.add_counter("num_online_tokens_total", record["num_online_tokens"])
+            self.channel.add_counter("num_offline_tokens_total", record["num_offline_tokens"])
+            self.channel.add_counter("num_steps_total", 1)
+            self.channel.add_counter("step_time_s_total", record["step_latency_ms"] / 1000.0)
+        except Exception as err:  # noqa: BLE001 - telemetry must never take the engine down
+            log.warning("colocate: step ring write failed (%s); no longer publishing steps", err)
+            self._publish_steps = False
+        self._telemetry_cost_s += time.perf_counter() - start
+
+    def overhead_fraction(self) -> float:
+        """Time spent recording telemetry over the time of the steps in the ring (target < 2%)."""
+        step_s = sum(r["step_latency_ms"] for r in self.telemetry) / 1000.0
+        return self._telemetry_cost_s / step_s if step_s > 0 else 0.0
+
+    def shutdown(self) -> None:
+        log.warning("colocate telemetry: %d steps recorded, overhead %.4f%% of step time",
+                    len(self.telemetry), 100.0 * self.overhead_fraction())
+        path = os.environ.get(ENV_TELEMETRY_PATH)
+        if path:
+            try:
+                export_parquet(list(self.telemetry), Path(path))
+            except Exception as err:  # noqa: BLE001 - telemetry must never take the engine down
+                log.warning("telemetry export to %s failed: %s", path, err)
+        super().shutdown()
+
+
+def export_parquet(records: list[dict[str, Any]] | dict[str, Any], path: Path) -> Path:
+    """Write step records (a list of dicts, or a dict of columns) with the versioned step schema,
+    atomically: a partial file never appears."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if isinstance(records, dict):
+        columns = records
+    else:
+        columns = {f.name: [r[f.name] for r in records] for f in STEP_SCHEMA}
+    arrays = [pa.array(np.asarray(columns[f.name], dtype=np.int64 if pa.types.is_integer(f.type) else np.float64),
+                       type=f.type) for f in STEP_SCHEMA]
+    table = pa.Table.from_arrays(arrays, schema=STEP_SCHEMA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path

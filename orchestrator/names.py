@@ -1,0 +1,37 @@
+"""Names shared across processes, defined once.
+
+A replica, the controller, a batch job and the CLI run in different processes (often on different
+nodes) and find each other only by these names: the Ray namespace and named actors, the GCS keys,
+and the environment variables through which a replica configures its engine process.
+"""
+
+from __future__ import annotations
+
+# --- Ray ------------------------------------------------------------------------------------
+NAMESPACE = "colocate"
+"""Ray namespace of every named actor and GCS key Colocate creates."""
+CONTROLLER_NAME = "colocate-controller"
+REGISTRY_NAME = "colocate-registry"
+ADMISSION_NAME = "colocate-offline-admission"
+CHECKPOINT_KEY = b"colocate/controller/checkpoint"
+"""The controller's policy state and last good SLO, in the GCS key-value store."""
+LLM_DEPLOYMENT_PREFIX = "ColocateLLMServer:"
+"""Ray Serve LLM names each model's deployment "<server class name>:<model id>"."""
+
+# --- environment: replica -> engine process -------------------------------------------------
+ENV_ENGINE_CHANNEL = "COLOCATE_ENGINE_CHANNEL"
+"""Path of the shared-memory channel between a replica and its engine's scheduler."""
+ENV_CONTROLLER_ENABLED = "COLOCATE_CONTROLLER_ENABLED"
+ENV_REPORT_PERIOD_S = "COLOCATE_CONTROLLER_REPORT_PERIOD_S"
+ENV_FALLBACK_BUDGET = "COLOCATE_FALLBACK_OFFLINE_BUDGET"
+"""'<seqs>,<tokens>': the safe budget an engine runs while the controller is silent."""
+ENV_POLL_SLEEP_US = "COLOCATE_ENGINE_POLL_SLEEP_US"
+ENV_TELEMETRY_RING_SIZE = "COLOCATE_TELEMETRY_RING_SIZE"
+ENV_TELEMETRY_PATH = "COLOCATE_TELEMETRY_PATH"
+"""Where an engine exports its step telemetry (Parquet) when it shuts down."""
+ENV_ALLOW_UNTESTED = "COLOCATE_ALLOW_UNTESTED_VERSIONS"
+"""'1': run against vLLM/Ray versions other than the tested ones (at your own risk)."""
+
+# --- environment: CLI and clients -----------------------------------------------------------
+ENV_STATE_DIR = "COLOCATE_STATE_DIR"
+ENV_ENDPOINT = "COLOCATE_ENDPOINT"

@@ -1,0 +1,91 @@
+"""Offline admission: how the in-flight allowance of a batch job follows the controller's budget."""
+
+import asyncio
+
+import pytest
+
+from jobs.batch import Admission, parse_args
+from orchestrator.control.admission import JOB_STALE_AFTER_S, allowance, share_budget
+
+NOW_S = 1000.0
+
+
+@pytest.mark.parametrize("total, weights, expected", [
+    (8, {"a": 1, "b": 1}, {"a": 4, "b": 4}),
+    (8, {"a": 3, "b": 1}, {"a": 6, "b": 2}),
+    (10, {"a": 1, "b": 1, "c": 1}, {"a": 4, "b": 3, "c": 3}),
+    (2, {"a": 1, "b": 1, "c": 1}, {"a": 1, "b": 1, "c": 1}),
+    (5, {"a": 100, "b": 1}, {"a": 4, "b": 1}),
+    (5, {}, {}),
+])
+def test_share_budget_is_proportional_to_weight_and_never_starves(total, weights, expected):
+    shares = share_budget(total, weights)
+    assert shares == expected
+    if weights:
+        assert sum(shares.values()) == max(total, len(weights))
+
+
+def job(weight=1.0, default_cap=4, max_cap=None, age_s=0.0, **extra):
+    return {"weight": weight, "default_cap": default_cap, "max_cap": max_cap, "seen_s": NOW_S - age_s, **extra}
+
+
+def test_allowance_shares_among_live_jobs_and_forgets_stale_or_finished_ones():
+    jobs = {"a": job(1), "b": job(3), "old": job(5, age_s=JOB_STALE_AFTER_S + 1), "done": job(5, finished=True)}
+    # No controller: the largest static cap (4) is shared 1:3.
+    assert (allowance(jobs, "a", NOW_S, None), allowance(jobs, "b", NOW_S, None)) == (1, 3)
+    # A controller total of 12 splits 3:9, past the static cap of 4.
+    assert (allowance(jobs, "a", NOW_S, 12), allowance(jobs, "b", NOW_S, 12)) == (3, 9)
+    assert allowance(jobs, "done", NOW_S, None) == 4
+
+
+def test_a_default_job_gets_the_whole_controller_budget_not_its_static_cap():
+    jobs = {"a": job()}
+    assert allowance(jobs, "a", NOW_S, 64) == 64
+    assert allowance(jobs, "a", NOW_S, None) == 4
+    # Heartbeats from before max_cap existed still read.
+    assert allowance({"a": {"weight": 1.0, "default_cap": 4, "seen_s": NOW_S}}, "a", NOW_S, 64) == 64
+
+
+def test_max_cap_bounds_the_allowance_always_and_only_when_set():
+    jobs = {"a": job(max_cap=6), "b": job(max_cap=None), "small": job(default_cap=8, max_cap=2)}
+    assert allowance(jobs, "a", NOW_S, 60) == 6
+    assert allowance(jobs, "b", NOW_S, 60) == 20
+    assert allowance(jobs, "small", NOW_S, None) == 2
+    assert allowance({"gone": job(max_cap=3, finished=True)}, "gone", NOW_S, 60) == 3
+
+
+class FakeActorAdmission(Admission):
+    """Admission with the actor call replaced: `answer` is returned, or raised if an exception."""
+
+    def __init__(self, answer, **kwargs):
+        super().__init__("k", 1.0, use_ray=True, **kwargs)
+        self.answer = answer
+        self.calls = []
+
+    def _heartbeat_blocking(self, progress):
+        self.calls.append(progress)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_job_side_allowance_follows_the_actor_and_keeps_max_in_flight():
+    followed = FakeActorAdmission(48, default_cap=4)
+    asyncio.run(followed.heartbeat({}))
+    assert followed.allowed == 48
+    bounded = FakeActorAdmission(48, default_cap=4, max_cap=10)
+    assert bounded.allowed == 4
+    asyncio.run(bounded.heartbeat({}))
+    assert bounded.allowed == 10
+    unreachable = FakeActorAdmission(ConnectionError("gone"), default_cap=8, max_cap=3)
+    asyncio.run(unreachable.heartbeat({}))
+    assert unreachable.allowed == 3
+
+
+def test_max_in_flight_is_optional_and_positive(tmp_path):
+    (tmp_path / "in.jsonl").write_text("")
+    base = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl")]
+    assert parse_args(base).max_in_flight is None
+    assert parse_args([*base, "--max-in-flight", "7"]).max_in_flight == 7
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--max-in-flight", "0"])
