@@ -155,7 +155,7 @@ class Bench:
         self.on_progress(f"[bench {time.monotonic() - self.started:5.0f}s] {msg}")
 
     def online_specs(self):
-        from bench.workload import AZURE_CONV, load_chat_trace
+        from profiler.workload import AZURE_CONV, load_chat_trace
 
         return load_chat_trace(self.opts.online_trace or AZURE_CONV, rate_per_s=self.opts.rate_per_s,
                                duration_s=self.opts.duration_s, length_scale=self.max_len / 8192,
@@ -169,7 +169,7 @@ class Bench:
     def _submit_job(self, tag: str) -> str:
         from ray.job_submission import JobSubmissionClient
 
-        from bench.workload import ARXIV_LENGTHS, load_offline_lengths, write_batch_input
+        from profiler.workload import ARXIV_LENGTHS, load_offline_lengths, write_batch_input
 
         specs = load_offline_lengths(self.opts.offline_trace or ARXIV_LENGTHS,
                                      num_requests=self.opts.num_offline_requests,
@@ -225,7 +225,7 @@ class Bench:
 
     def run_policy(self, name: str, budget, *, online: bool, offline: bool) -> dict[str, Any]:
         """One side-by-side run: the same online replay and/or offline job under one budget."""
-        from bench.workload import run_chat_load
+        from profiler.workload import run_chat_load
 
         duration_s = self.opts.duration_s if online else self.opts.offline_only_s
         self._override(budget)
@@ -279,7 +279,7 @@ class Bench:
 
     def batch_sweep(self) -> list[dict[str, Any]]:
         """Offline streams alone at steady batch sizes: TPOT p99 and throughput per batch."""
-        from bench.workload import offline_stream_backlog
+        from profiler.workload import offline_stream_backlog
 
         rows = []
         for b in self.opts.sweep_batches:

@@ -14,7 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.workload import (
+from orchestrator.cluster import lifecycle as cluster
+from orchestrator.cluster.jobs import submit_batch_job, wait_for_job
+from orchestrator.config import ColocateConfig
+from profiler.workload import (
     ARXIV_LENGTHS,
     AZURE_CONV,
     load_chat_trace,
@@ -23,9 +26,6 @@ from bench.workload import (
     summarize_chat,
     write_batch_input,
 )
-from orchestrator.cluster import lifecycle as cluster
-from orchestrator.cluster.jobs import submit_batch_job, wait_for_job
-from orchestrator.config import ColocateConfig
 
 
 def run_demo(config: ColocateConfig, *, duration_s: float, chat_rate_per_s: float, num_offline: int,

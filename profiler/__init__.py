@@ -1,1 +1,1 @@
-"""Step telemetry schema and the interference profiler."""
+"""Measuring engines and stacks: the step sweep, the interference search, trace replay."""

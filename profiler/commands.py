@@ -63,3 +63,25 @@ def register(app: typer.Typer) -> None:
                    f"{doc['offline_seqs']} seq/replica ({doc['offline_tokens_per_s']:.1f} tok/s); "
                    f"per-step budget {doc['step_budget_ms']} ms")
         typer.echo(f"profile: {out}  plot: {plot}")
+
+    @app.command("bench-predict")
+    def bench_predict(
+        model_dir: Path = typer.Argument(..., help="Model directory written by `colocate train`."),
+        candidates: int = typer.Option(64, "--candidates", help="Candidate batches per call."),
+        repeats: int = typer.Option(2000, "--repeats"),
+        out: Path | None = typer.Option(None, "--out", help="Also write the numbers as JSON here."),
+    ) -> None:
+        """Measure what one prediction call and one candidate cost (XGBoost and the compiled trees)."""
+        from latency_model.model import ModelFileError, load
+        from profiler.bench_predict import benchmark, format_report
+
+        try:
+            model = load(model_dir)
+        except ModelFileError as err:
+            _echo(f"error: {err}")
+            raise typer.Exit(2) from None
+        report = benchmark(model, num_candidates=candidates, repeats=repeats)
+        typer.echo(format_report(report))
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")

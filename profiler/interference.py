@@ -144,7 +144,7 @@ def measure_point(*, controller, endpoint: str, model: str, specs, offline_seqs:
     prompts would be served from vLLM's prefix cache."""
     import ray
 
-    from bench.workload import offline_stream_backlog, run_chat_load, summarize_chat
+    from profiler.workload import offline_stream_backlog, run_chat_load, summarize_chat
 
     ray.get(controller.set_override.remote({"max_offline_seqs": [offline_seqs],
                                             "max_offline_tokens": [offline_seqs * (1 + chunk_tokens)]}))
@@ -186,9 +186,9 @@ def run_interference(config, *, ttft_p99_ms: float, tpot_p99_ms: float, rate_per
                      on_progress: Callable[[str], None] = print) -> dict[str, Any]:
     import ray
 
-    from bench.workload import AZURE_CONV, load_chat_trace
     from orchestrator.cluster import lifecycle as cluster
     from orchestrator.control.controller import get_controller
+    from profiler.workload import AZURE_CONV, load_chat_trace
 
     state = cluster.StackState.load()
     if state is None:

@@ -1,1 +1,1 @@
-"""cli"""
+"""The `colocate` command line (core commands; client packages register theirs by entry point)."""

@@ -250,6 +250,8 @@ def submit(
     model: str | None = typer.Option(None, "--model"),
     weight: float = typer.Option(1.0, "--weight", min=0.001, help="Share of offline capacity relative to other jobs."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Offline requests in flight without a controller."),
+    max_in_flight: int | None = typer.Option(None, "--max-in-flight", min=1,
+                                             help="Upper bound on in-flight requests, also under a controller."),
 ) -> None:
     """Submit a batch job through Ray's job API (the same as `ray job submit ... -- python -m jobs.batch`)."""
     from orchestrator.cluster.jobs import submit_batch_job
@@ -259,6 +261,8 @@ def submit(
             "--endpoint", state.endpoint, "--weight", str(weight), "--concurrency", str(concurrency)]
     if model:
         args += ["--model", model]
+    if max_in_flight is not None:
+        args += ["--max-in-flight", str(max_in_flight)]
     job_id = submit_batch_job(state.dashboard_url, args, metadata={
         "colocate": "batch", "input": str(input_path.resolve()), "output": str(output.resolve()), "weight": str(weight)})
     typer.echo(job_id)
@@ -347,29 +351,6 @@ def override(
         _echo(f"error: {err}")
         raise typer.Exit(2) from None
     typer.echo("budgets back under the controller's policy" if clear else f"offline budget pinned to {budget}")
-
-
-@app.command("bench-predict")
-def bench_predict(
-    model_dir: Path = typer.Argument(..., help="Model directory written by `colocate train`."),
-    candidates: int = typer.Option(64, "--candidates", help="Candidate batches per call."),
-    repeats: int = typer.Option(2000, "--repeats"),
-    out: Path | None = typer.Option(None, "--out", help="Also write the numbers as JSON here."),
-) -> None:
-    """Measure what one prediction call and one candidate cost (XGBoost and the compiled trees)."""
-    from latency_model.bench_predict import benchmark, format_report
-    from latency_model.model import ModelFileError, load
-
-    try:
-        model = load(model_dir)
-    except ModelFileError as err:
-        _echo(f"error: {err}")
-        raise typer.Exit(2) from None
-    report = benchmark(model, num_candidates=candidates, repeats=repeats)
-    typer.echo(format_report(report))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def register_plugins(target: typer.Typer = app) -> list[str]:

@@ -1,1 +1,1 @@
-"""control"""
+"""The controller: snapshots in, budgets out (pure policy), its actor loop, SLOs and admission."""

@@ -135,8 +135,12 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     # Offline requests must prefill to make progress: keep room for a minimal chunk beside the
     # decodes where that costs at most `chunk_min_seq_share` of them (else decodes only).
     min_chunk = int(np.searchsorted(chunks, cfg.min_offline_chunk_tokens))
-    with_chunk = decode_fits & (np.logical_and.accumulate(fits[:, :, :min_chunk + 1], axis=2)[:, :, -1]
-                                if min_chunk < len(chunks) else False)
+    chunk_fits_at = (np.logical_and.accumulate(fits[:, :, :min_chunk + 1], axis=2)[:, :, -1]
+                     if min_chunk < len(chunks) else np.zeros_like(decode_fits))
+    # A prefix along the sequence axis too: the count of fitting candidates is used as an index
+    # below, which is only right if every smaller candidate fits as well (a noisy leaf must not
+    # make a row take a batch the model itself puts over the target).
+    with_chunk = np.logical_and.accumulate(decode_fits & chunk_fits_at, axis=1)
     def num_seqs(index: np.ndarray) -> np.ndarray:
         """Sequence counts of candidate indices (-1, where none fits: 0)."""
         return np.where(index >= 0, seqs[np.maximum(index, 0)], 0)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orchestrator.engine.plan import OfflineCandidate, StepPlan, plan_step
-from orchestrator.serving.request_class import RequestClass, vllm_priority
+from orchestrator.request_class import RequestClass, vllm_priority
 
 OFFLINE_PRIORITY = vllm_priority(RequestClass.OFFLINE)
 
@@ -38,6 +38,7 @@ class SchedulerView(Protocol):
     def waiting(self) -> list: ...
     def hold_waiting(self, requests: list) -> None: ...
     def release_waiting(self, requests: list) -> None: ...
+    def in_waiting(self, request) -> bool: ...
     def step_token_cap(self) -> int: ...
     def set_step_token_cap(self, num_tokens: int) -> None: ...
     def defer_decode(self, request, until_step: int) -> int: ...
@@ -170,8 +171,9 @@ class BudgetEnforcer:
                 undo.add(lambda r=r, old=old: v.restore_decode(r, old))
             held = offline_waiting[plan.num_waiting_admitted:]
             if held:
+                # Registered first: a removal that fails half-way must still give back what it took.
+                undo.add(lambda: v.release_waiting([r for r in held if not v.in_waiting(r)]))
                 v.hold_waiting(held)
-                undo.add(lambda: v.release_waiting(held))
             cap = v.step_token_cap()
             v.set_step_token_cap(plan.token_cap)
             undo.add(lambda: v.set_step_token_cap(cap))

@@ -30,14 +30,13 @@ import numpy as np
 from latency_model.schema import STEP_SCHEMA
 from orchestrator.compat.vllm_api import Scheduler, SchedulerAccess
 from orchestrator.engine.channel import RING_COLUMNS, EngineChannel
+from orchestrator.engine.step_timer import StepTimer
 from orchestrator.names import ENV_TELEMETRY_PATH, ENV_TELEMETRY_RING_SIZE
-from orchestrator.serving.request_class import RequestClass, vllm_priority
+from orchestrator.request_class import RequestClass, vllm_priority
 
 log = logging.getLogger(__name__)
 
 _OFFLINE_PRIORITY = vllm_priority(RequestClass.OFFLINE)
-MAX_PENDING_STEPS = 8
-"""Steps scheduled and not yet answered that are remembered (vLLM keeps at most two in flight)."""
 
 
 def step_record(access: SchedulerAccess, scheduler_output) -> dict[str, Any]:
@@ -88,8 +87,7 @@ class TelemetryScheduler(Scheduler):
         self.access = SchedulerAccess(self)
         self.telemetry: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=int(os.environ.get(ENV_TELEMETRY_RING_SIZE, "20000")))
-        # Steps scheduled and not yet answered, by their scheduler output.
-        self._pending: collections.OrderedDict[int, tuple[float, dict[str, Any] | None]] = collections.OrderedDict()
+        self._steps = StepTimer()
         self._first_token_s: dict[str, float] = {}  # online request id -> wall time of its first token
         self._telemetry_cost_s = 0.0
         self.channel: EngineChannel | None = None
@@ -110,16 +108,15 @@ class TelemetryScheduler(Scheduler):
         record = step_record(self.access, output) if self.access.total_scheduled_tokens(output) > 0 else None
         now = time.perf_counter()
         self._telemetry_cost_s += now - start
-        self._pending[id(output)] = (now, record)
-        while len(self._pending) > MAX_PENDING_STEPS:
-            self._pending.popitem(last=False)
+        if record is not None:
+            self._steps.scheduled(output, record, now)
         return output
 
     def update_from_output(self, scheduler_output, model_runner_output):
-        now = time.perf_counter()
-        scheduled_at, record = self._pending.pop(id(scheduler_output), (None, None))
-        if record is not None:
-            record["step_latency_ms"] = (now - scheduled_at) * 1000.0
+        answered = self._steps.answered(scheduler_output, time.perf_counter())
+        if answered is not None:
+            record, latency_ms = answered
+            record["step_latency_ms"] = latency_ms
             self.telemetry.append(record)
             if self.channel is not None and self._publish_steps:
                 self._publish(record)

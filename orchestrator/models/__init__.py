@@ -1,1 +1,1 @@
-"""models"""
+"""Locally built models (seeded random weights, a locally trained tokenizer)."""

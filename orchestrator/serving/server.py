@@ -31,14 +31,14 @@ from orchestrator.names import (
     ENV_REPORT_PERIOD_S,
     NAMESPACE,
 )
-from orchestrator.serving.registry import get_or_create_registry
-from orchestrator.serving.request_class import (
+from orchestrator.request_class import (
     REQUEST_CLASS_FIELD,
     RequestClass,
     parse_request_class,
     validate_messages,
     vllm_priority,
 )
+from orchestrator.serving.registry import get_or_create_registry
 from orchestrator.stats import p99
 
 REPORT_PERIOD_S = 1.0

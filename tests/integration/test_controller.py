@@ -14,9 +14,9 @@ import pytest
 from openai import AsyncOpenAI
 
 from bench.bench import BenchOptions
-from bench.workload import make_prompt
 from orchestrator.control.policy import PolicyConfig
 from orchestrator.serving.server import LATENCY_WINDOW_S
+from profiler.workload import make_prompt
 from tests.integration.conftest import ROOT, colocate_cmd, start_stack
 
 pytestmark = pytest.mark.integration
@@ -119,15 +119,16 @@ RECOVERY_S = (LATENCY_WINDOW_S + math.ceil((1.0 - _POLICY.min_scale) / _POLICY.g
               + 2.0)  # two report periods' slack
 """p99 TPOT is measured over chat requests started this long after the step up: the engine cuts
 offline work at the next step, the feedback loop over a few seconds of observed latency."""
-SLO_TPOT_MS = 150.0
-"""manifests/slo.yaml's target for the bench model: this chat load alone measured p50 ~60 ms and
-p99 ~100 ms here; naive co-location 280-360 ms."""
 SLO_TOLERANCE = BenchOptions().slo_tolerance
-"""The test's TPOT target is the larger of SLO_TPOT_MS and this chat load's p99 alone, measured
-first on the same host, times (1 + tolerance) (the bench's default SLO rule). A fixed target is a
-statement about the host's speed: a loaded CI host once ran the engine at half speed (offline
-27 tok/s against ~60), and chat with almost no offline work beside it (2 offline tokens a step)
-saw 171 ms against 150."""
+"""The test's TPOT target is this chat load's p99 alone, measured first on the same host, times
+(1 + tolerance) (the bench's default SLO rule); no absolute time anywhere. A fixed target is a
+statement about the host's speed: a loaded CI host ran the engine at half speed and chat alone
+nearly broke a fixed 150 ms; a host 3-7x faster than this one measured chat alone at 33.5 ms p99,
+so a 150 ms floor sat above even naive co-location (94.5 ms) and the test's premise failed.
+By construction the naive phase breaks the target on any host: it runs OFFLINE_CONCURRENCY
+offline decodes (and their prefills) in every chat step, against CHAT_CONCURRENCY chat decodes
+alone, i.e. a decode batch 7x larger, and a CPU decode step grows with its batch (the bench
+model: ~30 ms for 1 sequence, ~150 ms for 28 on this machine, 2.8x alone on the fast host)."""
 BENCH_MODEL = ROOT / ".colocate" / "models" / "tiny-bench"
 CPU_PROFILE = ROOT / "profiler" / "data" / "cpu-bench-profile.parquet"
 
@@ -215,12 +216,11 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     # manifests/slo.yaml keeps 35% of the bench model's targets as headroom: the latency model was
     # profiled on a bare engine, and under serving on 2 cores chat prefill steps and the serving
     # path outside the engine take about a third of the TPOT target.
-    assert wait_for(lambda: slo_of(stack)["headroom"] == 0.35 and slo_of(stack)["tpot_p99_ms"] == SLO_TPOT_MS,
-                    timeout_s=10)
+    assert wait_for(lambda: slo_of(stack)["headroom"] == 0.35, timeout_s=10)
     model = stack["model"]
     rows: dict[str, tuple[float, dict]] = {}
     offline_tokens_at: list[tuple[float, int]] = []  # offline output tokens: (arrival time, 1)
-    slo_tpot_ms = SLO_TPOT_MS
+    slo_tpot_ms = 0.0
     alone: list[float] = []
 
     async def sample(label: str) -> None:
@@ -233,11 +233,10 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     async def phases(client):
         nonlocal slo_tpot_ms
         alone.extend(await _chat_phase(client, model, 20, settle_s=2.0))
-        slo_tpot_ms = max(SLO_TPOT_MS, round(float(np.percentile(alone, 99)) * (1.0 + SLO_TOLERANCE)))
-        if slo_tpot_ms != SLO_TPOT_MS:
-            await asyncio.to_thread(cli, stack, "slo", "set", "-c", str(stack["config_path"]),
-                                    f"{model}.tpot_p99_ms={slo_tpot_ms}")
-            assert await asyncio.to_thread(wait_for, lambda: slo_of(stack)["tpot_p99_ms"] == slo_tpot_ms, 10)
+        slo_tpot_ms = round(float(np.percentile(alone, 99)) * (1.0 + SLO_TOLERANCE), 1)
+        await asyncio.to_thread(cli, stack, "slo", "set", "-c", str(stack["config_path"]),
+                                f"{model}.tpot_p99_ms={slo_tpot_ms}")
+        assert await asyncio.to_thread(wait_for, lambda: slo_of(stack)["tpot_p99_ms"] == slo_tpot_ms, 10)
         stop = asyncio.Event()
         backlog = asyncio.create_task(_offline_backlog(client, model, stop, offline_tokens_at))
         await asyncio.sleep(25)  # the backlog's first prefill wave passes; the no-chat budget fills
@@ -295,6 +294,8 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
               f" -> {rows['after_end'][1].get('throttle_scale')}; model calibration "
               f"{rows['during_end'][1].get('model_calibration')}")
     print(report)
+    # The premise, true by construction (see SLO_TOLERANCE): without the controller this load
+    # breaks the target measured on this very host.
     assert naive_p99 > slo_tpot_ms, report
     assert controlled_p99 <= slo_tpot_ms, report
     # The cut: the engine admits less offline work into each step while chat runs (counted by the

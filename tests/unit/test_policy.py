@@ -235,3 +235,25 @@ def test_rows_with_chat_drop_the_prefill_chunk_where_it_would_cost_most_of_the_d
     # chunk: offline prefills run there.
     seqs, tokens = d.budget.at(0)
     assert seqs == 32 and tokens > seqs
+
+
+class NoisyLeafModel(LinearModel):
+    """LinearModel with one noisy leaf: 1 offline decode beside a prefill chunk (and no chat)
+    predicts 1000 ms, while 2 or 3 beside the same chunk fit. A tree model's prediction is not
+    monotone in batch size; the table must come from the prefix of candidates that all fit."""
+
+    def predict_ms(self, x):
+        p50, p99 = super().predict_ms(x)
+        noisy = (x[:, IDX["num_decode_reqs"]] == 1) & (x[:, IDX["num_prefill_tokens"]] > 0)
+        return np.where(noisy, 1000.0, p50), np.where(noisy, 1000.0, p99)
+
+
+def test_a_noisy_leaf_cannot_make_a_row_take_a_candidate_that_does_not_fit():
+    """On the chunk axis the number of fitting candidates was used as an index without a prefix
+    accumulation: with 1-decode-plus-chunk over the target and 2 and 3 under it, the idle row
+    took '1 decode + the largest chunk', a batch the model itself put at 1000 ms."""
+    d = decide(snap(0.0), {}, NoisyLeafModel()).replicas["r1"]
+    # The with-chunk prefix breaks at s = 1, so the idle row is the largest decode batch that
+    # fits (32: 74 ms against 90) with the largest chunk that fits beside those 32 decodes
+    # (256 tokens: 86.8 ms). The old code took 24 decodes + a 512-token chunk.
+    assert d.budget.at(0) == (32, 32 + 256)

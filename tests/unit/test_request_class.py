@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.serving.request_class import RequestClass, parse_request_class, vllm_priority
+from orchestrator.request_class import RequestClass, parse_request_class, vllm_priority
 
 
 def test_absent_class_is_online():

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from bench.workload import (
+from jobs.formats import read_jsonl
+from profiler.workload import (
     ChatResult,
     RequestSpec,
     load_chat_trace,
@@ -12,7 +13,6 @@ from bench.workload import (
     summarize_chat,
     write_batch_input,
 )
-from jobs.formats import read_jsonl
 
 
 @pytest.fixture

