@@ -49,11 +49,12 @@ def submit(stack, inp: Path, out: Path, *extra: str, wait: bool = True,
     return subprocess.run(cmd, cwd=ROOT, env=stack["env"], capture_output=True, text=True, timeout=600)
 
 
-def start_job_and_wait_for_results(stack, inp: Path, out: Path, name: str, concurrency: int,
+def start_job_and_wait_for_results(stack, inp: Path, out: Path, name: str, max_in_flight: int,
                                    min_results: int) -> tuple[JobSubmissionClient, str]:
     """Submit with `ray job submit --no-wait`; return once `min_results` results are written."""
     job_id = f"colocate-test-{name}-{int(time.time())}"
-    result = submit(stack, inp, out, "--concurrency", str(concurrency), wait=False, submission_id=job_id)
+    # An explicit bound: under a controller a job follows its budget, not --concurrency.
+    result = submit(stack, inp, out, "--max-in-flight", str(max_in_flight), wait=False, submission_id=job_id)
     assert result.returncode == 0, result.stderr[-3000:]
     client = JobSubmissionClient(stack["dashboard_url"])
     deadline = time.monotonic() + 300
@@ -86,7 +87,7 @@ def test_job_with_malformed_lines_completes_the_rest(stack, tmp_path):
 def test_stopped_job_leaves_consistent_output_and_resubmit_completes_without_redoing(stack, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = write_input(inp, 120, max_tokens=64)
-    client, job_id = start_job_and_wait_for_results(stack, inp, out, "stop", concurrency=1, min_results=6)
+    client, job_id = start_job_and_wait_for_results(stack, inp, out, "stop", max_in_flight=1, min_results=6)
     subprocess.run([RAY, "job", "stop", "--address", stack["dashboard_url"], job_id],
                    env=stack["env"], check=True, capture_output=True, timeout=120)
     while client.get_job_status(job_id) not in (JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED):

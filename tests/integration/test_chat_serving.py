@@ -117,7 +117,14 @@ def test_malformed_requests_get_openai_style_4xx_and_serving_continues(client, s
         openai.BadRequestError, 400,
     )
     assert "request_class" in str(bad_class.message)
-    for err in (missing, unknown, too_long, bad_class):
+    # OpenAI answers a role it does not have with a 400; a chat template would render it.
+    bad_role = _expect_error(
+        lambda: client.chat.completions.create(model=stack["model"], max_tokens=4,
+                                               messages=[{"role": "wizard", "content": "abracadabra"}]),
+        openai.BadRequestError, 400,
+    )
+    assert "role" in str(bad_role.message) and "wizard" in str(bad_role.message)
+    for err in (missing, unknown, too_long, bad_class, bad_role):
         assert isinstance(err.body, dict) and err.body.get("message"), err.body
     resp = client.chat.completions.create(model=stack["model"], messages=HELLO, max_tokens=4)
     assert resp.choices[0].message.content is not None
@@ -140,3 +147,46 @@ def test_request_class_reaches_the_server_and_status_reports_replicas(client, st
             break
         time.sleep(1)
     assert got == {"online": 1, "offline": 2}
+
+
+def test_a_non_streamed_reply_is_timed_by_its_first_token_not_its_whole_length(client, stack):
+    """The replica used to count a non-streamed reply as one chunk, so the whole reply's latency
+    read as its time to first token (four 1-s replies read as TTFT p99 ~1 s and throttled a
+    replica). TTFT and TPOT now come from the engine, per request: for long non-streamed replies
+    the observed TTFT p99 is a small part of each reply's latency. The controller's view is
+    polled while the replies run and just after (its window is a few seconds)."""
+    import threading
+
+    latencies_s: list[float] = []
+
+    def one(i: int) -> None:
+        started = time.monotonic()
+        resp = client.chat.completions.create(
+            model=stack["model"], messages=[{"role": "user", "content": f"non-streamed {i}"}],
+            max_tokens=200, extra_body={"ignore_eos": True})
+        latencies_s.append(time.monotonic() - started)
+        assert resp.usage.completion_tokens == 200
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    seen_ttft, seen_tpot = [], []
+    deadline = None
+    while deadline is None or time.monotonic() < deadline:
+        rows = ((status_json(stack).get("controller") or {}).get("replicas")) or []
+        if rows:
+            if rows[0].get("observed_ttft_p99_ms") is not None:
+                seen_ttft.append(rows[0]["observed_ttft_p99_ms"])
+            if rows[0].get("observed_tpot_p99_ms") is not None:
+                seen_tpot.append(rows[0]["observed_tpot_p99_ms"])
+        if deadline is None and not any(th.is_alive() for th in threads):
+            deadline = time.monotonic() + 3.0
+    for th in threads:
+        th.join()
+    assert len(latencies_s) == 4
+    assert seen_ttft and seen_tpot, "the controller never saw the requests' latencies"
+    shortest_ms = min(latencies_s) * 1000.0
+    # A reply of 200 tokens spends 199 decode steps after its first token: its TTFT is a small
+    # part of it (derived from the same requests on the same host, no absolute time).
+    assert max(seen_ttft) < 0.5 * shortest_ms, (seen_ttft, latencies_s)
+    assert max(seen_tpot) * 199 < 1.5 * max(latencies_s) * 1000.0, (seen_tpot, latencies_s)

@@ -22,7 +22,7 @@ ENGINE_SCRIPT = textwrap.dedent('''
         model = sys.argv[1]
         llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=2048,
                   max_num_batched_tokens=256, scheduling_policy="priority", enable_prefix_caching=False,
-                  scheduler_cls="profiler.telemetry.TelemetryScheduler")
+                  scheduler_cls="orchestrator.engine.telemetry.TelemetryScheduler")
         words = "the batch latency of the model is low when the queue is short ".split()
         prompts = [" ".join(words[i % len(words)] for i in range(n)) for n in (40, 300, 600, 90)]
         params = SamplingParams(max_tokens=16, ignore_eos=True)

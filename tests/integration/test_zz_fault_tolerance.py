@@ -27,7 +27,7 @@ def test_killing_the_replica_admission_and_controller_mid_job_loses_and_duplicat
 
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = write_input(inp, 60, max_tokens=48)
-    client, job_id = start_job_and_wait_for_results(stack, inp, out, "kill", concurrency=2, min_results=5)
+    client, job_id = start_job_and_wait_for_results(stack, inp, out, "kill", max_in_flight=2, min_results=5)
 
     connect(stack["gcs_address"])
     replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
