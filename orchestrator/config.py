@@ -60,8 +60,28 @@ class ReplicaConfig(_Strict):
         return self
 
 
+class GrpcConfig(_Strict):
+    """Chat over gRPC (`colocate.v1.ChatService`, orchestrator/serving/grpc_api/chat.proto) on Ray
+    Serve's own gRPC proxy, in front of the same ingress and replicas as HTTP."""
+
+    enabled: bool = False
+    """`colocate up` starts Serve's gRPC proxy with the chat service (a Serve config file names
+    it in its own `grpc_options` instead, as manifests/serve.yaml does)."""
+    host: str = "127.0.0.1"
+    """Where clients connect. Serve's gRPC proxy listens on every interface (Ray 2.60 has no
+    gRPC host option), so the service enforces this per call: with a loopback address (the
+    default) calls from other hosts are refused with PERMISSION_DENIED; any other address
+    (e.g. 0.0.0.0) serves every client."""
+    port: int = Field(9000, ge=1, le=65535)
+    api_keys_env: str | None = Field(None, min_length=1)
+    """Name of an environment variable holding the API keys (comma- or space-separated), read
+    where the application is built (`colocate up`'s process); clients then send metadata
+    `authorization: Bearer <key>`, else UNAUTHENTICATED. None: no keys (gRPC only; HTTP has no
+    API keys)."""
+
+
 class ServeConfig(_Strict):
-    """The OpenAI-compatible HTTP surface."""
+    """The OpenAI-compatible HTTP surface (and the gRPC one, `grpc`)."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -71,6 +91,7 @@ class ServeConfig(_Strict):
     latency measured at the client meaningless; 0 sends every token as it is produced."""
     health_timeout_s: float = Field(600.0, gt=0)
     """How long `colocate up` waits for the application to become healthy."""
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
 
 
 class ClusterConfig(_Strict):

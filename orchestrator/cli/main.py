@@ -72,6 +72,8 @@ def up(
         _echo(f"error: {err}")
         raise typer.Exit(err.exit_code) from None
     typer.echo(f"endpoint: {cfg.endpoint}")
+    if cfg.serve.grpc.enabled:
+        typer.echo(f"grpc: {cfg.serve.grpc.host}:{cfg.serve.grpc.port}")
 
 
 @app.command()
@@ -102,6 +104,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         return
     typer.echo(f"cluster:     {report['cluster_address']}  (started by colocate: {report['started_cluster']})")
     typer.echo(f"endpoint:    {report['endpoint']}")
+    typer.echo(f"gRPC:        {report.get('grpc_endpoint') or 'not enabled (serve.grpc.enabled)'}")
     typer.echo(f"application: {report['application']} {report['application_status']}")
     for dep in report["deployments"]:
         typer.echo(f"  {dep['name']}: {dep['status']} {dep['replica_states']}")
@@ -151,6 +154,7 @@ def collect_status(state) -> dict:
         "metrics_url": state.metrics_url,
         "started_cluster": state.started_cluster,
         "endpoint": state.endpoint,
+        "grpc_endpoint": getattr(state, "grpc_endpoint", None),
         "application": state.app_name,
         "application_status": str(app_status.status.value) if app_status else "NOT_FOUND",
         "deployments": [
@@ -308,9 +312,15 @@ def train(
         raise typer.Exit(2) from None
     model.save(out)
     typer.echo(f"trained on {metrics['num_steps']} steps ({metrics['num_holdout']} held out) -> {out}")
+    typer.echo(f"  held out: whole blocks of consecutive steps ({metrics.get('num_groups')} blocks), "
+               f"so near-duplicate steps never sit on both sides")
     typer.echo(f"  median-head MAPE        {metrics['median_mape']:.2%}")
     typer.echo(f"  p99-head coverage       {metrics['p99_coverage']:.3f}")
     typer.echo(f"  linear (HyGen) MAPE     {metrics['linear_hygen_mape']:.2%}")
+    rnd = metrics.get("random_split")
+    if rnd:
+        typer.echo(f"  random step split (flattered): MAPE {rnd['median_mape']:.2%}, coverage "
+                   f"{rnd['p99_coverage']:.3f}, linear {rnd['linear_hygen_mape']:.2%}")
     floor = metrics.get("timing_noise_floor")
     if floor is not None:
         typer.echo(f"  timing noise floor      {floor:.2%}  (same batch, consecutive steps: no model predicts single steps better)")

@@ -44,6 +44,8 @@ class StackState:
     temp_dir: str | None = None
     metrics_url: str | None = None
     """Prometheus endpoint of the head node's metrics agent (Colocate's metrics included)."""
+    grpc_endpoint: str | None = None
+    """host:port of the gRPC chat service (`serve.grpc`), None when it is not enabled."""
 
     @classmethod
     def path(cls) -> Path:
@@ -225,11 +227,12 @@ def deploy(config: ColocateConfig, model_source: str) -> None:
     from ray import serve
 
     from orchestrator.compat.ray_api import serve_run_nonblocking
-    from orchestrator.serving.app import build_app
+    from orchestrator.serving.app import build_app, grpc_options
 
     # Serve logs every deployment option at INFO on the driver; `up` reports progress itself.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port},
+                grpc_options=grpc_options(config))
     # Returns once the deploy is submitted; wait_until_healthy then waits with a timeout and
     # progress, which serve.run cannot give.
     serve_run_nonblocking(build_app(config, model_source), name=config.serve.app_name, route_prefix="/")
@@ -252,15 +255,34 @@ def wait_until_healthy(
         status = app.status.value if app else "NOT_STARTED"
         if app and status == ApplicationStatus.DEPLOY_FAILED.value:
             raise RuntimeError(f"deploy failed: {app.message}")
-        if status == ApplicationStatus.RUNNING.value and _http_ok(f"{config.endpoint}/models"):
+        http_ok = status == ApplicationStatus.RUNNING.value and _http_ok(f"{config.endpoint}/models")
+        if http_ok and _grpc_listening(config):
             return elapsed
         line = f"{status}: " + ", ".join(
             f"{name} {dict(d.replica_states)}" for name, d in (app.deployments.items() if app else [])
         )
+        if http_ok:  # Serve started before without gRPC keeps its proxy options (serve.start warns)
+            line += f"; waiting for Serve's gRPC proxy on port {config.serve.grpc.port}"
         if line != last:
             on_progress(f"[{elapsed:5.0f}s] {line}")
             last = line
         time.sleep(1.0)
+
+
+def grpc_endpoint(config: ColocateConfig) -> str | None:
+    """host:port clients of the gRPC chat service connect to; None when it is not enabled."""
+    grpc = config.serve.grpc
+    return f"{grpc.host}:{grpc.port}" if grpc.enabled else None
+
+
+def _grpc_listening(config: ColocateConfig) -> bool:
+    """Serve's gRPC proxy accepts connections (true when gRPC is not enabled). It listens on
+    every interface; a wildcard host is probed on loopback."""
+    grpc = config.serve.grpc
+    if not grpc.enabled:
+        return True
+    host = "127.0.0.1" if grpc.host in ("0.0.0.0", "::", "") else grpc.host
+    return port_in_use(host, grpc.port)
 
 
 def teardown(state: StackState) -> list[str]:
@@ -322,7 +344,7 @@ class StackError(RuntimeError):
 
 def bring_up(config: ColocateConfig, on_progress: Callable[[str], None] = lambda _: None) -> StackState:
     """Start or join a cluster, deploy the app, wait until healthy, record the state."""
-    from orchestrator.serving.app import resolve_model_source
+    from orchestrator.serving.app import ingress_kwargs, resolve_model_source
 
     existing = StackState.load()
     if existing is not None:
@@ -332,6 +354,13 @@ def bring_up(config: ColocateConfig, on_progress: Callable[[str], None] = lambda
         model_source = resolve_model_source(config)
     except (FileNotFoundError, ValueError) as err:
         raise StackError(str(err), exit_code=2) from None
+    try:
+        ingress_kwargs(config)  # serve.grpc.api_keys_env is read now, before anything starts
+    except ValueError as err:
+        raise StackError(str(err), exit_code=2) from None
+    grpc = config.serve.grpc
+    if grpc.enabled and not config.cluster.address and port_in_use("127.0.0.1", grpc.port):
+        raise StackError(f"serve.grpc.port {grpc.port} is already in use; choose another port", exit_code=2)
     if config.cluster.address:
         state = StackState(address=config.cluster.address, dashboard_url=None, endpoint="",
                            app_name="", started_cluster=False)
@@ -344,6 +373,7 @@ def bring_up(config: ColocateConfig, on_progress: Callable[[str], None] = lambda
         except (RuntimeError, TimeoutError) as err:
             raise StackError(str(err)) from None
     state.endpoint, state.app_name = config.endpoint, config.serve.app_name
+    state.grpc_endpoint = grpc_endpoint(config)
     state.save()
     try:
         connect(state.address)
@@ -361,6 +391,8 @@ def bring_up(config: ColocateConfig, on_progress: Callable[[str], None] = lambda
         teardown(state)
         raise StackError(str(err)) from None
     on_progress(f"healthy after {waited_s:.0f}s")
+    if state.grpc_endpoint:
+        on_progress(f"gRPC chat service (colocate.v1.ChatService): {state.grpc_endpoint}")
     if state.dashboard_url:
         on_progress(f"Ray dashboard and job API: {state.dashboard_url}")
     return state

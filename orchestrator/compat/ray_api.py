@@ -2,7 +2,7 @@
 
 Colocate builds on Ray's public APIs (Serve, Serve LLM's `LLMServer`/`build_openai_app`, Jobs,
 actors) and, where those stop short, on a few private ones: Ray Serve LLM's ingress and engine
-classes and its OpenAI error types (`ray.llm._internal`), a non-blocking `serve._run`, the GCS
+classes and its OpenAI request and error types (`ray.llm._internal`), a non-blocking `serve._run`, the GCS
 key-value store (`ray.experimental.internal_kv`) and the job record a running job's message lives
 in. They live here alone: the Ray version is checked once, at import, against the versions this
 project was tested on, and everything else calls the functions below. Imports of the private
@@ -97,6 +97,27 @@ def error_response(message: str, code: int, kind: str = "BadRequestError", param
     from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, ErrorResponse
 
     return ErrorResponse(error=ErrorInfo(message=message, type=kind, code=code, param=param))
+
+
+def error_response_type() -> type:
+    """The class of what `error_response` builds (an `LLMServer` method's error item)."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
+
+    return ErrorResponse
+
+
+def openai_http_exception_type() -> type:
+    """The class of `openai_http_exception`'s errors (`status_code`, `message`, `type`)."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+
+    return OpenAIHTTPException
+
+
+def chat_completion_request_type() -> type:
+    """The pydantic model the ingress's `/v1/chat/completions` route parses its body into."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
+
+    return ChatCompletionRequest
 
 
 # --- Ray Serve ----------------------------------------------------------------------------------

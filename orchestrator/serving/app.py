@@ -30,7 +30,7 @@ def cpu_dtype(cpuinfo: str | None = None) -> str:
     return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 _CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                      # The engine core sleeps between polls of its worker instead of spinning
-                     # (engine_scheduler.quiet_engine_polling): the cores are shared with serving.
+                     # (compat.vllm_api.quiet_engine_polling): the cores are shared with serving.
                      "COLOCATE_ENGINE_POLL_SLEEP_US": "200"}
 
 
@@ -103,6 +103,27 @@ def build_llm_config(config: ColocateConfig, model_source: str):
     return LLMConfig(**kwargs)
 
 
+def ingress_kwargs(config: ColocateConfig) -> dict[str, Any]:
+    """What the ingress is built with beyond Ray's own arguments: who may call it over gRPC
+    (API keys as SHA-256 digests only, read from `serve.grpc.api_keys_env` here)."""
+    from orchestrator.serving.grpc_api.convert import GrpcAccess
+
+    return {"grpc_access": GrpcAccess.from_config(config.serve.grpc).to_kwargs()}
+
+
+def grpc_options(config: ColocateConfig):
+    """Serve's gRPC proxy options for the chat service (`serve.start(grpc_options=...)`), or
+    None when `serve.grpc.enabled` is off. Reflection is on, so generic tools can list and call."""
+    from ray.serve.config import gRPCOptions
+
+    from orchestrator.serving.grpc_api import SERVICER_FUNCTION
+
+    if not config.serve.grpc.enabled:
+        return None
+    return gRPCOptions(port=config.serve.grpc.port, grpc_servicer_functions=[SERVICER_FUNCTION],
+                       enable_reflection=True)
+
+
 def build_app(config: ColocateConfig, model_source: str | None = None):
     """The Serve application: OpenAI ingress in front of `num_replicas` ColocateLLMServer replicas."""
     from ray.serve.llm import build_openai_app
@@ -111,7 +132,7 @@ def build_app(config: ColocateConfig, model_source: str | None = None):
     return build_openai_app(
         {
             "llm_configs": [build_llm_config(config, source)],
-            "ingress_cls_config": {"ingress_cls": INGRESS_CLS},
+            "ingress_cls_config": {"ingress_cls": INGRESS_CLS, "ingress_extra_kwargs": ingress_kwargs(config)},
         }
     )
 

@@ -27,23 +27,30 @@ def colocate_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", *args]
 
 
-def start_stack(work: Path, *, model: dict, engine_kwargs: dict, controller: dict | None = None):
-    """`colocate up` a stack of one replica on free loopback ports; yields its info, then `down`."""
+def start_stack(work: Path, *, model: dict, engine_kwargs: dict, controller: dict | None = None,
+                serve: dict | None = None, env: dict | None = None):
+    """`colocate up` a stack of one replica on free loopback ports; yields its info, then `down`.
+    `serve` adds to the config's serve section (e.g. `grpc`), `env` to `colocate up`'s environment."""
     serve_port, gcs_port, dash_port = free_port(), free_port(), free_port()
     slo_path = work / "slo.yaml"
     slo_path.write_text((ROOT / "manifests" / "slo.yaml").read_text())
     config = {
         "model": model,
         "replicas": {"num_replicas": 1, "engine_kwargs": engine_kwargs},
-        "serve": {"port": serve_port, "health_timeout_s": 420},
+        "serve": {"port": serve_port, "health_timeout_s": 420, **(serve or {})},
         "cluster": {"gcs_port": gcs_port, "dashboard_port": dash_port, "temp_dir": f"/tmp/colocate-test-{gcs_port}"},
         "controller": {"slo_path": str(slo_path), **(controller or {})},
     }
     config_path = work / "colocate.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "COLOCATE_STATE_DIR": str(work / "state")}
-    up = subprocess.run(colocate_cmd("up", "-c", str(config_path)), cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+    env = {**os.environ, **(env or {}), "COLOCATE_STATE_DIR": str(work / "state")}
+    try:
+        up = subprocess.run(colocate_cmd("up", "-c", str(config_path)), cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as err:
+        # The killed `up` leaves the cluster it started (its own session) behind: stop it.
+        subprocess.run(colocate_cmd("down"), cwd=ROOT, env=env, timeout=120)
+        pytest.fail(f"colocate up did not finish in {err.timeout:.0f}s:\n{err.stdout or ''}")
     if up.returncode != 0:
         subprocess.run(colocate_cmd("down"), cwd=ROOT, env=env, timeout=120)
         pytest.fail(f"colocate up failed ({up.returncode}):\n{up.stdout}\n{up.stderr[-4000:]}")
