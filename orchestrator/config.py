@@ -147,11 +147,30 @@ class PolicyConfig(_Strict):
     table_size: int = Field(32, ge=1, le=64)
     """Rows of the budget table (online counts 0..table_size-1; the engine's channel holds 64)."""
     calibration_min_steps: int = Field(8, ge=1)
-    calibration_bounds: tuple[float, float] = (0.8, 4.0)
+    calibration_bounds: tuple[float, float] = (0.05, 20.0)
     """The model was profiled on a bare engine; while serving (HTTP, detokenization and batch
     clients sharing the host) the same batch can run slower, or, on quieter hardware, faster.
     Predictions are scaled by the median observed/predicted ratio over the replica's recent steps
-    (at least `calibration_min_steps` of them), kept within these bounds."""
+    (at least `calibration_min_steps` of them), kept within these bounds: wide, so that nothing
+    stops a prior from matching a host several times faster or slower (a clamp at 0.8 held a
+    3-7x faster host's budget at a fraction of what a static cap ran). The live model
+    (`latency_model.live`) makes this factor close to 1 once it is fit."""
+    probe_below: float = Field(0.7, gt=0)
+    """Observed p99 / SLO target under which the per-step target is probed upwards (additive
+    increase), beyond what the model allows: a model that over-predicts this host, or a headroom
+    larger than needed, must not leave capacity unused. Cuts (at `shrink_at`) halve the probe."""
+    probe_step: float = Field(0.1, gt=0)
+    """Added to the probe multiplier every `probe_hold_s` while under `probe_below`."""
+    probe_hold_s: float = Field(2.0, ge=0)
+    max_probe: float = Field(4.0, ge=1)
+    """Upper bound of the probe multiplier; sequence slots and KV bound the budget anyway."""
+    probe_max_kv_usage: float = Field(0.9, gt=0, le=1)
+    """No probing while the engine's KV cache is fuller than this."""
+    default_headroom: float = Field(0.2, ge=0, lt=1)
+    """Headroom until it has been measured on a replica (and when the SLO file sets none)."""
+    headroom_bounds: tuple[float, float] = (0.0, 0.7)
+    headroom_smoothing: float = Field(0.2, gt=0, le=1)
+    """Weight of each new headroom measurement (exponential smoothing)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> PolicyConfig:
@@ -159,6 +178,8 @@ class PolicyConfig(_Strict):
             values = getattr(self, name)
             if not values or values[0] != 0 or list(values) != sorted(set(values)):
                 raise ValueError(f"{name} must start at 0 and increase strictly, got {list(values)}")
+        if not self.probe_below <= self.grow_below:
+            raise ValueError(f"probe_below ({self.probe_below}) must not exceed grow_below ({self.grow_below})")
         if self.grow_below > self.shrink_at:
             raise ValueError(f"grow_below ({self.grow_below}) must not exceed shrink_at ({self.shrink_at})")
         low, high = self.calibration_bounds
@@ -187,6 +208,11 @@ class ControllerConfig(_Strict):
     """Step-latency model artifact (`colocate train`); None: a conservative default budget."""
     profile_path: str | None = None
     """Interference profile (`colocate interference`); None: per-step budget from the TPOT target."""
+    learn_online: bool = True
+    """Refit the step-latency model from the replicas' live engine steps (the model at
+    `model_path`, if any, is only a prior); False: the model at `model_path` as it is."""
+    refit_period_s: float = Field(10.0, gt=0)
+    """How often the live model is refit (off the controller's tick, in a worker thread)."""
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     """The decision rule's parameters (defaults are documented on each field)."""
 

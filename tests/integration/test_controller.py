@@ -213,10 +213,9 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     and offline throughput recovers when chat stops. The same chat step with the controller's
     policy switched off (budget pinned unlimited: naive co-location) breaks the SLO."""
     stack = bench_stack
-    # manifests/slo.yaml keeps 35% of the bench model's targets as headroom: the latency model was
-    # profiled on a bare engine, and under serving on 2 cores chat prefill steps and the serving
-    # path outside the engine take about a third of the TPOT target.
-    assert wait_for(lambda: slo_of(stack)["headroom"] == 0.35, timeout_s=10)
+    # No hand-tuned headroom: manifests/slo.yaml leaves it to the controller, which measures it
+    # per replica (the gap between its chat steps and their observed TPOT p99).
+    assert wait_for(lambda: slo_of(stack) is not None and slo_of(stack)["headroom"] is None, timeout_s=10)
     model = stack["model"]
     rows: dict[str, tuple[float, dict]] = {}
     offline_tokens_at: list[tuple[float, int]] = []  # offline output tokens: (arrival time, 1)
@@ -292,7 +291,9 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
               f"{rows['during_end'][1]['offline_budget_seqs']}/{budget_during}; throttle scale during "
               f"{rows['during_end'][1].get('throttle_scale')}, after {rows['after_start'][1].get('throttle_scale')}"
               f" -> {rows['after_end'][1].get('throttle_scale')}; model calibration "
-              f"{rows['during_end'][1].get('model_calibration')}")
+              f"{rows['during_end'][1].get('model_calibration')}; headroom {rows['during_end'][1].get('headroom')}, "
+              f"probe {rows['during_end'][1].get('probe_tpot')}; model "
+              f"{controller_status(stack).get('latency_model_status')}")
     print(report)
     # The premise, true by construction (see SLO_TOLERANCE): without the controller this load
     # breaks the target measured on this very host.
