@@ -47,7 +47,7 @@ class Predictor(Protocol):
 
 @dataclass(frozen=True)
 class LiveFitConfig:
-    max_steps: int = 8000
+    max_steps: int = 6000
     """Most recent live steps kept (older ones describe the host as it was)."""
     min_steps: int = 200
     """Live steps needed before the first fit."""
@@ -123,6 +123,12 @@ def fit_live(live: Mapping[str, np.ndarray], prior: Predictor | None, grid: Mapp
     ratio = hold_y / np.maximum(raw[:, 1], 1e-6)
     k = min(int(np.ceil((len(hold_y) + 1) * 0.99)) - 1, len(hold_y) - 1)
     model = StepLatencyModel(booster, float(max(np.sort(ratio)[k], 1.0)), {"source": "live"})
+    try:
+        from latency_model.fast_trees import CompiledModel
+
+        model.compiled = CompiledModel.from_booster(booster)  # the policy asks thousands of candidates a tick
+    except Exception:  # noqa: BLE001 - XGBoost's own predictor is correct, only slower
+        model.compiled = None
     p50, p99 = model.predict_ms(hold_x)
     report = FitReport(source="live", num_live_steps=n, prior_weight=prior_weight, speed_vs_prior=speed,
                        holdout_mape=_mape(hold_y, p50), holdout_p99_coverage=float(np.mean(hold_y <= p99)),

@@ -223,10 +223,19 @@ class ControllerCore:
     async def _refit_loop(self) -> None:
         """Refit the latency model on the live steps every `refit_period_s`, in a worker thread:
         a fit takes seconds and must never delay a tick (XGBoost releases the GIL)."""
+        period_s = self.refit_period_s
         while True:
-            await asyncio.sleep(self.refit_period_s)
+            await asyncio.sleep(period_s)
             try:
                 self._live_error = await asyncio.to_thread(self.fitter.live_error)
+                held_out = self.fitter.report.holdout_mape
+                # A fit costs a core for a second or two, on the hosts it serves: once the model
+                # describes the host, refit less and less often (up to 12x the period), and at
+                # the base period again as soon as its live error grows.
+                drifted = (self._live_error is not None and held_out is not None
+                           and self._live_error > 2.0 * held_out + 0.05)
+                period_s = self.refit_period_s if drifted or held_out is None else min(
+                    2.0 * period_s, 12.0 * self.refit_period_s)
                 if self.fitter.due(min_new_steps=self.fitter.cfg.min_steps // 2):
                     report = await asyncio.to_thread(self.fitter.refit, self._candidate_grid())
                     if report is not None:
