@@ -38,6 +38,19 @@ def slo_of(stack) -> dict:
     return controller_status(stack)["slo"]
 
 
+def slo_in_force(stack) -> dict:
+    """The controller's targets, asked directly over a Ray connection: timing an SLO reload
+    through `colocate status` would time a CLI process's start-up (10 s and more on a loaded
+    host), not the reload."""
+    import ray
+
+    from orchestrator.cluster.lifecycle import connect
+    from orchestrator.control.controller import get_controller
+
+    connect(stack["gcs_address"])
+    return ray.get(get_controller().status.remote(), timeout=30)["slo"]
+
+
 def wait_for(predicate, timeout_s: float, period_s: float = 0.25):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -52,10 +65,11 @@ def test_slo_edits_take_effect_within_two_seconds_and_bad_ones_are_rejected(stac
     path = stack["slo_path"]
     original = path.read_text()
     try:
+        slo_in_force(stack)  # connected before the edit
         path.write_text(original.replace("tpot_p99_ms: 60.0", "tpot_p99_ms: 75.0", 1))
         edited_at = time.monotonic()
-        # `colocate status` itself takes ~1 s to start; the controller polls the file every tick.
-        assert wait_for(lambda: slo_of(stack)["tpot_p99_ms"] == 75.0, timeout_s=6)
+        # The controller polls the file every tick (250 ms); live within 2 s, checked with slack.
+        assert wait_for(lambda: slo_in_force(stack)["tpot_p99_ms"] == 75.0, timeout_s=6)
         assert time.monotonic() - edited_at < 6
         status = controller_status(stack)
         assert status["slo_error"] is None
