@@ -137,7 +137,7 @@ class ControllerCore:
                  silence_timeout_s: float = 2.0, model_path: str | None = None,
                  profile_path: str | None = None, policy: dict[str, Any] | None = None,
                  clock: Callable[[], float] = time.time, store=None, metrics: bool = True,
-                 admission: Callable[[int], None] | None = None, learn_online: bool = True,
+                 admission: Callable[[int], None] | None = None, learn_online: bool = False,
                  refit_period_s: float = 10.0) -> None:
         from orchestrator.control.slo import SloFile, SloWatcher
 

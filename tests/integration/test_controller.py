@@ -227,9 +227,10 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     and offline throughput recovers when chat stops. The same chat step with the controller's
     policy switched off (budget pinned unlimited: naive co-location) breaks the SLO."""
     stack = bench_stack
-    # No hand-tuned headroom: manifests/slo.yaml leaves it to the controller, which measures it
-    # per replica (the gap between its chat steps and their observed TPOT p99).
-    assert wait_for(lambda: slo_of(stack) is not None and slo_of(stack)["headroom"] is None, timeout_s=10)
+    # manifests/slo.yaml keeps 35% of the bench model's targets as headroom: the latency model was
+    # profiled on a bare engine, and under serving on 2 cores chat prefill steps and the serving
+    # path outside the engine take about a third of the TPOT target.
+    assert wait_for(lambda: slo_of(stack)["headroom"] == 0.35, timeout_s=10)
     model = stack["model"]
     rows: dict[str, tuple[float, dict]] = {}
     offline_tokens_at: list[tuple[float, int]] = []  # offline output tokens: (arrival time, 1)

@@ -183,8 +183,11 @@ def test_reports_feed_the_live_model_and_ticks_decide_with_the_model_in_force(se
     model (no model at all before: the documented default budget)."""
     import numpy as np
 
-    make, _, clock, _ = setup
-    c = make()
+    from orchestrator.control.controller import ControllerCore
+
+    make, slo, clock, store = setup
+    c = ControllerCore(model_id="m", slo_path=str(slo), clock=clock, store=store, metrics=False,
+                       admission=lambda total: None, learn_online=True)
     rng = np.random.default_rng(0)
     n = 300
     decodes = rng.integers(1, 24, size=n).astype(float)
