@@ -172,7 +172,29 @@ class PolicyConfig(_Strict):
     """The model was profiled on a bare engine; while serving (HTTP, detokenization and batch
     clients sharing the host) the same batch can run slower, or, on quieter hardware, faster.
     Predictions are scaled by the median observed/predicted ratio over the replica's recent steps
-    (at least `calibration_min_steps` of them), kept within these bounds."""
+    (at least `calibration_min_steps` of them), kept within these bounds. The floor of 0.8 held a
+    3-7x faster host's budget at a fraction of what a static cap ran; with `learn_online` the
+    model itself is learned on the host and this factor stays near 1. Widen the bounds (e.g.
+    (0.05, 20)) only together with the live model."""
+    probe_below: float = Field(0.7, gt=0)
+    """Observed p99 / SLO target under which the per-step target is probed upwards (additive
+    increase), beyond what the model allows: a model that over-predicts this host, or a headroom
+    larger than needed, must not leave capacity unused. Cuts (at `shrink_at`) halve the probe."""
+    probe_step: float = Field(0.1, gt=0)
+    """Added to the probe multiplier every `probe_hold_s` while under `probe_below`."""
+    probe_hold_s: float = Field(2.0, ge=0)
+    max_probe: float = Field(1.0, ge=1)
+    """Upper bound of the probe multiplier; sequence slots and KV bound the budget anyway.
+    1 (the default): no probing. Probing is opt-in (e.g. 4) until it is measured stable: in a
+    step-up test on a loaded 2-core host it overshot to 1.5-2.6x the TPOT SLO each cycle (the
+    observation window lags the probe by several steps); see README."""
+    probe_max_kv_usage: float = Field(0.9, gt=0, le=1)
+    """No probing while the engine's KV cache is fuller than this."""
+    default_headroom: float = Field(0.2, ge=0, lt=1)
+    """Headroom until it has been measured on a replica (and when the SLO file sets none)."""
+    headroom_bounds: tuple[float, float] = (0.0, 0.7)
+    headroom_smoothing: float = Field(0.2, gt=0, le=1)
+    """Weight of each new headroom measurement (exponential smoothing)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> PolicyConfig:
@@ -180,6 +202,8 @@ class PolicyConfig(_Strict):
             values = getattr(self, name)
             if not values or values[0] != 0 or list(values) != sorted(set(values)):
                 raise ValueError(f"{name} must start at 0 and increase strictly, got {list(values)}")
+        if not self.probe_below <= self.grow_below:
+            raise ValueError(f"probe_below ({self.probe_below}) must not exceed grow_below ({self.grow_below})")
         if self.grow_below > self.shrink_at:
             raise ValueError(f"grow_below ({self.grow_below}) must not exceed shrink_at ({self.shrink_at})")
         low, high = self.calibration_bounds
@@ -208,6 +232,12 @@ class ControllerConfig(_Strict):
     """Step-latency model artifact (`colocate train`); None: a conservative default budget."""
     profile_path: str | None = None
     """Interference profile (`colocate interference`); None: per-step budget from the TPOT target."""
+    learn_online: bool = False
+    """Refit the step-latency model from the replicas' live engine steps (the model at
+    `model_path`, if any, is only a prior); False (the default until measured on a quiet host):
+    the model at `model_path` as it is."""
+    refit_period_s: float = Field(10.0, gt=0)
+    """How often the live model is refit (off the controller's tick, in a worker thread)."""
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     """The decision rule's parameters (defaults are documented on each field)."""
 

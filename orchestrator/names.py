@@ -29,6 +29,9 @@ ENV_POLL_SLEEP_US = "COLOCATE_ENGINE_POLL_SLEEP_US"
 ENV_TELEMETRY_RING_SIZE = "COLOCATE_TELEMETRY_RING_SIZE"
 ENV_TELEMETRY_PATH = "COLOCATE_TELEMETRY_PATH"
 """Where an engine exports its step telemetry (Parquet) when it shuts down."""
+ENV_ENGINE_STEP_DELAY_MS = "COLOCATE_ENGINE_STEP_DELAY_MS"
+"""A fixed delay added to every engine step that runs tokens: emulates a slower host (testing
+that control converges on hardware it was not profiled on; see README)."""
 ENV_ALLOW_UNTESTED = "COLOCATE_ALLOW_UNTESTED_VERSIONS"
 """'1': run against vLLM/Ray versions other than the tested ones (at your own risk)."""
 

@@ -161,9 +161,12 @@ async def run_chat_load(endpoint: str, model: str, specs: list[RequestSpec], *,
 
 async def offline_stream_backlog(endpoint: str, model: str, concurrency: int, prompt_tokens: int,
                                  output_tokens: int, stop: asyncio.Event, *, prompt_tag: str = "backlog",
-                                 tpots_ms: list[float] | None = None) -> int:
+                                 tpots_ms: list[float] | None = None,
+                                 lengths: list[RequestSpec] | None = None) -> int:
     """Keep `concurrency` streaming offline requests in flight until `stop`; return the tokens
-    received, and append each completed request's TPOT (ms) to `tpots_ms` when given."""
+    received, and append each completed request's TPOT (ms) to `tpots_ms` when given. With
+    `lengths`, request j has lengths[j]'s prompt and output lengths (cycling), instead of the
+    fixed `prompt_tokens` and `output_tokens`."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0, timeout=600)
@@ -174,10 +177,14 @@ async def offline_stream_backlog(endpoint: str, model: str, concurrency: int, pr
         i = 0
         while not stop.is_set():
             i += 1
+            n_prompt, n_out = prompt_tokens, output_tokens
+            if lengths:
+                spec = lengths[(i * concurrency + w) % len(lengths)]
+                n_prompt, n_out = spec.num_prompt_tokens, spec.num_output_tokens
             try:
                 stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": make_prompt(prompt_tokens, f"{prompt_tag}-{w}-{i}")}],
-                    max_tokens=output_tokens, stream=True, temperature=0.0,
+                    model=model, messages=[{"role": "user", "content": make_prompt(n_prompt, f"{prompt_tag}-{w}-{i}")}],
+                    max_tokens=n_out, stream=True, temperature=0.0,
                     extra_body={"ignore_eos": True, "request_class": "offline"})
                 stamps: list[float] = []
                 async for chunk in stream:

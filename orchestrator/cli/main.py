@@ -121,8 +121,20 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         return
     slo = ctl["slo"] or {}
     typer.echo(f"controller:  SLO TTFT p99 {slo.get('ttft_p99_ms')} ms, TPOT p99 {slo.get('tpot_p99_ms')} ms, "
-               f"headroom {slo.get('headroom')}; latency model: {'yes' if ctl['latency_model'] else 'no (default budget)'}; "
+               f"headroom {slo.get('headroom') if slo.get('headroom') is not None else 'measured'}; latency model: {'yes' if ctl['latency_model'] else 'no (default budget)'}; "
                f"step budget {ctl['step_budget_ms'] or 'from TPOT'}")
+    lm = ctl.get("latency_model_status") or {}
+    if lm:
+        def pct(v):
+            return "-" if v is None else f"{100 * v:.1f}%"
+
+        age = lm.get("age_s")
+        speed = lm.get("speed_vs_prior")
+        typer.echo(f"  latency model: {lm.get('source')} (learning online: {lm.get('learn_online')}); "
+                   f"fit on {lm.get('num_live_steps', 0)} live steps"
+                   f"{'' if age is None else f', {age:.0f} s ago'}; hold-out MAPE {pct(lm.get('holdout_mape'))}, "
+                   f"live MAPE {pct(lm.get('live_mape'))}; host speed vs prior "
+                   f"{'-' if speed is None else f'{speed:.2f}x'}; {lm.get('num_steps_collected', 0)} steps collected")
     if ctl.get("slo_error"):
         typer.echo(f"  SLO file rejected: {ctl['slo_error']}")
     for note in ctl.get("notes", []):
@@ -132,13 +144,14 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         return "-" if v is None else f"{v:.0f}"
 
     typer.echo(f"{'replica':<12} {'online':>6} {'off.run':>7} {'budget':>8} {'TTFT p99 obs':>12} "
-               f"{'TPOT p99 obs/pred/SLO':>22} {'throttle':>16} {'model x':>7}")
+               f"{'TPOT p99 obs/pred/SLO':>22} {'throttle':>16} {'model x':>7} {'headroom':>8} {'probe':>9}")
     for r in ctl["replicas"]:
         typer.echo(f"{r['replica_id']:<12} {r['online_requests']:>6} {r['offline_running']:>7} "
                    f"{r['offline_budget_seqs']:>3}/{r['offline_budget_tokens']:<4} "
                    f"{ms(r['observed_ttft_p99_ms']):>6}/{ms(r['slo_ttft_p99_ms']):<5} "
                    f"{ms(r['observed_tpot_p99_ms']):>8}/{ms(r['predicted_step_ms'])}/{ms(r['slo_tpot_p99_ms']):<6} "
-                   f"{r['throttle']:>9} x{r['throttle_scale']:.2f} {r.get('model_calibration', 1.0):>7.2f}")
+                   f"{r['throttle']:>9} x{r['throttle_scale']:.2f} {r.get('model_calibration', 1.0):>7.2f} "
+                   f"{r.get('headroom') or 0.0:>8.2f} {r.get('probe_tpot', 1.0):>4.1f}/{r.get('probe_ttft', 1.0):<4.1f}")
 
 
 def collect_status(state) -> dict:

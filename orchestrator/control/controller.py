@@ -26,8 +26,9 @@ from typing import Any
 
 import ray
 
+from latency_model.live import LiveModelFitter
 from orchestrator.config import PolicyConfig
-from orchestrator.control.policy import Decision, ReplicaLoad, ReplicaState, Snapshot, decide
+from orchestrator.control.policy import Decision, ReplicaLoad, ReplicaState, Snapshot, candidate_grid, decide
 from orchestrator.control.profile import load_profile
 from orchestrator.control.reply import make_reply
 from orchestrator.names import CHECKPOINT_KEY, CONTROLLER_NAME, NAMESPACE
@@ -50,6 +51,7 @@ def replica_load(report: dict[str, Any]) -> ReplicaLoad:
         observed_ttft_p99_ms=report.get("observed_ttft_p99_ms"),
         observed_tpot_p99_ms=report.get("observed_tpot_p99_ms"),
         step_p99_ms=report.get("step_p99_ms"),
+        step_p50_ms=report.get("step_p50_ms"),
         kv_cache_usage=report.get("kv_cache_usage"),
         reported_at_s=float(report["reported_at_s"]),
         recent_steps=report.get("recent_steps"),
@@ -76,9 +78,27 @@ class _Metrics:
                 ("model_calibration", "Observed / predicted step latency on recent steps"),
                 ("slo_ttft_p99_ms", "TTFT p99 target"),
                 ("slo_tpot_p99_ms", "TPOT p99 target"),
+                ("headroom", "Share of the TPOT target kept free of predicted step time (measured or set)"),
+                ("probe_tpot", "Multiplier of the per-step target beyond the model in rows with chat (>= 1)"),
+                ("probe_ttft", "Multiplier of the idle row's per-step target beyond the model (>= 1)"),
+            ]
+        }
+        self.model_gauges = {
+            name: Gauge(f"colocate_model_{name}", description=desc)
+            for name, desc in [
+                ("age_s", "Seconds since the latency model in force was fit"),
+                ("live_mape", "Median-head error of the model in force on steps seen after its fit"),
+                ("live_steps", "Live engine steps the model was fit on"),
+                ("speed_vs_prior", "Observed / prior-predicted step latency (this host's speed vs the prior's)"),
             ]
         }
         self.decisions = Counter("colocate_controller_decisions", description="Controller decisions made")
+
+    def record_model(self, model: dict[str, Any]) -> None:
+        for name, gauge in self.model_gauges.items():
+            value = model.get(name if name != "live_steps" else "num_live_steps")
+            if value is not None:
+                gauge.set(float(value))
 
     def record(self, row: dict[str, Any]) -> None:
         tags = {"replica": row["replica_id"]}
@@ -117,7 +137,8 @@ class ControllerCore:
                  silence_timeout_s: float = 2.0, model_path: str | None = None,
                  profile_path: str | None = None, policy: dict[str, Any] | None = None,
                  clock: Callable[[], float] = time.time, store=None, metrics: bool = True,
-                 admission: Callable[[int], None] | None = None) -> None:
+                 admission: Callable[[int], None] | None = None, learn_online: bool = False,
+                 refit_period_s: float = 10.0) -> None:
         from orchestrator.control.slo import SloFile, SloWatcher
 
         self.store = store if store is not None else GcsCheckpoint()
@@ -137,6 +158,12 @@ class ControllerCore:
             except (ValueError, OSError) as err:
                 self.notes.append(f"latency model not loaded ({err}); using the conservative default budget")
                 log.error("colocate controller: %s", self.notes[-1])
+        # The model in force is learned from the replicas' own steps; a shipped or profiled
+        # model is only its prior (latency_model.live).
+        self.fitter = LiveModelFitter(self.latency_model, clock=clock) if learn_online else None
+        self.refit_period_s = refit_period_s
+        self._refit_task: asyncio.Task | None = None
+        self._live_error: float | None = None
         self.profile = None
         try:
             self.profile = load_profile(profile_path)
@@ -186,10 +213,52 @@ class ControllerCore:
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        if self.fitter is not None and (self._refit_task is None or self._refit_task.done()):
+            self._refit_task = asyncio.get_running_loop().create_task(self._refit_loop())
+
+    @property
+    def model_in_force(self):
+        return self.fitter.model if self.fitter is not None else self.latency_model
+
+    async def _refit_loop(self) -> None:
+        """Refit the latency model on the live steps every `refit_period_s`, in a worker thread:
+        a fit takes seconds and must never delay a tick (XGBoost releases the GIL)."""
+        period_s = self.refit_period_s
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                self._live_error = await asyncio.to_thread(self.fitter.live_error)
+                held_out = self.fitter.report.holdout_mape
+                # A fit costs a core for a second or two, on the hosts it serves: once the model
+                # describes the host, refit less and less often (up to 12x the period), and at
+                # the base period again as soon as its live error grows.
+                drifted = (self._live_error is not None and held_out is not None
+                           and self._live_error > 2.0 * held_out + 0.05)
+                period_s = self.refit_period_s if drifted or held_out is None else min(
+                    2.0 * period_s, 12.0 * self.refit_period_s)
+                if self.fitter.due(min_new_steps=self.fitter.cfg.min_steps // 2):
+                    report = await asyncio.to_thread(self.fitter.refit, self._candidate_grid())
+                    if report is not None:
+                        log.warning("colocate controller: latency model refit on %d live steps in %.1f s "
+                                    "(hold-out MAPE %.1f%%, host speed vs prior %s)", report.num_live_steps,
+                                    report.fit_s, 100 * (report.holdout_mape or 0),
+                                    "-" if report.speed_vs_prior is None else f"{report.speed_vs_prior:.2f}x")
+            except Exception:  # noqa: BLE001 - a failed fit keeps the model in force
+                log.exception("colocate controller: latency model refit failed")
+
+    def _candidate_grid(self) -> dict[str, Any] | None:
+        """The batch compositions the policy asks the model about, at the replicas' current
+        contexts: where the prior's (rescaled) shape fills in what live steps have not covered."""
+        if self.latency_model is None:
+            return None
+        loads = [replica_load(r) for r in self.reports.values()]
+        return candidate_grid(loads[0] if loads else ReplicaLoad("grid"), self.policy)
 
     async def report(self, snapshot: dict[str, Any]) -> dict[str, Any] | None:
         """A replica's load; the reply is its current offline budget (None: none decided yet)."""
         self._ensure_loop()
+        if self.fitter is not None:
+            self.fitter.add(snapshot.pop("new_steps", None))
         self.reports[snapshot["replica_id"]] = snapshot
         stored = self.replies.get(snapshot["replica_id"])
         if stored is None:
@@ -223,7 +292,7 @@ class ControllerCore:
                             step_budget_ms=(self.profile or {}).get("step_budget_ms"))
         # decide
         previous = {rid: s for rid, s in self.state.items()}
-        decision = decide(snapshot, self.state, self.latency_model, self.policy)
+        decision = decide(snapshot, self.state, self.model_in_force, self.policy)
         # act
         for rid, d in decision.replicas.items():
             budget = self.override or {"max_offline_seqs": list(d.budget.max_offline_seqs),
@@ -242,6 +311,7 @@ class ControllerCore:
                 self.metrics.record(self._status_row(load, d, targets))
         if self.metrics is not None:
             self.metrics.decisions.inc()
+            self.metrics.record_model(self.model_status())
         self.last_decision, self.last_decision_s = decision, now
         self._checkpoint()
         return decision
@@ -300,6 +370,10 @@ class ControllerCore:
             "step_p99_ms": load.step_p99_ms,
             "throttle_scale": d.state.scale,
             "model_calibration": d.calibration,
+            "headroom": d.headroom,
+            "budget_seqs_by_online": list(d.budget.max_offline_seqs[:8]),
+            "probe_tpot": d.state.probe_tpot,
+            "probe_ttft": d.state.probe_ttft,
             "pressure": d.pressure,
             "slo_ttft_p99_ms": targets.ttft_p99_ms,
             "slo_tpot_p99_ms": targets.tpot_p99_ms,
@@ -308,7 +382,8 @@ class ControllerCore:
 
     def _status_row_with_counters(self, report: dict[str, Any], d, targets) -> dict[str, Any]:
         row = self._status_row(replica_load(report), d, targets)
-        for key in ("num_online_tokens_total", "num_offline_tokens_total", "num_steps_total", "step_time_s_total",
+        for key in ("num_online_tokens_total", "num_offline_tokens_total", "num_offline_prompt_tokens_total",
+                    "num_offline_output_tokens_total", "num_steps_total", "step_time_s_total",
                     "throttle_reactions",
                     "num_offline_preempted_total", "num_throttled_steps", "num_fallback_steps", "reported_at_s"):
             row[key] = report.get(key)
@@ -333,7 +408,8 @@ class ControllerCore:
             "slo": targets.__dict__ if targets else None,
             "slo_path": str(self.slo.path),
             "slo_error": self.slo.last_error,
-            "latency_model": bool(self.latency_model),
+            "latency_model": self.model_in_force is not None,
+            "latency_model_status": self.model_status(),
             "step_budget_ms": (self.profile or {}).get("step_budget_ms"),
             "restored_from_checkpoint": self.restored,
             "override": self.override,
@@ -342,6 +418,15 @@ class ControllerCore:
             "notes": self.notes,
             "replicas": rows,
         }
+
+    def model_status(self) -> dict[str, Any]:
+        """The latency model in force: what it was fit on, its age and its live error."""
+        if self.fitter is None:
+            return {"source": "prior" if self.latency_model is not None else "none", "learn_online": False}
+        report = self.fitter.report.to_json()
+        fit_at = report.get("fit_at_s")
+        return {**report, "learn_online": True, "age_s": None if fit_at is None else self.clock() - fit_at,
+                "live_mape": self._live_error, "num_steps_collected": self.fitter.num_steps}
 
     async def ready(self) -> bool:
         self._ensure_loop()
@@ -363,7 +448,8 @@ def start_controller(config, cwd: Path | None = None):
                                 get_if_exists=True).remote(
         model_id=config.model.id, slo_path=resolve(c.slo_path), period_s=c.period_s,
         silence_timeout_s=c.silence_timeout_s, model_path=resolve(c.model_path),
-        profile_path=resolve(c.profile_path), policy=c.policy.model_dump(mode="json"))
+        profile_path=resolve(c.profile_path), policy=c.policy.model_dump(mode="json"),
+        learn_online=c.learn_online, refit_period_s=c.refit_period_s)
     ray.get(handle.ready.remote(), timeout=60)
     return handle
 

@@ -78,6 +78,28 @@ def _candidate_columns(num_online: np.ndarray, online_ctx: np.ndarray, num_offli
     }
 
 
+def _contexts(load: ReplicaLoad, cfg: PolicyConfig) -> tuple[float, float]:
+    """Mean context of the replica's online and offline requests (a default where it has none)."""
+    online_ctx = (load.online_context_tokens / load.num_online if load.num_online > 0
+                  else float(cfg.default_online_context_tokens))
+    offline_ctx = (load.offline_context_tokens / load.num_offline_running if load.num_offline_running > 0
+                   else float(cfg.default_online_context_tokens))
+    return online_ctx, offline_ctx
+
+
+def candidate_grid(load: ReplicaLoad, cfg: PolicyConfig) -> dict[str, np.ndarray]:
+    """Step columns of every candidate batch the policy weighs for this replica: k online decodes
+    (k < table_size) beside s offline decodes (seq_candidates) and one offline prefill chunk
+    (chunk_candidates), in (k, s, chunk) order."""
+    online_ctx, offline_ctx = _contexts(load, cfg)
+    k = np.arange(cfg.table_size, dtype=np.float64)
+    seqs = np.asarray(cfg.seq_candidates, dtype=np.float64)
+    chunks = np.asarray(cfg.chunk_candidates, dtype=np.float64)
+    kk, ss, cc = np.meshgrid(k, seqs, chunks, indexing="ij")
+    return _candidate_columns(kk.ravel(), np.full(kk.size, online_ctx), ss.ravel(),
+                              np.full(kk.size, offline_ctx), cc.ravel())
+
+
 def calibration_factor(model: LatencyModel, load: ReplicaLoad, cfg: PolicyConfig) -> float:
     """Median of observed / predicted (median head) step latency over the replica's recent steps."""
     steps = load.recent_steps
@@ -107,15 +129,11 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     Held to the median head instead, it let idle steps grow and two full bench runs missed 99%
     on TTFT p99 (1.3 s against 1.35-1.42 s, static caps 0.6 s)."""
     k = np.arange(cfg.table_size, dtype=np.float64)
-    online_ctx = (load.online_context_tokens / load.num_online if load.num_online > 0
-                  else float(cfg.default_online_context_tokens))
-    offline_ctx = (load.offline_context_tokens / load.num_offline_running if load.num_offline_running > 0
-                   else float(cfg.default_online_context_tokens))
+    online_ctx, offline_ctx = _contexts(load, cfg)
     seqs = np.asarray(cfg.seq_candidates, dtype=np.float64)
     chunks = np.asarray(cfg.chunk_candidates, dtype=np.float64)
-    kk, ss, cc = np.meshgrid(k, seqs, chunks, indexing="ij")
-    cols = _candidate_columns(kk.ravel(), np.full(kk.size, online_ctx), ss.ravel(),
-                              np.full(kk.size, offline_ctx), cc.ravel())
+    shape = (cfg.table_size, len(seqs), len(chunks))
+    cols = candidate_grid(load, cfg)
     current = _candidate_columns(np.array([float(load.num_online)]), np.array([online_ctx]),
                                  np.array([float(load.num_offline_running - load.num_offline_paused)]),
                                  np.array([offline_ctx]), np.array([0.0]))
@@ -125,10 +143,10 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     step_ms = p99 if tail else p50
     # With no chat in the engine (k = 0) no TPOT is at stake; a chat request that arrives waits
     # at most one step before its prefill, so that step is bounded by a share of the TTFT target.
-    targets = np.full(kk.shape, target_ms)
+    targets = np.full(shape, target_ms)
     targets[0] = max(target_ms, idle_target_ms or target_ms)
-    rows_ms = step_ms[:-1].reshape(kk.shape).copy()
-    rows_ms[0] = p99[:-1].reshape(kk.shape)[0]
+    rows_ms = step_ms[:-1].reshape(shape).copy()
+    rows_ms[0] = p99[:-1].reshape(shape)[0]
     fits = rows_ms <= targets  # (k, seqs, chunks)
     # The prediction is not guaranteed monotone; take the prefix of candidates that all fit.
     decode_fits = np.logical_and.accumulate(fits[:, :, 0], axis=1)
@@ -171,7 +189,10 @@ def offline_slots(max_num_seqs: int, cfg: PolicyConfig) -> int:
 def _next_state(prev: ReplicaState, pressure: float, now_s: float, cfg: PolicyConfig) -> ReplicaState:
     if pressure >= cfg.shrink_at:
         if now_s - prev.last_change_s >= cfg.shrink_hold_s or prev.throttle != "throttled":
-            return ReplicaState(max(cfg.min_scale, prev.scale * cfg.shrink_factor), "throttled", now_s, None)
+            return replace(prev, scale=max(cfg.min_scale, prev.scale * cfg.shrink_factor), throttle="throttled",
+                           last_change_s=now_s, calm_since_s=None,
+                           probe_tpot=max(1.0, prev.probe_tpot * cfg.shrink_factor),
+                           probe_ttft=max(1.0, prev.probe_ttft * cfg.shrink_factor), last_probe_s=now_s)
         return replace(prev, calm_since_s=None)
     if pressure < cfg.grow_below:
         calm_since = prev.calm_since_s if prev.calm_since_s is not None else now_s
@@ -185,20 +206,82 @@ def _next_state(prev: ReplicaState, pressure: float, now_s: float, cfg: PolicyCo
 
 def _grown(prev: ReplicaState, now_s: float, calm_since_s: float | None, cfg: PolicyConfig) -> ReplicaState:
     scale = min(1.0, prev.scale + cfg.grow_step)
-    return ReplicaState(scale, "open" if scale >= 1.0 else "recovering", now_s, calm_since_s)
+    return replace(prev, scale=scale, throttle="open" if scale >= 1.0 else "recovering", last_change_s=now_s,
+                   calm_since_s=calm_since_s)
+
+
+def _probed(state: ReplicaState, tpot_pressure: float | None, ttft_pressure: float | None,
+            load: ReplicaLoad, now_s: float, cfg: PolicyConfig) -> ReplicaState:
+    """Additive increase of the per-step targets beyond the model's while the observed p99s sit
+    well under the SLO (multiplicative decrease happens with every cut, in `_next_state`).
+
+    Only a fresh observation grows a probe: with no chat in the recent window there is nothing
+    to learn from, and a probe grown in a lull would meet the next burst at full height. A
+    probe holds while its signal is between `probe_below` and `shrink_at`: that band is what keeps
+    a steady load from oscillating."""
+    if state.scale < 1.0 or state.throttle == "throttled" or now_s - state.last_probe_s < cfg.probe_hold_s:
+        return state
+    if load.kv_cache_usage is not None and load.kv_cache_usage > cfg.probe_max_kv_usage:
+        return state
+    grow_tpot = tpot_pressure is not None and tpot_pressure < cfg.probe_below
+    grow_ttft = ttft_pressure is not None and ttft_pressure < cfg.probe_below
+    if not (grow_tpot or grow_ttft):
+        return state
+    tpot = min(cfg.max_probe, state.probe_tpot + cfg.probe_step) if grow_tpot else state.probe_tpot
+    ttft = min(cfg.max_probe, state.probe_ttft + cfg.probe_step) if grow_ttft else state.probe_ttft
+    if (tpot, ttft) == (state.probe_tpot, state.probe_ttft):
+        return state
+    return replace(state, probe_tpot=tpot, probe_ttft=ttft, last_probe_s=now_s, throttle="probing")
+
+
+def derived_headroom(prev: float | None, load: ReplicaLoad, cfg: PolicyConfig) -> float | None:
+    """The share of the TPOT target to keep free of predicted step time, from what is measured.
+
+    A request's TPOT is the mean of the steps it waited through, so its p99 across requests sits
+    above a typical chat step by what the model does not see: steps that carry other requests'
+    prefills, serving overhead between steps, timing noise. With r = observed TPOT p99 / median
+    step latency of steps that held chat (both over the replica's recent window), a per-step
+    target of SLO / r keeps the p99 at the SLO: headroom = 1 - 1/r, smoothed, within bounds.
+    None until both are measured (the policy uses `default_headroom`)."""
+    if load.observed_tpot_p99_ms is None or not load.step_p50_ms or load.step_p50_ms <= 0:
+        return prev
+    ratio = load.observed_tpot_p99_ms / load.step_p50_ms
+    low, high = cfg.headroom_bounds
+    measured = float(np.clip(1.0 - 1.0 / max(ratio, 1.0), low, high))
+    if prev is None:
+        return measured
+    return (1.0 - cfg.headroom_smoothing) * prev + cfg.headroom_smoothing * measured
 
 
 def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: LatencyModel | None,
            cfg: PolicyConfig = PolicyConfig()) -> Decision:
     slo = snapshot.slo
     step_budget = snapshot.step_budget_ms if snapshot.step_budget_ms is not None else slo.tpot_p99_ms
-    target_ms = step_budget * (1.0 - slo.headroom)
     out: dict[str, ReplicaDecision] = {}
     for load in snapshot.replicas:
         prev = state.get(load.replica_id, ReplicaState())
+        measured = derived_headroom(prev.headroom, load, cfg)
+        headroom = slo.headroom if slo.headroom is not None else (
+            measured if measured is not None else cfg.default_headroom)
+        # What clients saw is held against the SLO itself (cut as it approaches it); the
+        # headroom is room kept in the per-step prediction. The current batch's prediction is
+        # not a signal: the engine applies the table at every step, so a batch over the target
+        # is the one step in which chat arrived beside the idle row's offline work, and the next
+        # step already runs the smaller row.
+        tpot_pressure = (load.observed_tpot_p99_ms / slo.tpot_p99_ms
+                         if load.observed_tpot_p99_ms is not None else None)
+        ttft_pressure = (load.observed_ttft_p99_ms / slo.ttft_p99_ms
+                         if load.observed_ttft_p99_ms is not None else None)
+        pressure = max((p for p in (tpot_pressure, ttft_pressure) if p is not None), default=0.0)
+        new_state = _next_state(prev, pressure, snapshot.now_s, cfg)
+        if model is not None:  # without a model the budget is a fixed default: nothing to probe
+            new_state = _probed(new_state, tpot_pressure, ttft_pressure, load, snapshot.now_s, cfg)
+        new_state = replace(new_state, headroom=measured)
+        target_ms = step_budget * (1.0 - headroom) * new_state.probe_tpot
         predicted, factor = None, 1.0
         if model is not None:
-            idle_target = slo.ttft_p99_ms * (1.0 - slo.headroom) * cfg.idle_step_share_of_ttft
+            idle_target = (slo.ttft_p99_ms * (1.0 - headroom) * cfg.idle_step_share_of_ttft
+                           * new_state.probe_ttft)
             factor = calibration_factor(model, load, cfg)
             seqs, tokens, predicted = model_tables(
                 model, load, target_ms, cfg, idle_target, factor, tail=snapshot.step_budget_ms is not None)
@@ -209,19 +292,6 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
             seqs = np.full(cfg.table_size, cfg.default_offline_seqs, dtype=np.float64)
             tokens = np.full(cfg.table_size, cfg.default_offline_tokens, dtype=np.float64)
             seqs[0], tokens[0] = cfg.default_idle_offline_seqs, cfg.default_idle_offline_tokens
-        # What clients saw is held against the SLO itself (shrink as it approaches it); the
-        # headroom is room kept in the per-step prediction, and a TPOT made of prefill
-        # interruptions and serving overhead must not read as offline work's doing on its own.
-        # The current batch's prediction is not a signal: the engine applies the table at every
-        # step, so a batch over the target is the one step in which chat arrived beside the idle
-        # row's offline work, and the next step already runs the smaller row. As a signal it cut
-        # the scale at nearly every chat arrival (quick bench: twice in 8 s of a 20 s run).
-        signals = [
-            (load.observed_tpot_p99_ms, slo.tpot_p99_ms),
-            (load.observed_ttft_p99_ms, slo.ttft_p99_ms),
-        ]
-        pressure = max((v / t for v, t in signals if v is not None and t > 0), default=0.0)
-        new_state = _next_state(prev, pressure, snapshot.now_s, cfg)
         seqs = np.floor(seqs * new_state.scale)
         tokens = np.floor(tokens * new_state.scale)
         if slo.max_offline_seqs is not None:
@@ -234,5 +304,5 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
         tokens = np.where(seqs > 0, np.maximum(tokens, seqs), 0)
         size = min(cfg.table_size, TABLE_SIZE)
         budget = OfflineBudget(tuple(int(v) for v in seqs[:size]), tuple(int(v) for v in tokens[:size]))
-        out[load.replica_id] = ReplicaDecision(budget, new_state, target_ms, predicted, pressure, factor)
+        out[load.replica_id] = ReplicaDecision(budget, new_state, target_ms, predicted, pressure, factor, headroom)
     return Decision(out)

@@ -6,7 +6,7 @@
       colocate-tiny:            # the served model id
         ttft_p99_ms: 1500       # > 0
         tpot_p99_ms: 200        # > 0
-        headroom: 0.1           # share of each target kept free, [0, 0.9]
+        headroom: null          # optional override, [0, 0.9]; null: measured per replica
         max_offline_seqs: null  # optional caps on any replica's offline budget
         max_offline_tokens: null
 
@@ -35,7 +35,10 @@ class ModelSlo(BaseModel):
 
     ttft_p99_ms: float = Field(gt=0)
     tpot_p99_ms: float = Field(gt=0)
-    headroom: float = Field(0.1, ge=0, le=0.9)
+    headroom: float | None = Field(None, ge=0, le=0.9)
+    """Share of each target kept free of predicted step time. None (the default): derived per
+    replica from the measured gap between its chat steps and its observed TPOT p99
+    (`orchestrator.control.policy.derived_headroom`); a number overrides it."""
     max_offline_seqs: int | None = Field(None, ge=0)
     max_offline_tokens: int | None = Field(None, ge=0)
 

@@ -25,7 +25,9 @@ class LatencyModel(Protocol):
 class SloTargets:
     ttft_p99_ms: float
     tpot_p99_ms: float
-    headroom: float = 0.1
+    headroom: float | None = None
+    """Share of each target kept free of predicted step time; None: derived from measurements
+    (see `policy.derived_headroom`)."""
     max_offline_seqs: int | None = None
     max_offline_tokens: int | None = None
 
@@ -45,6 +47,8 @@ class ReplicaLoad:
     observed_ttft_p99_ms: float | None = None
     observed_tpot_p99_ms: float | None = None
     step_p99_ms: float | None = None
+    step_p50_ms: float | None = None
+    """Median latency of the engine steps that held online requests (recent window)."""
     kv_cache_usage: float | None = None
     reported_at_s: float = 0.0
     recent_steps: Mapping[str, Any] | None = None
@@ -66,21 +70,35 @@ class Snapshot:
 @dataclass(frozen=True)
 class ReplicaState:
     scale: float = 1.0
+    """Share of the model's budget granted, in [min_scale, 1]: cut at once under SLO pressure."""
     throttle: str = "open"
-    """open (full budget), throttled (cut since the last calm period), recovering (growing back)."""
+    """open (full budget), throttled (cut since the last calm period), recovering (growing back),
+    probing (the per-step targets are raised beyond the model's because chat sits well under the SLO)."""
     last_change_s: float = -math.inf
     calm_since_s: float | None = None
+    probe_tpot: float = 1.0
+    """Multiplier (>= 1) of the per-step target in rows with chat: grows additively while the
+    observed TPOT p99 is well under its SLO, halves with any cut."""
+    probe_ttft: float = 1.0
+    """The same for the idle row's target, driven by the observed TTFT p99."""
+    last_probe_s: float = -math.inf
+    headroom: float | None = None
+    """Smoothed measured headroom (1 - median chat step / TPOT p99); None until measured."""
 
     def to_json(self) -> dict[str, Any]:
         return {"scale": self.scale, "throttle": self.throttle,
                 "last_change_s": None if math.isinf(self.last_change_s) else self.last_change_s,
-                "calm_since_s": self.calm_since_s}
+                "calm_since_s": self.calm_since_s, "probe_tpot": self.probe_tpot, "probe_ttft": self.probe_ttft,
+                "last_probe_s": None if math.isinf(self.last_probe_s) else self.last_probe_s,
+                "headroom": self.headroom}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ReplicaState:
         last = d.get("last_change_s")
+        probe = d.get("last_probe_s")
         return cls(float(d["scale"]), str(d["throttle"]), -math.inf if last is None else float(last),
-                   d.get("calm_since_s"))
+                   d.get("calm_since_s"), float(d.get("probe_tpot", 1.0)), float(d.get("probe_ttft", 1.0)),
+                   -math.inf if probe is None else float(probe), d.get("headroom"))
 
 
 @dataclass(frozen=True)
@@ -94,6 +112,8 @@ class ReplicaDecision:
     """Observed online p99 TTFT and TPOT over their SLO targets, the larger; >= shrink_at throttles."""
     calibration: float = 1.0
     """Observed / predicted step latency on this replica's recent steps (1: uncalibrated)."""
+    headroom: float = 0.0
+    """The headroom in force: the SLO file's override, else the measured one, else the default."""
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "num_offline_paused", "num_offline_preempted_total", "num_throttled_steps", "num_fallback_steps",
     "online_context_tokens", "offline_context_tokens", "num_online_tokens_total", "num_offline_tokens_total",
     "num_steps_total", "step_time_s_total", "max_num_seqs", "online_running_tpot_max_ms",
+    "num_offline_prompt_tokens_total", "num_offline_output_tokens_total",
 )
 _COUNTERS = 8
 _SEQS_TABLE = _COUNTERS + len(COUNTER_NAMES)

@@ -31,7 +31,7 @@ from latency_model.schema import STEP_SCHEMA
 from orchestrator.compat.vllm_api import Scheduler, SchedulerAccess
 from orchestrator.engine.channel import RING_COLUMNS, EngineChannel
 from orchestrator.engine.step_timer import StepTimer
-from orchestrator.names import ENV_TELEMETRY_PATH, ENV_TELEMETRY_RING_SIZE
+from orchestrator.names import ENV_ENGINE_STEP_DELAY_MS, ENV_TELEMETRY_PATH, ENV_TELEMETRY_RING_SIZE
 from orchestrator.request_class import RequestClass, vllm_priority
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def step_record(access: SchedulerAccess, scheduler_output) -> dict[str, Any]:
     num_prefill_tokens = num_prefill_reqs = prefill_ctx = 0
     attention2 = 0.0
     num_decode = decode_ctx = max_decode_ctx = num_offline = offline_tokens = 0
+    offline_prompt_tokens = offline_output_tokens = 0
     scheduled = access.scheduled_tokens(scheduler_output)
     for req_id, num_tokens in scheduled.items():
         req = access.request(req_id)
@@ -54,6 +55,10 @@ def step_record(access: SchedulerAccess, scheduler_output) -> dict[str, Any]:
         if access.priority(req) >= _OFFLINE_PRIORITY:
             num_offline += 1
             offline_tokens += num_tokens
+            prompt_part = max(0, min(num_tokens, access.num_prompt_tokens(req) - context))
+            offline_prompt_tokens += prompt_part
+            # A decode step yields one token; so does the prefill chunk that completes the prompt.
+            offline_output_tokens += 1 if context + num_tokens >= access.num_prompt_tokens(req) else 0
         if context < access.num_prompt_tokens(req):
             num_prefill_reqs += 1
             num_prefill_tokens += num_tokens
@@ -74,6 +79,8 @@ def step_record(access: SchedulerAccess, scheduler_output) -> dict[str, Any]:
         "num_offline_reqs": num_offline,
         "num_online_reqs": len(scheduled) - num_offline,
         "num_offline_tokens": offline_tokens,
+        "num_offline_prompt_tokens": offline_prompt_tokens,
+        "num_offline_output_tokens": offline_output_tokens,
         "num_online_tokens": access.total_scheduled_tokens(scheduler_output) - offline_tokens,
         "kv_cache_usage": access.kv_cache_usage(),
     }
@@ -88,6 +95,7 @@ class TelemetryScheduler(Scheduler):
         self.telemetry: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=int(os.environ.get(ENV_TELEMETRY_RING_SIZE, "20000")))
         self._steps = StepTimer()
+        self._step_delay_s = float(os.environ.get(ENV_ENGINE_STEP_DELAY_MS, "0") or 0) / 1000.0
         self._first_token_s: dict[str, float] = {}  # online request id -> wall time of its first token
         self._telemetry_cost_s = 0.0
         self.channel: EngineChannel | None = None
@@ -113,6 +121,8 @@ class TelemetryScheduler(Scheduler):
         return output
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        if self._step_delay_s > 0 and self.access.total_scheduled_tokens(scheduler_output) > 0:
+            time.sleep(self._step_delay_s)  # an emulated slower host: the step takes this much longer
         answered = self._steps.answered(scheduler_output, time.perf_counter())
         if answered is not None:
             record, latency_ms = answered
@@ -168,6 +178,8 @@ class TelemetryScheduler(Scheduler):
                                                  count=len(RING_COLUMNS)))
             self.channel.add_counter("num_online_tokens_total", record["num_online_tokens"])
             self.channel.add_counter("num_offline_tokens_total", record["num_offline_tokens"])
+            self.channel.add_counter("num_offline_prompt_tokens_total", record["num_offline_prompt_tokens"])
+            self.channel.add_counter("num_offline_output_tokens_total", record["num_offline_output_tokens"])
             self.channel.add_counter("num_steps_total", 1)
             self.channel.add_counter("step_time_s_total", record["step_latency_ms"] / 1000.0)
         except Exception as err:  # noqa: BLE001 - telemetry must never take the engine down

@@ -39,12 +39,14 @@ from orchestrator.request_class import (
     vllm_priority,
 )
 from orchestrator.serving.registry import get_or_create_registry
-from orchestrator.stats import p99
+from orchestrator.stats import p99, percentile
 
 REPORT_PERIOD_S = 1.0
 LATENCY_WINDOW_S = 5.0
 """Observed online TTFT/TPOT are p99s over requests of this recent window."""
 CALIBRATION_COLUMNS = (*INPUT_COLUMNS, "step_latency_ms")
+MAX_NEW_STEPS = 512
+"""Most engine steps sent with one report (a report every 100 ms sees a few dozen at most)."""
 CALIBRATION_STEPS = 48
 """Latest engine steps sent with each report, for the controller to calibrate its model on."""
 
@@ -268,13 +270,17 @@ class ColocateLLMServer(LLMServer):
                                         "num_offline_preempted_total", "num_throttled_steps",
                                         "num_fallback_steps", "online_context_tokens",
                                         "offline_context_tokens", "num_online_tokens_total",
-                                        "num_offline_tokens_total", "num_steps_total",
+                                        "num_offline_tokens_total", "num_offline_prompt_tokens_total",
+                                        "num_offline_output_tokens_total", "num_steps_total",
                                         "step_time_s_total", "max_num_seqs")},
             "num_online_inflight": self._inflight[RequestClass.ONLINE],
             "num_offline_inflight": self._inflight[RequestClass.OFFLINE],
             "kv_cache_usage": float(steps["kv_cache_usage"][-1]) if len(rows) else None,
             "num_steps": len(rows),
             "step_p99_ms": p99(ms for _, ms in self._online_steps),
+            "step_p50_ms": percentile((ms for _, ms in self._online_steps), 50.0),
+            # Every step since the last report, for the controller to learn this engine's speed on.
+            "new_steps": {c: steps[c][-MAX_NEW_STEPS:].tolist() for c in CALIBRATION_COLUMNS},
             "observed_ttft_p99_ms": ttft_p99,
             "observed_tpot_p99_ms": tpot_p99,
             "budget_seq": self._channel.budget_seq(),

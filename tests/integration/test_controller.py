@@ -306,7 +306,9 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
               f"{rows['during_end'][1]['offline_budget_seqs']}/{budget_during}; throttle scale during "
               f"{rows['during_end'][1].get('throttle_scale')}, after {rows['after_start'][1].get('throttle_scale')}"
               f" -> {rows['after_end'][1].get('throttle_scale')}; model calibration "
-              f"{rows['during_end'][1].get('model_calibration')}")
+              f"{rows['during_end'][1].get('model_calibration')}; headroom {rows['during_end'][1].get('headroom')}, "
+              f"probe {rows['during_end'][1].get('probe_tpot')}; model "
+              f"{controller_status(stack).get('latency_model_status')}")
     print(report)
     # The premise, true by construction (see SLO_TOLERANCE): without the controller this load
     # breaks the target measured on this very host.

@@ -10,7 +10,8 @@ SLO = {"ttft_p99_ms": 300.0, "tpot_p99_ms": 100.0, "source": "test"}
 
 
 def run(name, offline_tps, online_tps, reqs, reactions=()):
-    return {"policy": name, "offline_tokens_per_s": offline_tps, "online_tokens_per_s": online_tps,
+    return {"policy": name, "offline_tokens_per_s": offline_tps, "offline_prompt_tokens_per_s": 3 * offline_tps,
+            "online_tokens_per_s": online_tps,
             "total_tokens_per_s": offline_tps + online_tps, "engine_busy_fraction": 0.5, "offline_preempted": 0,
             "ttft_p50_ms": 100.0, "ttft_p99_ms": 200.0, "tpot_p50_ms": 50.0, "tpot_p99_ms": 90.0,
             "requests": reqs, "ttft_ms": [r[0] for r in reqs], "tpot_ms": [r[1] for r in reqs],
@@ -46,17 +47,29 @@ def test_summary_ratios_and_checks():
     assert s["slo_bounded_batch"] == 4 and s["slo_bounded_tokens_per_s"] == 130.0
     assert s["best_static_meeting_slo"] == "static-2"
     assert s["colocate_vs_best_static_offline"] == 100 / 40
-    assert s["policies"]["colocate"]["slo_bounded_utilization"] == 120 / 130
-    assert s["policies"]["colocate"]["utilization_vs_offline_only"] == 120 / 200
+    # Offline output tokens/s as shares of the same workload's ceilings: <= 1 by construction.
+    assert s["policies"]["colocate"]["slo_bounded_utilization"] == 100 / 130
+    assert s["policies"]["colocate"]["utilization_vs_offline_only"] == 100 / 200
     assert s["policies"]["colocate"]["throttle_reaction_ms"]["median"] == 40.0
     assert s["checks"] == {"colocate_attainment_ge_0.99": True, "naive_attainment_lt_0.99": True,
-                           "colocate_ge_1.5x_best_static": True, "slo_bounded_utilization_ge_0.85": True}
+                           "colocate_ge_1.5x_best_static": True, "colocate_wilson_lower_ge_0.97": False,
+                           "colocate_ge_1.0x_best_static": True, "no_dry_backlog": True}
     assert s["policies"]["naive"]["slo_attainment_ci95"] == list(wilson_interval(50, 100))
     assert "offline-only" not in {n for n, m in s["policies"].items() if "slo_attainment_ci95" in m}
     table = format_table(s)
     assert "colocate" in table and "SLO-bounded batch 4" in table
     assert "attainment 95% interval (Wilson, 100 requests): online-only 0.963-1.000" in table
     assert "over" not in table  # one run per policy: no spread lines
+    assert "output (decode) tokens" in table and "ran dry" not in table
+
+
+def test_a_run_whose_backlog_ran_dry_is_flagged():
+    from bench.bench import backlog_dry_s
+
+    held = [{"replica_id": "r", "t": float(t), "offline_running": 0 if 4 <= t < 9 else 3, "offline_waiting": 0}
+            for t in range(12)]
+    assert backlog_dry_s(held, 0.0, 11.0) == 5.0
+    assert backlog_dry_s(held, 0.0, 3.0) == 0.0
 
 
 def test_attainment_interval_is_wilsons():

@@ -176,3 +176,29 @@ def load_slo_text(tmp_path):
     p = tmp_path / "slo.yaml"
     p.write_text(SLO_YAML)
     return load_slo(p, {"m"})
+
+
+def test_reports_feed_the_live_model_and_ticks_decide_with_the_model_in_force(setup):
+    """Replicas' new engine steps go to the live fitter; once it has fit, decisions use the live
+    model (no model at all before: the documented default budget)."""
+    import numpy as np
+
+    from orchestrator.control.controller import ControllerCore
+
+    make, slo, clock, store = setup
+    c = ControllerCore(model_id="m", slo_path=str(slo), clock=clock, store=store, metrics=False,
+                       admission=lambda total: None, learn_online=True)
+    rng = np.random.default_rng(0)
+    n = 300
+    decodes = rng.integers(1, 24, size=n).astype(float)
+    steps = {"num_prefill_tokens": [0.0] * n, "num_prefill_reqs": [0.0] * n, "prefill_context_tokens": [0.0] * n,
+             "prefill_attention_tokens2": [0.0] * n, "num_decode_reqs": decodes.tolist(),
+             "decode_context_tokens": (decodes * 100).tolist(), "max_decode_context_tokens": [100.0] * n,
+             "step_latency_ms": (5.0 + 0.5 * decodes).tolist()}
+    asyncio.run(c.report(report(clock, new_steps=steps)))
+    assert c.fitter.num_steps == n and "new_steps" not in c.reports["r1"]
+    assert c.model_in_force is None and c.tick().replicas["r1"].budget.at(0) == (8, 512)
+    c.fitter.refit(None)
+    assert c.model_status()["source"] == "live" and c.model_status()["num_live_steps"] == n
+    d = c.tick().replicas["r1"]
+    assert d.predicted_step_ms is not None  # decided with the live model

@@ -10,6 +10,8 @@ from orchestrator.control.policy import PolicyConfig, ReplicaLoad, ReplicaState,
 
 SLO = SloTargets(ttft_p99_ms=400.0, tpot_p99_ms=50.0, headroom=0.1)
 CFG = PolicyConfig()
+PROBING = PolicyConfig(max_probe=4.0)
+WIDE = PolicyConfig(calibration_bounds=(0.05, 20.0))
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 
 
@@ -183,6 +185,9 @@ def test_calibration_needs_enough_steps_and_stays_within_its_bounds():
     assert wild.calibration == CFG.calibration_bounds[1]
     fast = decide(snap(0.0, recent_steps=_steps(decodes, [1.0] * 12)), {}, model).replicas["r1"]
     assert fast.calibration == CFG.calibration_bounds[0]
+    # Wide bounds (for the live model) match a host 14x faster than the model's.
+    faster = decide(snap(0.0, recent_steps=_steps(decodes, [1.0] * 12)), {}, model, WIDE).replicas["r1"]
+    assert faster.calibration == pytest.approx(1.0 / 14.4)
 
 
 def test_offline_requests_paused_by_the_budget_do_not_count_as_running_work():
@@ -257,3 +262,65 @@ def test_a_noisy_leaf_cannot_make_a_row_take_a_candidate_that_does_not_fit():
     # fits (32: 74 ms against 90) with the largest chunk that fits beside those 32 decodes
     # (256 tokens: 86.8 ms). The old code took 24 decodes + a 512-token chunk.
     assert d.budget.at(0) == (32, 32 + 256)
+
+
+def test_well_under_the_slo_the_targets_are_probed_upwards_and_a_cut_halves_the_probe():
+    """Additive increase beyond the model while chat sits well under the SLO, bounded by
+    max_probe; multiplicative decrease with the cut; no growth without a fresh observation.
+    (Probing is opt-in: max_probe 1, the default, never probes.)"""
+    model = LinearModel()
+    state, t = {}, 0.0
+    base = decide(snap(t, num_online=1, observed_tpot_p99_ms=10.0, observed_ttft_p99_ms=50.0), state, model, PROBING)
+    first = base.replicas["r1"]
+    probes = []
+    for _ in range(80):
+        t += CFG.probe_hold_s
+        d = decide(snap(t, num_online=1, observed_tpot_p99_ms=10.0, observed_ttft_p99_ms=50.0), state, model, PROBING)
+        state = {"r1": d.replicas["r1"].state}
+        probes.append(state["r1"].probe_tpot)
+    assert all(0 <= b - a <= CFG.probe_step + 1e-9 for a, b in zip(probes, probes[1:]))
+    assert probes[-1] == PROBING.max_probe and state["r1"].throttle == "probing"
+    probed = d.replicas["r1"]
+    assert probed.target_step_ms == pytest.approx(45.0 * PROBING.max_probe)  # 50 ms x (1 - 0.1) x probe
+    assert first.state.probe_tpot == 1.0 + CFG.probe_step
+    assert probed.budget.max_offline_seqs[1] >= first.budget.max_offline_seqs[1]
+    # No fresh observation (no chat in the window): the probe holds.
+    held = decide(snap(t + 10, num_online=0), state, model, PROBING).replicas["r1"]
+    assert held.state.probe_tpot == PROBING.max_probe
+    # Near the SLO: cut at once, probe halved.
+    hot = decide(snap(t + 11, num_online=3, observed_tpot_p99_ms=49.0), state, model, PROBING).replicas["r1"]
+    assert hot.state.throttle == "throttled" and hot.state.scale == 0.5
+    assert hot.state.probe_tpot == PROBING.max_probe * CFG.shrink_factor
+
+
+def test_probing_is_off_by_default():
+    d = decide(snap(100.0, num_online=1, observed_tpot_p99_ms=10.0), {}, LinearModel()).replicas["r1"]
+    assert d.state.probe_tpot == 1.0 and d.state.throttle != "probing"
+
+
+def test_in_the_band_a_steady_load_holds_its_budget():
+    """Between probe_below and shrink_at nothing moves: a steady load does not oscillate."""
+    model = LinearModel()
+    state, budgets = {}, []
+    for i in range(60):
+        d = decide(snap(float(i), num_online=2, observed_tpot_p99_ms=40.0), state, model).replicas["r1"]
+        state = {"r1": d.state}
+        budgets.append(d.budget.max_offline_seqs[2])
+    assert len(set(budgets)) == 1
+
+
+def test_headroom_is_derived_from_the_gap_between_steps_and_observed_tpot():
+    """No hand-tuned headroom: with TPOT p99 at 1.25x the median chat step, a per-step target of
+    SLO / 1.25 (headroom 0.2) keeps the p99 at the SLO; the SLO file's value overrides it."""
+    from orchestrator.control.policy import derived_headroom
+
+    load = ReplicaLoad("r1", num_online=2, observed_tpot_p99_ms=25.0, step_p50_ms=20.0)
+    assert derived_headroom(None, load, CFG) == pytest.approx(0.2)
+    assert derived_headroom(0.4, load, CFG) == pytest.approx(0.8 * 0.4 + 0.2 * 0.2)
+    assert derived_headroom(0.3, ReplicaLoad("r1"), CFG) == 0.3
+    # TPOT at 25/30 of its SLO: in the band, so no probe; the target is 30 ms x (1 - 0.2).
+    free = Snapshot(now_s=0.0, slo=SloTargets(400.0, 30.0, headroom=None), replicas=(load,))
+    d = decide(free, {}, LinearModel()).replicas["r1"]
+    assert d.headroom == pytest.approx(0.2) and d.target_step_ms == pytest.approx(24.0)
+    fixed = decide(snap(0.0, num_online=2, observed_tpot_p99_ms=25.0, step_p50_ms=20.0), {}, LinearModel())
+    assert fixed.replicas["r1"].headroom == 0.1  # SLO's override
