@@ -80,6 +80,11 @@ def use_engine_class(server_cls: type, engine_cls: type) -> None:
     server_cls._default_engine_cls = engine_cls
 
 
+def server_engine(server):
+    """The engine object an `LLMServer` runs (None before it has started)."""
+    return getattr(server, "engine", None)
+
+
 def server_model_id(server) -> str:
     """The model id an `LLMServer` serves."""
     return server._llm_config.model_id

@@ -226,7 +226,7 @@ class ColocateLLMServer(LLMServer):
 
     def replica_stats(self) -> dict[str, Any]:
         """This replica's load, as reported to the registry and shown by `colocate status`."""
-        engine_stats = getattr(self.engine, "stats", None) or EngineStatsHolder()
+        engine_stats = getattr(ray_api.server_engine(self), "stats", None) or EngineStatsHolder()
         ctx = serve.get_replica_context()
         return {
             "replica_id": ctx.replica_id.unique_id,
