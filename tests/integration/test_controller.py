@@ -42,13 +42,17 @@ def slo_in_force(stack) -> dict:
     """The controller's targets, asked directly over a Ray connection: timing an SLO reload
     through `colocate status` would time a CLI process's start-up (10 s and more on a loaded
     host), not the reload."""
+    return controller_in_force(stack)["slo"]
+
+
+def controller_in_force(stack) -> dict:
     import ray
 
     from orchestrator.cluster.lifecycle import connect
     from orchestrator.control.controller import get_controller
 
     connect(stack["gcs_address"])
-    return ray.get(get_controller().status.remote(), timeout=30)["slo"]
+    return ray.get(get_controller().status.remote(), timeout=30)
 
 
 def wait_for(predicate, timeout_s: float, period_s: float = 0.25):
@@ -71,13 +75,13 @@ def test_slo_edits_take_effect_within_two_seconds_and_bad_ones_are_rejected(stac
         # The controller polls the file every tick (250 ms); live within 2 s, checked with slack.
         assert wait_for(lambda: slo_in_force(stack)["tpot_p99_ms"] == 75.0, timeout_s=6)
         assert time.monotonic() - edited_at < 6
-        status = controller_status(stack)
+        status = controller_in_force(stack)
         assert status["slo_error"] is None
 
         path.write_text(original.replace("tpot_p99_ms: 60.0", "tpot_p99_ms: -1", 1))
-        error = wait_for(lambda: controller_status(stack)["slo_error"], timeout_s=6)
+        error = wait_for(lambda: controller_in_force(stack)["slo_error"], timeout_s=6)
         assert "models.colocate-tiny.tpot_p99_ms" in error and "keeping the last good targets" in error
-        assert slo_of(stack)["tpot_p99_ms"] == 75.0
+        assert slo_in_force(stack)["tpot_p99_ms"] == 75.0
 
         # The CLI validates before writing: a bad value never reaches the file.
         path.write_text(original)
@@ -86,12 +90,12 @@ def test_slo_edits_take_effect_within_two_seconds_and_bad_ones_are_rejected(stac
         assert "ttft_p99_ms: 1000.0" in path.read_text()
         good = cli(stack, "slo", "set", "-c", str(stack["config_path"]), "colocate-tiny.tpot_p99_ms=90")
         assert "models.colocate-tiny.tpot_p99_ms: 60.0 -> 90.0" in good.stdout
-        assert wait_for(lambda: slo_of(stack)["tpot_p99_ms"] == 90.0, timeout_s=6)
+        assert wait_for(lambda: slo_in_force(stack)["tpot_p99_ms"] == 90.0, timeout_s=6)
         shown = cli(stack, "slo", "show", "-c", str(stack["config_path"]))
         assert "tpot_p99_ms: 90.0" in shown.stdout
     finally:
         path.write_text(original)
-        wait_for(lambda: slo_of(stack)["tpot_p99_ms"] == 60.0, timeout_s=6)
+        wait_for(lambda: slo_in_force(stack)["tpot_p99_ms"] == 60.0, timeout_s=6)
 
 
 def test_status_and_prometheus_show_budget_latency_and_throttle_per_replica(stack):
