@@ -56,22 +56,34 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
         config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
-        duration_s: float = typer.Option(45.0, "--duration-s", help="Seconds of chat traffic."),
+        duration_s: float = typer.Option(45.0, "--duration-s", help="Seconds of chat beside the batch job."),
+        reference_s: float = typer.Option(15.0, "--reference-s", help="Seconds of chat alone first (the SLO is "
+                                          "1.5 x its p99 TTFT and TPOT)."),
         chat_rate: float = typer.Option(1.0, "--chat-rate", help="Mean chat requests per second."),
-        num_offline: int = typer.Option(60, "--num-offline", help="Requests in the batch job."),
-        keep: bool = typer.Option(False, "--keep", help="Leave the stack running afterwards."),
+        num_offline: int = typer.Option(1000, "--num-offline", help="Requests in the batch job: a backlog that "
+                                        "outlasts the chat, stopped with it (its results so far are kept)."),
+        scenarios: int = typer.Option(30, "--scenarios", help="Scenarios in this host's engine profile."),
+        out: Path | None = typer.Option(None, "--out", help="Output directory (default .colocate/demo/<time>)."),
+        keep: bool = typer.Option(False, "--keep", help="Leave the stack running afterwards (`colocate down`)."),
     ) -> None:
-        """The main job: bring the stack up, run chat traffic and a batch job together, summarize."""
-        from bench.demo import format_summary, run_demo
+        """The main job: profile this host's engine, bring the stack up, run chat and a batch job together, summarize."""
+        from bench.demo import DemoOptions, format_summary, run_demo
         from orchestrator.cluster import lifecycle as cluster
 
         cfg = _load(config)
+        opts = DemoOptions(duration_s=duration_s, chat_rate_per_s=chat_rate, num_offline=num_offline,
+                           reference_s=reference_s, profile_scenarios=scenarios, keep=keep, out_dir=out)
         try:
-            summary = run_demo(cfg, duration_s=duration_s, chat_rate_per_s=chat_rate,
-                               num_offline=num_offline, keep=keep, on_progress=_echo)
-        except (cluster.StackError, FileNotFoundError) as err:
-            _echo(f"error: {err}")
-            raise typer.Exit(1) from None
+            summary = run_demo(cfg, opts)
+        except (cluster.StackError, FileNotFoundError, RuntimeError, TimeoutError) as err:
+            _echo(f"error: {str(err) or 'interrupted'}")
+            raise typer.Exit(getattr(err, "exit_code", 1)) from None
         typer.echo(format_summary(summary))
-        if summary["batch"]["status"] != "SUCCEEDED" or summary["chat"]["num_ok"] == 0:
+        paths = summary["paths"]
+        typer.echo(f"  plot            {paths['plot']}")
+        typer.echo(f"  summary         {paths['summary']}")
+        typer.echo(f"  log             {paths['log']}")
+        if keep:
+            typer.echo(f"  stack           still up at {summary['endpoint']} (`colocate down` stops it)")
+        if summary["chat"]["num_ok"] == 0 or summary["batch"]["num_ok"] == 0 or summary["batch"]["status"] == "FAILED":
             raise typer.Exit(1)
