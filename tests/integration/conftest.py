@@ -71,6 +71,19 @@ def start_stack(work: Path, *, model: dict, engine_kwargs: dict, controller: dic
         subprocess.run(colocate_cmd("down"), cwd=ROOT, env=env, timeout=120)
 
 
+def controller_in_force(stack) -> dict:
+    """The controller's status, asked directly over a Ray connection from the test process: a
+    `colocate status` call starts a Ray driver process (10 s and more on a loaded host), so a test
+    that times something, or watches a window of a few seconds, must not poll through it."""
+    import ray
+
+    from orchestrator.cluster.lifecycle import connect
+    from orchestrator.control.controller import get_controller
+
+    connect(stack["gcs_address"])
+    return ray.get(get_controller().status.remote(), timeout=30)
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     yield from start_stack(

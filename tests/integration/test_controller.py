@@ -17,7 +17,7 @@ from bench.bench import BenchOptions
 from orchestrator.control.policy import PolicyConfig
 from orchestrator.serving.server import LATENCY_WINDOW_S
 from profiler.workload import make_prompt
-from tests.integration.conftest import ROOT, colocate_cmd, start_stack
+from tests.integration.conftest import ROOT, colocate_cmd, controller_in_force, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -43,16 +43,6 @@ def slo_in_force(stack) -> dict:
     through `colocate status` would time a CLI process's start-up (10 s and more on a loaded
     host), not the reload."""
     return controller_in_force(stack)["slo"]
-
-
-def controller_in_force(stack) -> dict:
-    import ray
-
-    from orchestrator.cluster.lifecycle import connect
-    from orchestrator.control.controller import get_controller
-
-    connect(stack["gcs_address"])
-    return ray.get(get_controller().status.remote(), timeout=30)
 
 
 def wait_for(predicate, timeout_s: float, period_s: float = 0.25):
@@ -307,7 +297,11 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
               f"during {during:.0f}, after {after:.0f}; offline tokens per step {step_before:.1f} / "
               f"{step_during:.1f} / {step_after:.1f}; budget (seqs/tokens per step) before "
               f"{rows['before_end'][1]['offline_budget_seqs']}/{budget_before}, during "
-              f"{rows['during_end'][1]['offline_budget_seqs']}/{budget_during}; throttle scale during "
+              f"{rows['during_end'][1]['offline_budget_seqs']}/{budget_during}, after "
+              f"{rows['after_start'][1]['offline_budget_seqs']}/{rows['after_start'][1]['offline_budget_tokens']} -> "
+              f"{rows['after_end'][1]['offline_budget_seqs']}/{rows['after_end'][1]['offline_budget_tokens']}; "
+              f"calibration after {rows['after_start'][1].get('model_calibration')} -> "
+              f"{rows['after_end'][1].get('model_calibration')}; throttle scale during "
               f"{rows['during_end'][1].get('throttle_scale')}, after {rows['after_start'][1].get('throttle_scale')}"
               f" -> {rows['after_end'][1].get('throttle_scale')}; model calibration "
               f"{rows['during_end'][1].get('model_calibration')}; headroom {rows['during_end'][1].get('headroom')}, "
