@@ -392,6 +392,15 @@ def register_plugins(target: typer.Typer = app) -> list[str]:
     return names
 
 
+def _add_length_commands() -> None:
+    from orchestrator.cli.length import length_app
+
+    app.add_typer(length_app, name="length")
+
+
+_add_length_commands()
+
+
 def main() -> None:
     from orchestrator.logs import quiet_http_client_logs
 
