@@ -242,6 +242,37 @@ class ControllerConfig(_Strict):
     """The decision rule's parameters (defaults are documented on each field)."""
 
 
+class OrderConfig(_Strict):
+    """Length-aware ordering of requests in each engine (orchestrator.engine.order).
+
+    With `policy: sjf` each replica predicts every request's reply length from its prompt (the
+    predictor at `predictor_path`, `colocate length train`) and vLLM's priority queue serves
+    shorter predictions first, with a starvation guard. FCFS is the default until the
+    length-scheduling bench says otherwise (README)."""
+
+    policy: Literal["fcfs", "sjf"] = "fcfs"
+    """`fcfs`: arrival order (vLLM's own). `sjf`: shortest predicted reply first, with the guard."""
+    offline_policy: Literal["fcfs", "short_first_under_chat"] = "fcfs"
+    """Which waiting offline requests the budget admits first. `short_first_under_chat`: while
+    chat is in the engine, those predicted to finish soonest (they free their slots before the
+    next burst); with no chat, by arrival (long ones run in the lulls)."""
+    predictor_path: str | None = None
+    """Length predictor artifact; required when either policy uses predictions."""
+    levels_per_octave: int = Field(4, ge=1, le=32)
+    """Priority levels per doubling of the predicted length."""
+    max_wait_s: float = Field(100.0, gt=0)
+    """A waiting request is served by arrival once it has waited this long (SSJF's guard)..."""
+    wait_factor: float = Field(10.0, gt=0)
+    """... or once it has waited this many times its own predicted service time, in engine steps."""
+
+    @model_validator(mode="after")
+    def _predictor_when_needed(self) -> OrderConfig:
+        if (self.policy != "fcfs" or self.offline_policy != "fcfs") and not self.predictor_path:
+            raise ValueError(f"policy {self.policy!r} / offline_policy {self.offline_policy!r} need predictor_path "
+                             "(a length predictor from `colocate length train`)")
+        return self
+
+
 class ColocateConfig(_Strict):
     """The whole stack."""
 
@@ -252,6 +283,7 @@ class ColocateConfig(_Strict):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    order: OrderConfig = Field(default_factory=OrderConfig)
 
     @property
     def endpoint(self) -> str:

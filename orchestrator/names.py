@@ -32,6 +32,8 @@ ENV_TELEMETRY_PATH = "COLOCATE_TELEMETRY_PATH"
 ENV_ENGINE_STEP_DELAY_MS = "COLOCATE_ENGINE_STEP_DELAY_MS"
 """A fixed delay added to every engine step that runs tokens: emulates a slower host (testing
 that control converges on hardware it was not profiled on; see README)."""
+ENV_ENGINE_ORDER = "COLOCATE_ENGINE_ORDER"
+"""JSON of the config's `order` section: the engine's starvation guard for length-aware ordering."""
 ENV_ALLOW_UNTESTED = "COLOCATE_ALLOW_UNTESTED_VERSIONS"
 """'1': run against vLLM/Ray versions other than the tested ones (at your own risk)."""
 

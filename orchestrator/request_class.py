@@ -18,11 +18,23 @@ class RequestClass(str, Enum):
 
 
 # vLLM's priority scheduler runs lower values first; online work always sorts ahead of offline.
-_PRIORITY = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 10}
+# Within a class, the level (orchestrator.engine.order: the predicted reply length's, 0 for
+# FCFS) orders requests; levels stay below NUM_LEVELS, so the classes never interleave.
+NUM_LEVELS = 1000
+_PRIORITY_BASE = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: NUM_LEVELS}
 
 
-def vllm_priority(request_class: RequestClass) -> int:
-    return _PRIORITY[request_class]
+def vllm_priority(request_class: RequestClass, level: int = 0) -> int:
+    """The vLLM priority of a request of this class at this ordering level (0 <= level < NUM_LEVELS).
+    `vllm_priority(OFFLINE)` is the smallest offline priority: `priority >= it` tests the class."""
+    if not 0 <= level < NUM_LEVELS:
+        raise ValueError(f"ordering level must be in [0, {NUM_LEVELS}), got {level}")
+    return _PRIORITY_BASE[request_class] + level
+
+
+def level_of(priority: int) -> int:
+    """The ordering level inside a vLLM priority (the inverse of `vllm_priority`'s level)."""
+    return priority % NUM_LEVELS
 
 
 def parse_request_class(value: object) -> RequestClass:

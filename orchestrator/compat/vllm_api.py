@@ -109,6 +109,17 @@ class SchedulerAccess:
         for r in requests:
             self._s.waiting.add_request(r)
 
+    def set_waiting_priority(self, request, priority: int) -> None:
+        """Change a waiting request's priority; the queue is re-ordered (vLLM's priority queue is
+        a heap on (priority, arrival), so the request is taken out and put back)."""
+        self._s.waiting.remove_request(request)
+        request.priority = priority
+        self._s.waiting.add_request(request)
+
+    @staticmethod
+    def request_id(request) -> str:
+        return request.request_id
+
     def in_waiting(self, request) -> bool:
         return request in self._s.waiting
 

@@ -40,7 +40,7 @@ from orchestrator.engine.budget import TABLE_SIZE, UNLIMITED, OfflineBudget
 from orchestrator.names import ENV_ENGINE_CHANNEL
 
 MAGIC = 0xC0C0CA7E
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 RING_COLUMNS: tuple[str, ...] = (*[f.name for f in STEP_SCHEMA], "end_time_s", "num_online_reqs")
 DEFAULT_RING_CAPACITY = 8192
@@ -56,7 +56,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "num_offline_paused", "num_offline_preempted_total", "num_throttled_steps", "num_fallback_steps",
     "online_context_tokens", "offline_context_tokens", "num_online_tokens_total", "num_offline_tokens_total",
     "num_steps_total", "step_time_s_total", "max_num_seqs", "online_running_tpot_max_ms",
-    "num_offline_prompt_tokens_total", "num_offline_output_tokens_total",
+    "num_offline_prompt_tokens_total", "num_offline_output_tokens_total", "num_guard_promotions",
 )
 _COUNTERS = 8
 _SEQS_TABLE = _COUNTERS + len(COUNTER_NAMES)

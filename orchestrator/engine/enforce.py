@@ -144,9 +144,14 @@ class BudgetEnforcer:
             offline_running = sorted((r for r in running if self.is_offline(r)), key=v.arrival_time_s)
             waiting = v.waiting()
             online_waiting = [r for r in waiting if not self.is_offline(r)]
-            offline_waiting = sorted((r for r in waiting if self.is_offline(r)),
-                                     key=lambda r: (v.priority(r), v.arrival_time_s(r)))
             num_online = len(online_running) + len(online_waiting)
+            # Waiting offline work is admitted in priority order (its level: predicted length,
+            # shortest first, when the replica orders by length) while chat is in the engine, so
+            # the slots it takes free up before the next burst; with no chat, by arrival, so the
+            # long ones run in the lulls. (With FCFS every level is 0: the same order.)
+            offline_waiting = sorted((r for r in waiting if self.is_offline(r)),
+                                     key=(lambda r: (v.priority(r), v.arrival_time_s(r))) if num_online
+                                     else v.arrival_time_s)
             max_seqs, max_tokens = budget_at(num_online)
             limit = v.chunk_limit
             plan = plan_step(

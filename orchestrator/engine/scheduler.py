@@ -15,7 +15,9 @@ offline budget from the engine channel for the current number of online requests
   hundreds of ms to TTFT;
 - a waiting online request that finds no free KV blocks or sequence slot (paused requests hold
   both) gets them by preempting offline requests, newest first;
-- waiting offline requests are admitted only up to the budget's free sequences.
+- waiting offline requests are admitted only up to the budget's free sequences;
+- with length-aware ordering (`orchestrator.engine.order`), a waiting chat request past its
+  starvation guard is moved to the front level (served by arrival among such requests).
 
 If the controller stops refreshing the budget, the channel hands out the safe fallback budget.
 Any error in this path is logged, whatever it changed is undone, and the engine runs unplanned
@@ -29,9 +31,12 @@ import os
 import time
 
 from orchestrator.compat.vllm_api import async_scheduler_base, quiet_engine_polling
+from orchestrator.config import OrderConfig
 from orchestrator.engine.enforce import OFFLINE_PRIORITY, BudgetEnforcer, counts_as_counters
+from orchestrator.engine.order import guard_due
 from orchestrator.engine.telemetry import TelemetryScheduler
-from orchestrator.names import ENV_POLL_SLEEP_US
+from orchestrator.names import ENV_ENGINE_ORDER, ENV_POLL_SLEEP_US
+from orchestrator.request_class import RequestClass, level_of, vllm_priority
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +51,19 @@ class ColocateScheduler(TelemetryScheduler):
             log.info("colocate: engine core polls its worker every %s us instead of spinning",
                      os.environ[ENV_POLL_SLEEP_US])
         self._enforcer = BudgetEnforcer(self.access)
+        order = os.environ.get(ENV_ENGINE_ORDER)
+        self._order = OrderConfig.model_validate_json(order) if order else OrderConfig()
+        self._first_waiting_step: dict[str, int] = {}
         if self.channel is not None:
             self.channel.set_counters(max_num_seqs=self.access.max_num_seqs)
 
     def schedule(self, *args, **kwargs):
+        if self._order.policy != "fcfs":
+            try:
+                self._guard_waiting()
+            except Exception:  # noqa: BLE001 - ordering is an optimisation; never take the engine down
+                self._order = OrderConfig()
+                log.exception("colocate: length-ordering guard failed; serving by arrival from now on")
         undo = None
         if self.channel is not None and not self._plan_failed:
             try:
@@ -65,6 +79,24 @@ class ColocateScheduler(TelemetryScheduler):
         if undo is not None:
             self._count_preempted(output)
         return output
+
+    def _guard_waiting(self) -> None:
+        """Promote waiting chat requests that have waited past their guard to level 0."""
+        a = self.access
+        step, now = a.current_step, time.time()
+        seen = {}
+        for r in a.waiting():
+            p = a.priority(r)
+            if p >= OFFLINE_PRIORITY or level_of(p) == 0:
+                continue
+            rid = a.request_id(r)
+            first = seen[rid] = self._first_waiting_step.get(rid, step)
+            if guard_due(level_of(p), now - a.arrival_time_s(r), step - first, self._order):
+                a.set_waiting_priority(r, vllm_priority(RequestClass.ONLINE))
+                seen.pop(rid)
+                if self.channel is not None:
+                    self.channel.add_counter("num_guard_promotions", 1)
+        self._first_waiting_step = seen
 
     def _apply_budget(self):
         chan = self.channel

@@ -69,11 +69,13 @@ def engine_kwargs(config: ColocateConfig) -> dict[str, Any]:
 def replica_env(config: ColocateConfig) -> dict[str, str]:
     """Environment of the replica processes: engine defaults, the user's env, and what the
     replica needs to know about the controller."""
+    from orchestrator.serving.length_order import order_env
     from orchestrator.serving.server import controller_env
 
     env = dict(_CPU_ENV_DEFAULTS) if config.replicas.accelerator == "cpu" else {}
     env.update(config.replicas.env)
     env.update(controller_env(config.controller))
+    env.update(order_env(config.order))
     return env
 
 

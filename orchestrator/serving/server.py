@@ -38,6 +38,7 @@ from orchestrator.request_class import (
     validate_messages,
     vllm_priority,
 )
+from orchestrator.serving.length_order import LengthOrdering, prompt_text
 from orchestrator.serving.registry import get_or_create_registry
 from orchestrator.stats import p99, percentile
 
@@ -160,6 +161,7 @@ class ColocateLLMServer(LLMServer):
         # batch seen shows whether stream batching is really off (1) or merging tokens (>1).
         self._max_chunks_per_stream_write = 0
         self._model_id = ray_api.server_model_id(self)
+        self._ordering = LengthOrdering.from_env()
         self._latencies = OnlineLatencies()
         self._budget: dict[str, Any] | None = None
         self._steps_seen = 0
@@ -186,34 +188,54 @@ class ColocateLLMServer(LLMServer):
         if chan is not None:
             chan.path.unlink(missing_ok=True)
 
-    def _classify(self, request) -> RequestClass:
-        """The request's class, as its vLLM priority; ValueError (answered 400) for an unknown
-        class or a chat message with a role OpenAI does not have."""
+    def _classify(self, request) -> tuple[RequestClass, tuple[str, tuple[float, float]] | None]:
+        """The request's class and ordering level, as its vLLM priority, and (prompt text,
+        prediction) when its class is ordered by predicted length; ValueError (answered 400) for
+        an unknown class or a chat message with a role OpenAI does not have."""
         if getattr(request, "messages", None) is not None:
             validate_messages(request.messages)
         extra = request.model_extra or {}
         request_class = parse_request_class(extra.get(REQUEST_CLASS_FIELD))
-        request.priority = vllm_priority(request_class)
-        return request_class
+        level, predicted = 0, None
+        if self._ordering.uses_predictions(request_class):
+            text = prompt_text(request)
+            level, prediction = self._ordering.level(request_class, text)
+            predicted = (text, prediction) if prediction is not None else None
+        request.priority = vllm_priority(request_class, level)
+        return request_class, predicted
 
     async def _classified(self, request, raw_request_info, method):
         try:
-            request_class = self._classify(request)
+            request_class, predicted = self._classify(request)
         except ValueError as err:
             param = REQUEST_CLASS_FIELD if REQUEST_CLASS_FIELD in str(err) else "messages"
             return _error_stream(str(err), param=param)
         stream = await method(request, raw_request_info)
-        return self._count(stream, request_class)
+        return self._count(stream, request_class, predicted)
 
-    async def _count(self, stream, request_class: RequestClass):
+    async def _count(self, stream, request_class: RequestClass, predicted=None):
         """Counts requests in flight and completed per class. Latencies are not taken here: the
-        engine measures them per request (a non-streamed reply is one chunk here)."""
+        engine measures them per request (a non-streamed reply is one chunk here). A request
+        ordered by predicted length reports its reply's length to the ordering's monitor: the
+        usage of a non-streamed reply, the number of streamed content events otherwise (one per
+        token, up to the few tokens the detokenizer merges: the monitor ranks, it does not count)."""
         self._inflight[request_class] += 1
+        num_events, completion_tokens = 0, None
         try:
             async for item in stream:
                 if isinstance(item, list):
                     self._max_chunks_per_stream_write = max(self._max_chunks_per_stream_write, len(item))
+                if predicted is not None:
+                    for part in item if isinstance(item, list) else (item,):
+                        if isinstance(part, str):
+                            num_events += part.count('"delta":{"content"') + part.count('"text":')
+                        else:
+                            usage = getattr(part, "usage", None)
+                            completion_tokens = getattr(usage, "completion_tokens", completion_tokens)
                 yield item
+            if predicted is not None and (completion_tokens or num_events):
+                text, prediction = predicted
+                self._ordering.observe(text, prediction, completion_tokens or num_events)
         finally:
             self._inflight[request_class] -= 1
             self._completed[request_class] += 1
@@ -238,6 +260,7 @@ class ColocateLLMServer(LLMServer):
             "num_engine_steps": engine_stats.num_steps,
             "num_inflight": {c.value: self._inflight[c] for c in RequestClass},
             "num_completed": {c.value: self._completed[c] for c in RequestClass},
+            "length_order": self._ordering.status(),
             "max_chunks_per_stream_write": self._max_chunks_per_stream_write,
             "engine_start_s": self._engine_start_s,
             "reported_at_s": time.time(),

@@ -1,0 +1,54 @@
+"""Length-aware ordering, as data: a request's predicted length becomes its vLLM priority level,
+and a starvation guard says when a waiting request must be served by arrival instead.
+
+vLLM's priority scheduler keeps the waiting queue as a heap on (priority, arrival time), so a
+priority that grows with the predicted reply length is shortest-predicted-first, with FCFS among
+equals, using vLLM's own queue (no fork). Levels are logarithmic (`levels_per_octave` per
+doubling of the length): a prediction is only good to a factor, and ordering 101 before 102
+tokens would be noise. The level is also how trust enters: `trust` in [0, 1] (from the live
+quality monitor, `latency_model.length.online.QualityMonitor`) scales the level, so as
+predictions get worse the levels merge and the order tends to FCFS; at trust 0 every request
+has level 0 and the queue is exactly FCFS.
+
+The guard (SSJF's): a waiting request is promoted to level 0 (served by arrival among the
+promoted) once it has waited more than `max_wait_s`, or more than `wait_factor` times its own
+service time. Service time is counted in engine steps (a decode step yields one token, so a
+reply of n tokens needs about n steps), which makes the guard independent of the host's speed.
+
+Pure functions; the engine's scheduler applies them (`orchestrator.engine.scheduler`) and a
+simulator can call the same ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+from orchestrator.config import OrderConfig
+from orchestrator.request_class import NUM_LEVELS
+
+MAX_LEVEL = NUM_LEVELS - 1
+"""Levels stay below the offline class's priority base (orchestrator.request_class)."""
+
+
+def priority_level(predicted_tokens: float | None, trust: float, cfg: OrderConfig) -> int:
+    """The level (0 = first) of a request predicted to produce `predicted_tokens`; 0 when
+    ordering is FCFS, there is no prediction, or trust is 0."""
+    if cfg.policy == "fcfs" or predicted_tokens is None or trust <= 0.0:
+        return 0
+    level = math.floor(min(trust, 1.0) * cfg.levels_per_octave * math.log2(1.0 + max(predicted_tokens, 0.0)))
+    return int(min(max(level, 0), MAX_LEVEL))
+
+
+def tokens_of_level(level: int, cfg: OrderConfig) -> float:
+    """The shortest predicted length with this level at full trust (a lower bound on the
+    prediction behind a level, so a guard computed from it fires early, never late)."""
+    return 2.0 ** (level / cfg.levels_per_octave) - 1.0
+
+
+def guard_due(level: int, waited_s: float, waited_steps: int, cfg: OrderConfig) -> bool:
+    """Whether a waiting request of this level has waited long enough to be served by arrival."""
+    if level <= 0:
+        return False
+    if waited_s > cfg.max_wait_s:
+        return True
+    return waited_steps > cfg.wait_factor * max(tokens_of_level(level, cfg), 1.0)

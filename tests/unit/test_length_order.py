@@ -1,0 +1,95 @@
+"""Length-aware ordering: levels from predictions and trust, the starvation guard, the
+priorities they become, the replica-side wiring, and the config's checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchestrator.config import ConfigError, OrderConfig, load_config
+from orchestrator.engine.order import guard_due, priority_level, tokens_of_level
+from orchestrator.request_class import NUM_LEVELS, RequestClass, level_of, vllm_priority
+from orchestrator.serving.length_order import LengthOrdering, prompt_text
+
+SJF = OrderConfig(policy="sjf", predictor_path="/nowhere")
+
+
+def test_levels_grow_with_predicted_length_and_merge_as_trust_falls():
+    levels = [priority_level(n, 1.0, SJF) for n in (1, 10, 100, 1000)]
+    assert levels == sorted(levels) and len(set(levels)) == 4
+    assert priority_level(100, 1.0, SJF) > priority_level(100, 0.5, SJF) > 0
+    assert priority_level(100, 0.0, SJF) == 0 == priority_level(None, 1.0, SJF)
+    assert priority_level(10**9, 1.0, SJF) < NUM_LEVELS
+    assert priority_level(100, 1.0, OrderConfig()) == 0  # fcfs: every request at level 0
+
+
+def test_level_decodes_to_a_lower_bound_of_its_prediction():
+    for n in (3, 50, 700):
+        assert tokens_of_level(priority_level(n, 1.0, SJF), SJF) <= n
+
+
+def test_guard_serves_by_arrival_after_the_wait_bound_or_ten_service_times():
+    level = priority_level(100, 1.0, SJF)
+    service_steps = tokens_of_level(level, SJF)
+    assert not guard_due(level, waited_s=1.0, waited_steps=int(service_steps), cfg=SJF)
+    assert guard_due(level, waited_s=1.0, waited_steps=int(11 * service_steps), cfg=SJF)
+    assert guard_due(level, waited_s=SJF.max_wait_s + 1, waited_steps=0, cfg=SJF)
+    assert not guard_due(0, waited_s=10**6, waited_steps=10**6, cfg=SJF)  # already first
+
+
+def test_priorities_keep_classes_apart_at_every_level():
+    offline = vllm_priority(RequestClass.OFFLINE)
+    assert vllm_priority(RequestClass.ONLINE, NUM_LEVELS - 1) < offline
+    assert level_of(vllm_priority(RequestClass.OFFLINE, 7)) == 7
+    with pytest.raises(ValueError, match="level"):
+        vllm_priority(RequestClass.ONLINE, NUM_LEVELS)
+
+
+def test_order_config_needs_a_predictor_for_length_policies(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("kind: ColocateConfig\nversion: 1\norder:\n  policy: sjf\n")
+    with pytest.raises(ConfigError, match="predictor_path"):
+        load_config(path)
+    path.write_text("kind: ColocateConfig\nversion: 1\norder:\n  policy: shortest\n")
+    with pytest.raises(ConfigError, match="order.policy"):
+        load_config(path)
+
+
+class _Request:
+    def __init__(self, messages=None, prompt=None):
+        self.messages, self.prompt = messages, prompt
+
+
+def test_prompt_text_reads_the_user_turns_or_the_prompt():
+    req = _Request(messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                             {"role": "user", "content": [{"type": "text", "text": "there"}]}])
+    assert prompt_text(req) == "hi\nthere"
+    assert prompt_text(_Request(prompt="complete this")) == "complete this"
+
+
+class _ByWords:
+    """A predictor double: the reply is ten tokens per prompt word."""
+
+    quantiles = (0.5,)
+
+    def predict(self, prompts):
+        return np.asarray([[10.0 * len(p.split())] for p in prompts])
+
+
+def test_replica_ordering_levels_observe_and_fall_back_to_fcfs_on_bad_predictions():
+    ordering = LengthOrdering(SJF, _ByWords())
+    assert ordering.uses_predictions(RequestClass.ONLINE)
+    assert not ordering.uses_predictions(RequestClass.OFFLINE)  # offline_policy fcfs
+    short, _ = ordering.level(RequestClass.ONLINE, "two words")
+    long, prediction = ordering.level(RequestClass.ONLINE, " ".join(["w"] * 40))
+    assert 0 < short < long and prediction == pytest.approx((400.0, 400.0))
+    # Completions whose lengths run opposite to the predictions: trust, then the levels, collapse.
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        words = int(rng.integers(1, 50))
+        text = " ".join([f"w{i}"] * words)
+        _, p = ordering.level(RequestClass.ONLINE, text)
+        ordering.observe(text, p, actual_tokens=10 * (51 - words))
+    assert ordering.monitor.trust() == 0.0
+    assert ordering.level(RequestClass.ONLINE, " ".join(["w"] * 40))[0] == 0
+    assert ordering.status()["live_tau"] < -0.5
