@@ -190,8 +190,12 @@ async def _chat_phase(client, model, duration_s: float, settle_s: float = 0.0) -
     end = begin + duration_s
 
     async def user(u: int) -> None:
+        # Each user keeps going past duration_s until one of its requests started after the
+        # settling time has been measured: on a slow host (one core) a naive-phase request took
+        # longer than the whole phase, and the phase measured nothing.
         i = 0
-        while time.monotonic() < end:
+        measured = 0
+        while time.monotonic() < end or measured == 0:
             i += 1
             stream = await client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": make_prompt(64, 100 * u + i)}],
@@ -200,6 +204,7 @@ async def _chat_phase(client, model, duration_s: float, settle_s: float = 0.0) -
             stamps = [time.monotonic() async for c in stream if c.choices and c.choices[0].finish_reason is None]
             if len(stamps) > 1 and started - begin >= settle_s:
                 tpots.append((stamps[-1] - stamps[0]) * 1000.0 / (len(stamps) - 1))
+                measured += 1
 
     await asyncio.gather(*(user(u) for u in range(CHAT_CONCURRENCY)))
     return tpots
