@@ -81,6 +81,8 @@ def run_sweep(engine, channel, scenarios: list[Scenario], *, vocab_size: int, ma
     """Run every scenario on `engine` (a vLLM LLMEngine); return the step rows it recorded."""
     from vllm import SamplingParams
 
+    from orchestrator.engine.enforce import OFFLINE_PRIORITY
+
     rng = np.random.default_rng(seed + 1)
     rows: list[np.ndarray] = []
     seen = channel.num_steps()
@@ -93,7 +95,7 @@ def run_sweep(engine, channel, scenarios: list[Scenario], *, vocab_size: int, ma
         next_id += 1
         prompt = rng.integers(10, vocab_size - 1, size=max(1, prompt_len)).tolist()
         params = SamplingParams(max_tokens=max(1, max_tokens), ignore_eos=True)
-        engine.add_request(rid, {"prompt_token_ids": prompt}, params, priority=10 if offline else 0)
+        engine.add_request(rid, {"prompt_token_ids": prompt}, params, priority=OFFLINE_PRIORITY if offline else 0)
         return rid
 
     for i, sc in enumerate(scenarios):

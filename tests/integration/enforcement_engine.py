@@ -7,6 +7,7 @@ import sys
 
 from orchestrator.engine.budget import OfflineBudget
 from orchestrator.engine.channel import EngineChannel, rows_to_columns
+from orchestrator.engine.enforce import OFFLINE_PRIORITY
 from orchestrator.names import ENV_ENGINE_CHANNEL
 
 if __name__ == "__main__":
@@ -30,7 +31,7 @@ if __name__ == "__main__":
         c = rows_to_columns(rows)
         phases.append({"label": label, **{k: c[k].tolist() for k in ("num_offline_reqs", "num_online_reqs", "num_prefill_tokens", "num_decode_reqs")}})
     for i in range(6):
-        eng.add_request(f"off{i}", {"prompt_token_ids": [5 + i] * 100}, off, priority=10)
+        eng.add_request(f"off{i}", {"prompt_token_ids": [5 + i] * 100}, off, priority=OFFLINE_PRIORITY)
     run(12, "offline only")
     for i in range(2):
         eng.add_request(f"on{i}", {"prompt_token_ids": [7 + i] * 50}, on, priority=0)

@@ -7,6 +7,7 @@ import sys
 
 from orchestrator.engine.budget import OfflineBudget
 from orchestrator.engine.channel import EngineChannel, rows_to_columns
+from orchestrator.engine.enforce import OFFLINE_PRIORITY
 from orchestrator.names import ENV_ENGINE_CHANNEL
 
 if __name__ == "__main__":
@@ -24,7 +25,7 @@ if __name__ == "__main__":
     chan.write_budget(OfflineBudget((3, 0), (1024, 0)), valid_for_s=600)
     off = SamplingParams(max_tokens=300, ignore_eos=True)
     for i in range(3):
-        eng.add_request(f"off{i}", {"prompt_token_ids": [5 + i] * 180}, off, priority=10)
+        eng.add_request(f"off{i}", {"prompt_token_ids": [5 + i] * 180}, off, priority=OFFLINE_PRIORITY)
     for _ in range(12):
         eng.step()
     rows, _ = chan.steps_since(0)

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.integration
 ENGINE_SCRIPT = textwrap.dedent('''
     import sys
     from vllm import LLM, SamplingParams
+    from orchestrator.engine.enforce import OFFLINE_PRIORITY
 
     if __name__ == "__main__":
         model = sys.argv[1]
@@ -26,7 +27,7 @@ ENGINE_SCRIPT = textwrap.dedent('''
         words = "the batch latency of the model is low when the queue is short ".split()
         prompts = [" ".join(words[i % len(words)] for i in range(n)) for n in (40, 300, 600, 90)]
         params = SamplingParams(max_tokens=16, ignore_eos=True)
-        outs = llm.generate(prompts, params, priority=[0, 10, 10, 0])
+        outs = llm.generate(prompts, params, priority=[0, OFFLINE_PRIORITY, OFFLINE_PRIORITY, 0])
         print("PROMPT_TOKENS", sum(len(o.prompt_token_ids) for o in outs))
         print("OUTPUT_TOKENS", sum(len(o.outputs[0].token_ids) for o in outs))
         # The export runs in the engine's shutdown; vLLM's default grace before it kills the
