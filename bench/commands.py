@@ -11,6 +11,47 @@ from orchestrator.cli.main import DEFAULT_CONFIG, _echo, _load
 
 
 def register(app: typer.Typer) -> None:
+    @app.command("bench-length")
+    def bench_length(
+        predictor: Path = typer.Option(..., "--predictor", help="Length predictor (`colocate length train`)."),
+        data: Path = typer.Option(Path("../shared/traces/sharegpt_first_turns.parquet"), "--data",
+                                  help="Parquet with prompt/response (its test split is replayed)."),
+        config: str | None = typer.Option("manifests/colocate-bench.yaml", "--config", "-c"),
+        num_requests: int = typer.Option(300, "--num-requests", help="Chat requests per policy."),
+        load: float = typer.Option(0.9, "--load", help="Arrival rate as a share of measured chat capacity."),
+        cv: float = typer.Option(2.0, "--cv", help="Coefficient of variation of inter-arrival times."),
+        seed: int = typer.Option(0, "--seed"),
+        policies: str | None = typer.Option(None, "--policies", help="Comma-separated subset of "
+                                            "fcfs,sjf,oracle,tau0.3,tau0,adversarial."),
+        out: Path | None = typer.Option(None, "--out", help="Results directory (default results/length-<time>)."),
+    ) -> None:
+        """Chat ordering policies side by side on one engine beside a batch job: FCFS, predicted
+        shortest-first, the oracle and injected-error predictors; results.json and a PNG."""
+        import time as _time
+
+        from bench.length_sched import POLICIES, LengthBenchOptions, format_table, run_length_bench
+
+        cfg = _load(config)
+        opts = LengthBenchOptions(num_requests=num_requests, load=load, cv=cv, seed=seed)
+        if policies:
+            chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
+            unknown = [p for p in chosen if p not in POLICIES]
+            if unknown:
+                _echo(f"error: unknown policies {unknown}; known: {', '.join(POLICIES)}")
+                raise typer.Exit(2)
+            opts.policies = chosen
+        if not data.is_file():
+            _echo(f"error: {data}: no such file (the ShareGPT table: ../shared/traces/sharegpt_first_turns.parquet)")
+            raise typer.Exit(2)
+        out = out or Path("results") / f"length-{_time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            doc = run_length_bench(cfg, data=data, predictor_dir=predictor, out=out, opts=opts, on_progress=_echo)
+        except (FileExistsError, ValueError) as err:
+            _echo(f"error: {err}")
+            raise typer.Exit(2) from None
+        typer.echo(format_table(doc["results"]))
+        typer.echo(f"results: {out / 'results.json'}, plot: {out / 'length-bench.png'}")
+
     @app.command()
     def bench(
         config: str | None = typer.Option("manifests/colocate-bench.yaml", "--config", "-c", help="Stack config (bench model)."),

@@ -97,10 +97,12 @@ class LengthOrdering:
 
     def observe(self, text: str, prediction: tuple[float, float], actual_tokens: int,
                 key: str | None = None) -> None:
-        """A request finished with `actual_tokens`: the monitor judges the prediction it was
-        ordered by; the corrector learns its bias against the predictor's own (raw) output."""
-        raw, predicted = prediction
-        self.monitor.observe(predicted, actual_tokens)
+        """A request finished with `actual_tokens`: the monitor and the corrector both judge the
+        predictor's own (raw) output. (The monitor ranks predictions made over its whole window;
+        corrected ones made early and late sit on scales the corrector moved in between, and in a
+        bench whose lengths are scaled that mix read as tau 0 for a tau-0.35 predictor.)"""
+        raw, _ = prediction
+        self.monitor.observe(raw, actual_tokens)
         self.corrector.observe(key or template_key(text), raw, actual_tokens)
 
     def status(self) -> dict[str, Any]:
