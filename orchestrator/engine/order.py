@@ -10,6 +10,10 @@ quality monitor, `latency_model.length.online.QualityMonitor`) scales the level,
 predictions get worse the levels merge and the order tends to FCFS; at trust 0 every request
 has level 0 and the queue is exactly FCFS.
 
+Aging: a waiting request's level falls as it waits, by `aging_octaves_per_service` octaves per
+its own predicted service time (`aged_level`): pure shortest-first starves long requests, and in
+the length bench it raised chat p99 to 1.7x FCFS's with the guard alone.
+
 The guard (SSJF's): a waiting request is promoted to level 0 (served by arrival among the
 promoted) once it has waited more than `max_wait_s`, or more than `wait_factor` times its own
 service time. Service time is counted in engine steps (a decode step yields one token, so a
@@ -43,6 +47,19 @@ def tokens_of_level(level: int, cfg: OrderConfig) -> float:
     """The shortest predicted length with this level at full trust (a lower bound on the
     prediction behind a level, so a guard computed from it fires early, never late)."""
     return 2.0 ** (level / cfg.levels_per_octave) - 1.0
+
+
+def aged_level(level: int, waited_steps: int, cfg: OrderConfig) -> int:
+    """The level of a waiting request of `level` after `waited_steps` steps in the queue: it
+    drops `aging_octaves_per_service` octaves per its own predicted service time waited, so a
+    request predicted at n tokens that has waited n steps competes as one predicted at n/2 (at
+    the default). Relative, so long requests age as fast, in proportion, as short ones, and no
+    host speed enters; 0 turns aging off (the guard alone bounds the wait)."""
+    if level <= 0 or cfg.aging_octaves_per_service <= 0:
+        return max(level, 0)
+    service = max(tokens_of_level(level, cfg), 1.0)
+    drop = math.floor(cfg.levels_per_octave * cfg.aging_octaves_per_service * waited_steps / service)
+    return max(level - drop, 0)
 
 
 def guard_due(level: int, waited_s: float, waited_steps: int, cfg: OrderConfig) -> bool:

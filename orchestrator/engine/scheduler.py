@@ -33,7 +33,7 @@ import time
 from orchestrator.compat.vllm_api import async_scheduler_base, quiet_engine_polling
 from orchestrator.config import OrderConfig
 from orchestrator.engine.enforce import OFFLINE_PRIORITY, BudgetEnforcer, counts_as_counters
-from orchestrator.engine.order import guard_due
+from orchestrator.engine.order import aged_level, guard_due
 from orchestrator.engine.telemetry import TelemetryScheduler
 from orchestrator.names import ENV_ENGINE_ORDER, ENV_POLL_SLEEP_US
 from orchestrator.request_class import RequestClass, level_of, vllm_priority
@@ -53,7 +53,7 @@ class ColocateScheduler(TelemetryScheduler):
         self._enforcer = BudgetEnforcer(self.access)
         order = os.environ.get(ENV_ENGINE_ORDER)
         self._order = OrderConfig.model_validate_json(order) if order else OrderConfig()
-        self._first_waiting_step: dict[str, int] = {}
+        self._first_waiting_step: dict[str, tuple[int, int]] = {}  # id -> (first step waiting, level then)
         if self.channel is not None:
             self.channel.set_counters(max_num_seqs=self.access.max_num_seqs)
 
@@ -81,21 +81,26 @@ class ColocateScheduler(TelemetryScheduler):
         return output
 
     def _guard_waiting(self) -> None:
-        """Promote waiting chat requests that have waited past their guard to level 0."""
+        """Age waiting chat requests (their level falls as they wait) and promote those past their
+        guard to level 0."""
         a = self.access
         step, now = a.current_step, time.time()
-        seen = {}
+        seen: dict[str, tuple[int, int]] = {}
         for r in a.waiting():
             p = a.priority(r)
             if p >= OFFLINE_PRIORITY or level_of(p) == 0:
                 continue
             rid = a.request_id(r)
-            first = seen[rid] = self._first_waiting_step.get(rid, step)
-            if guard_due(level_of(p), now - a.arrival_time_s(r), step - first, self._order):
+            first, level = seen[rid] = self._first_waiting_step.get(rid, (step, level_of(p)))
+            if guard_due(level, now - a.arrival_time_s(r), step - first, self._order):
                 a.set_waiting_priority(r, vllm_priority(RequestClass.ONLINE))
                 seen.pop(rid)
                 if self.channel is not None:
                     self.channel.add_counter("num_guard_promotions", 1)
+                continue
+            aged = aged_level(level, step - first, self._order)
+            if aged < level_of(p):
+                a.set_waiting_priority(r, vllm_priority(RequestClass.ONLINE, aged))
         self._first_waiting_step = seen
 
     def _apply_budget(self):

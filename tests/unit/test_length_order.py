@@ -93,3 +93,17 @@ def test_replica_ordering_levels_observe_and_fall_back_to_fcfs_on_bad_prediction
     assert ordering.monitor.trust() == 0.0
     assert ordering.level(RequestClass.ONLINE, " ".join(["w"] * 40))[0] == 0
     assert ordering.status()["live_tau"] < -0.5
+
+
+def test_aging_lowers_a_waiting_level_by_octaves_per_own_service_time():
+    from orchestrator.engine.order import aged_level
+
+    level = priority_level(255, 1.0, SJF)  # 8 octaves: level 32
+    service = tokens_of_level(level, SJF)
+    assert aged_level(level, 0, SJF) == level
+    assert aged_level(level, int(service), SJF) == level - SJF.levels_per_octave  # one octave per service time
+    assert aged_level(level, int(100 * service), SJF) == 0
+    # Proportional: a short request ages as many levels in its own service time as a long one in its.
+    short = priority_level(15, 1.0, SJF)
+    assert short - aged_level(short, int(tokens_of_level(short, SJF)) + 1, SJF) >= SJF.levels_per_octave
+    assert aged_level(level, 10**6, OrderConfig(policy="sjf", predictor_path="x", aging_octaves_per_service=0)) == level
