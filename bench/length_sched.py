@@ -306,6 +306,7 @@ def run_length_bench(config, *, data: Path, predictor_dir: Path, out: Path, opts
     kwargs = engine_kwargs(config)
     kwargs.update(max_num_seqs=opts.max_num_seqs, enable_prefix_caching=False)
     kwargs.pop("disable_log_stats", None)
+    engine = None
     try:
         from vllm import LLM
 
@@ -335,8 +336,10 @@ def run_length_bench(config, *, data: Path, predictor_dir: Path, out: Path, opts
             results.append(summarize(res, ttft_target_ms=ttft_target_ms))
             on_progress(f"length bench: {policy}: e2e mean {results[-1]['e2e_mean_ms']:.0f} ms, "
                         f"p99 {results[-1]['e2e_p99_ms']:.0f} ms")
-        engine.engine_core.shutdown()
     finally:
+        # Also on Ctrl-C: the engine core is a process of its own and would outlive this one.
+        if engine is not None:
+            engine.engine_core.shutdown()
         channel.close(unlink=True)
         os.environ.pop(ENV_ENGINE_CHANNEL, None)
     rows = with_ratios(results)
