@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from orchestrator.compat.versions import check_tested
 from orchestrator.names import ENV_ALLOW_UNTESTED
 
 log = logging.getLogger(__name__)
@@ -30,15 +31,7 @@ TESTED_VERSIONS = ("2.60",)
 
 def check_version(version: str, tested: tuple[str, ...] = TESTED_VERSIONS, allow_untested: bool = False) -> None:
     """Raise ImportError unless `version` is on a tested release line (or untested ones are allowed)."""
-    if any(version == t or version.startswith(t + ".") for t in tested):
-        return
-    message = (f"Colocate was tested with Ray {', '.join(t + '.x' for t in tested)}; Ray {version} is installed. "
-               f"Colocate uses some of Ray Serve LLM's private classes, which change between releases: "
-               f"install a tested version, or set {ENV_ALLOW_UNTESTED}=1 to try this one")
-    if allow_untested:
-        log.warning("%s (continuing: %s=1)", message, ENV_ALLOW_UNTESTED)
-        return
-    raise ImportError(message)
+    check_tested("Ray", version, tested, "some of Ray Serve LLM's private classes and Ray internals", allow_untested)
 
 
 RAY_VERSION = ray.__version__

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
 
+from orchestrator.compat.versions import check_tested
 from orchestrator.names import ENV_ALLOW_UNTESTED
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,7 @@ def _installed_version() -> str:
 
 def check_version(version: str, tested: tuple[str, ...] = TESTED_VERSIONS, allow_untested: bool = False) -> None:
     """Raise ImportError unless `version` is on a tested release line (or untested ones are allowed)."""
-    if any(version == t or version.startswith(t + ".") for t in tested):
-        return
-    message = (f"Colocate was tested with vLLM {', '.join(t + '.x' for t in tested)}; vLLM {version} is installed. "
-               f"Colocate uses vLLM's non-public scheduler interface, which changes between releases: "
-               f"install a tested version, or set {ENV_ALLOW_UNTESTED}=1 to try this one")
-    if allow_untested:
-        log.warning("%s (continuing: %s=1)", message, ENV_ALLOW_UNTESTED)
-        return
-    raise ImportError(message)
+    check_tested("vLLM", version, tested, "vLLM's non-public scheduler interface and engine internals", allow_untested)
 
 
 VLLM_VERSION = _installed_version()
