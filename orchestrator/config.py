@@ -261,8 +261,8 @@ class OrderConfig(_Strict):
     levels_per_octave: int = Field(4, ge=1, le=32)
     """Priority levels per doubling of the predicted length."""
     aging_octaves_per_service: float = Field(1.0, ge=0)
-    """A waiting request's level falls this many octaves per its own predicted service time
-    waited (engine steps); 0: no aging, the guard alone bounds the wait."""
+    """A waiting request's level falls this many octaves per typical request's predicted service
+    time waited (engine steps; the median of recent arrivals); 0: no aging, the guard alone."""
     max_wait_s: float = Field(100.0, gt=0)
     """A waiting request is served by arrival once it has waited this long (SSJF's guard)..."""
     wait_factor: float = Field(10.0, gt=0)

@@ -26,6 +26,7 @@ from then on: enforcement must never take the engine down or lose a request.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ import time
 from orchestrator.compat.vllm_api import async_scheduler_base, quiet_engine_polling
 from orchestrator.config import OrderConfig
 from orchestrator.engine.enforce import OFFLINE_PRIORITY, BudgetEnforcer, counts_as_counters
-from orchestrator.engine.order import aged_level, guard_due
+from orchestrator.engine.order import aged_level, guard_due, tokens_of_level
 from orchestrator.engine.telemetry import TelemetryScheduler
 from orchestrator.names import ENV_ENGINE_ORDER, ENV_POLL_SLEEP_US
 from orchestrator.request_class import RequestClass, level_of, vllm_priority
@@ -54,6 +55,7 @@ class ColocateScheduler(TelemetryScheduler):
         order = os.environ.get(ENV_ENGINE_ORDER)
         self._order = OrderConfig.model_validate_json(order) if order else OrderConfig()
         self._first_waiting_step: dict[str, tuple[int, int]] = {}  # id -> (first step waiting, level then)
+        self._recent_levels: collections.deque[int] = collections.deque(maxlen=256)
         if self.channel is not None:
             self.channel.set_counters(max_num_seqs=self.access.max_num_seqs)
 
@@ -80,6 +82,11 @@ class ColocateScheduler(TelemetryScheduler):
             self._count_preempted(output)
         return output
 
+    def _reference_tokens(self) -> float:
+        """A typical request's predicted length: the median level of recent arrivals, decoded."""
+        levels = sorted(self._recent_levels)
+        return tokens_of_level(levels[len(levels) // 2], self._order) if levels else 1.0
+
     def _guard_waiting(self) -> None:
         """Age waiting chat requests (their level falls as they wait) and promote those past their
         guard to level 0."""
@@ -91,6 +98,8 @@ class ColocateScheduler(TelemetryScheduler):
             if p >= OFFLINE_PRIORITY or level_of(p) == 0:
                 continue
             rid = a.request_id(r)
+            if rid not in self._first_waiting_step:
+                self._recent_levels.append(level_of(p))
             first, level = seen[rid] = self._first_waiting_step.get(rid, (step, level_of(p)))
             if guard_due(level, now - a.arrival_time_s(r), step - first, self._order):
                 a.set_waiting_priority(r, vllm_priority(RequestClass.ONLINE))
@@ -98,7 +107,7 @@ class ColocateScheduler(TelemetryScheduler):
                 if self.channel is not None:
                     self.channel.add_counter("num_guard_promotions", 1)
                 continue
-            aged = aged_level(level, step - first, self._order)
+            aged = aged_level(level, step - first, self._order, self._reference_tokens())
             if aged < level_of(p):
                 a.set_waiting_priority(r, vllm_priority(RequestClass.ONLINE, aged))
         self._first_waiting_step = seen

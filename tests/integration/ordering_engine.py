@@ -15,8 +15,9 @@ if __name__ == "__main__":
     chan = EngineChannel.create()
     os.environ[ENV_ENGINE_CHANNEL] = str(chan.path)
     # wait_factor 1: a request of level 8 (at least 3 predicted tokens) is due after 3 steps waiting.
+    # Aging off, so the guard is what moves it (aging is unit-tested on its own).
     os.environ[ENV_ENGINE_ORDER] = OrderConfig(policy="sjf", predictor_path="unused", wait_factor=1.0,
-                                               max_wait_s=3600).model_dump_json()
+                                               max_wait_s=3600, aging_octaves_per_service=0).model_dump_json()
     from vllm import LLM, SamplingParams
     llm = LLM(model=sys.argv[1], dtype="bfloat16", enforce_eager=True, max_model_len=2048, max_num_seqs=1,
               max_num_batched_tokens=256, scheduling_policy="priority", enable_prefix_caching=False,
@@ -50,6 +51,8 @@ if __name__ == "__main__":
                         priority=vllm_priority(RequestClass.ONLINE, 1))
         n += 1
         for _ in range(6):
+            if not eng.has_unfinished_requests():
+                break  # step() blocks on the engine core's output when nothing runs
             for out in eng.step():
                 if out.finished:
                     starve.append(out.request_id)

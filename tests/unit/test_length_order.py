@@ -95,15 +95,17 @@ def test_replica_ordering_levels_observe_and_fall_back_to_fcfs_on_bad_prediction
     assert ordering.status()["live_tau"] < -0.5
 
 
-def test_aging_lowers_a_waiting_level_by_octaves_per_own_service_time():
+def test_aging_lowers_every_waiting_level_at_one_rate_set_by_a_typical_request():
     from orchestrator.engine.order import aged_level
 
-    level = priority_level(255, 1.0, SJF)  # 8 octaves: level 32
-    service = tokens_of_level(level, SJF)
-    assert aged_level(level, 0, SJF) == level
-    assert aged_level(level, int(service), SJF) == level - SJF.levels_per_octave  # one octave per service time
-    assert aged_level(level, int(100 * service), SJF) == 0
-    # Proportional: a short request ages as many levels in its own service time as a long one in its.
-    short = priority_level(15, 1.0, SJF)
-    assert short - aged_level(short, int(tokens_of_level(short, SJF)) + 1, SJF) >= SJF.levels_per_octave
-    assert aged_level(level, 10**6, OrderConfig(policy="sjf", predictor_path="x", aging_octaves_per_service=0)) == level
+    typical = 24.0
+    long, short = priority_level(255, 1.0, SJF), priority_level(24, 1.0, SJF)
+    assert aged_level(long, 0, SJF, typical) == long
+    # One octave per typical service time waited, for long and short requests alike.
+    assert aged_level(long, int(typical), SJF, typical) == long - SJF.levels_per_octave
+    assert aged_level(short, int(typical), SJF, typical) == short - SJF.levels_per_octave
+    # A request ~10x the typical length competes with fresh typical ones after ~log2(10) service times.
+    assert aged_level(long, int(3.5 * typical), SJF, typical) <= short
+    assert aged_level(long, 10**6, SJF, typical) == 0
+    off = OrderConfig(policy="sjf", predictor_path="x", aging_octaves_per_service=0)
+    assert aged_level(long, 10**6, off, typical) == long
