@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
                                   help="Parquet with prompt/response (its test split is replayed)."),
         config: str | None = typer.Option("manifests/colocate-bench.yaml", "--config", "-c"),
         num_requests: int = typer.Option(300, "--num-requests", help="Chat requests per policy."),
-        load: float = typer.Option(0.9, "--load", help="Arrival rate as a share of measured chat capacity."),
+        load: float = typer.Option(0.8, "--load", help="Arrival rate as a share of measured chat capacity."),
         cv: float = typer.Option(2.0, "--cv", help="Coefficient of variation of inter-arrival times."),
         seed: int = typer.Option(0, "--seed"),
         policies: str | None = typer.Option(None, "--policies", help="Comma-separated subset of "
