@@ -78,7 +78,9 @@ def _disconnect_from(gcs_address: str) -> None:
     took pytest down mid-suite with exit code 1 and no summary."""
     import ray
 
-    if ray.is_initialized() and ray.get_runtime_context().gcs_address == gcs_address:
+    # Whatever it is connected to: the address forms need not match (a match test let the
+    # connection live on in one run), and the next direct call connects again.
+    if ray.is_initialized():
         ray.shutdown()
 
 
