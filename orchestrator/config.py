@@ -119,10 +119,17 @@ class PolicyConfig(_Strict):
     grow_below: float = Field(0.8, gt=0)
     """Observed p99 / SLO target below which the scale grows back after `grow_hold_s`."""
     shrink_factor: float = Field(0.5, gt=0, lt=1)
-    shrink_hold_s: float = Field(1.0, ge=0)
+    shrink_hold_s: float = Field(5.0, ge=0)
+    """After a cut, the next cut waits this long: one observation window (the replicas' online
+    p99s are over the last 5 s of requests), so requests that ran under the old budget have left
+    the window. With 1 s a single slow window cut the scale four times in a row, to its floor,
+    before any request under the first cut was seen (a 0 <-> 24 sequence cycle every 15-20 s)."""
     grow_step: float = Field(0.125, gt=0, le=1)
-    grow_hold_s: float = Field(1.0, ge=0)
-    band_grow_hold_s: float = Field(4.0, ge=0)
+    grow_hold_s: float = Field(5.0, ge=0)
+    """Calm this long (one observation window) before each growth step, so every step is seen
+    by the window before the next: growing every 1 s reached full scale before the first step's
+    effect was observed, and the next cut followed (the same cycle)."""
+    band_grow_hold_s: float = Field(20.0, ge=0)
     """Inside the band a reduced scale still grows, one `grow_step` per `band_grow_hold_s`: a
     signal that sits in the band whatever the offline load does (chat TTFT near its target from
     chat prefills alone) must not hold a collapsed budget for good. Measured in the full bench:
@@ -182,7 +189,8 @@ class PolicyConfig(_Strict):
     larger than needed, must not leave capacity unused. Cuts (at `shrink_at`) halve the probe."""
     probe_step: float = Field(0.1, gt=0)
     """Added to the probe multiplier every `probe_hold_s` while under `probe_below`."""
-    probe_hold_s: float = Field(2.0, ge=0)
+    probe_hold_s: float = Field(5.0, ge=0)
+    """One observation window between probe steps, for the reason given at `grow_hold_s`."""
     max_probe: float = Field(1.0, ge=1)
     """Upper bound of the probe multiplier; sequence slots and KV bound the budget anyway.
     1 (the default): no probing. Probing is opt-in (e.g. 4) until it is measured stable: in a
@@ -204,6 +212,9 @@ class PolicyConfig(_Strict):
                 raise ValueError(f"{name} must start at 0 and increase strictly, got {list(values)}")
         if not self.probe_below <= self.grow_below:
             raise ValueError(f"probe_below ({self.probe_below}) must not exceed grow_below ({self.grow_below})")
+        if self.band_grow_hold_s < self.grow_hold_s:
+            raise ValueError(f"band_grow_hold_s ({self.band_grow_hold_s}) must not be shorter than grow_hold_s "
+                             f"({self.grow_hold_s}): inside the band the scale grows more slowly than when calm")
         if self.grow_below > self.shrink_at:
             raise ValueError(f"grow_below ({self.grow_below}) must not exceed shrink_at ({self.shrink_at})")
         low, high = self.calibration_bounds

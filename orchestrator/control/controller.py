@@ -298,7 +298,12 @@ class ControllerCore:
             budget = self.override or {"max_offline_seqs": list(d.budget.max_offline_seqs),
                                        "max_offline_tokens": list(d.budget.max_offline_tokens)}
             self.replies[rid] = (budget, now)
-        self.state = {**self.state, **decision.state}
+        if self.override is None:
+            self.state = {**self.state, **decision.state}
+        # Under an override the policy's state stays where it was: what clients see then is the
+        # pinned budget's doing, not the policy's, and learning from it is wrong (a bench's chat-
+        # alone reference, at budget 0, grew the probe to its 4x ceiling, and the policy then
+        # started from there).
         self._set_admission(decision, snapshot)
         # record
         for load in snapshot.replicas:

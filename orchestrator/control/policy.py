@@ -27,10 +27,13 @@ How a replica's budget is chosen:
 3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) as a
    fraction of the SLO target (the model already bounds every step; this corrects what it
    misses: prefill interruptions, serving overhead, a model that is off): at or above
-   `shrink_at` the replica's scale halves at once (at most once per `shrink_hold_s`, so one slow
-   observation window does not collapse it); below `grow_below` for `grow_hold_s` it grows back
-   by `grow_step`; in between it grows only every `band_grow_hold_s`. The band between the two
-   thresholds is what keeps a steady load from oscillating.
+   `shrink_at` the replica's scale halves at once (and again only after `shrink_hold_s`, one
+   observation window: the requests that saw the old budget must leave the window before the
+   cut can be judged); below `grow_below` for `grow_hold_s` (again a window, so each step is
+   observed before the next) it grows back by `grow_step`; in between it grows only every
+   `band_grow_hold_s`. The scale multiplies the budget after the slot and operator caps, so a
+   cut always halves what runs. The band between the two thresholds is what keeps a steady
+   load from oscillating.
 4. **Slots.** Offline work never holds more than (1 - `online_slot_share`) of the engine's
    sequence slots, so arriving chat finds a free slot instead of preempting a paused request.
 """
@@ -292,14 +295,18 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
             seqs = np.full(cfg.table_size, cfg.default_offline_seqs, dtype=np.float64)
             tokens = np.full(cfg.table_size, cfg.default_offline_tokens, dtype=np.float64)
             seqs[0], tokens[0] = cfg.default_idle_offline_seqs, cfg.default_idle_offline_tokens
-        seqs = np.floor(seqs * new_state.scale)
-        tokens = np.floor(tokens * new_state.scale)
         if slo.max_offline_seqs is not None:
             seqs = np.minimum(seqs, slo.max_offline_seqs)
         if load.max_num_seqs:
             seqs = np.minimum(seqs, offline_slots(load.max_num_seqs, cfg))
         if slo.max_offline_tokens is not None:
             tokens = np.minimum(tokens, slo.max_offline_tokens)
+        # The feedback scale acts on what would actually run, after the slot and operator caps: a
+        # model that allows 64 sequences on an engine with 24 offline slots made the first cuts
+        # (to 32, 16 of the model's 64) change nothing, and the next ones, a window later, take
+        # the budget from 24 to 8 and 0 at once (measured: a 0 <-> 24 bang-bang on a fast host).
+        seqs = np.floor(seqs * new_state.scale)
+        tokens = np.floor(tokens * new_state.scale)
         # A sequence needs at least one token per step, and tokens without a sequence are no use.
         tokens = np.where(seqs > 0, np.maximum(tokens, seqs), 0)
         size = min(cfg.table_size, TABLE_SIZE)

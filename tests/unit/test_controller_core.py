@@ -202,3 +202,21 @@ def test_reports_feed_the_live_model_and_ticks_decide_with_the_model_in_force(se
     assert c.model_status()["source"] == "live" and c.model_status()["num_live_steps"] == n
     d = c.tick().replicas["r1"]
     assert d.predicted_step_ms is not None  # decided with the live model
+
+
+def test_the_policy_state_does_not_move_while_an_override_pins_the_budget(setup):
+    """What clients see under an override is the pinned budget's doing: a chat-alone reference at
+    budget 0 (TPOT far under the SLO) must not cut or grow the policy's state, and control
+    returns to the policy where it left off."""
+    make, _, clock, _ = setup
+    c = make()
+    c.reports["r1"] = report(clock, num_online_running=2, observed_tpot_p99_ms=49.0)
+    c.set_override({"max_offline_seqs": [0], "max_offline_tokens": [0]})
+    for _ in range(40):
+        clock.t += 0.25
+        c.reports["r1"]["reported_at_s"] = clock()
+        c.tick()
+    assert "r1" not in c.state
+    c.set_override(None)
+    c.tick()
+    assert c.state["r1"].throttle == "throttled"  # the policy's own reading of the same signal

@@ -87,15 +87,23 @@ def test_observed_tpot_near_the_slo_cuts_the_budget_at_once_and_it_grows_back_gr
     state = {"r1": hot.state}
     again = decide(snap(1.3, num_online=4, observed_tpot_p99_ms=48.0), state, model).replicas["r1"]
     assert again.state.scale == 0.5
+    # Still hot within one observation window of the cut: no second cut (the requests that saw
+    # the old budget are still in the window); a window later, still hot: cut again.
+    state = {"r1": again.state}
+    late = decide(snap(1.0 + 0.9 * CFG.shrink_hold_s, num_online=4, observed_tpot_p99_ms=48.0), state, model)
+    assert late.replicas["r1"].state.scale == 0.5
+    later = decide(snap(1.0 + CFG.shrink_hold_s, num_online=4, observed_tpot_p99_ms=48.0), state, model)
+    assert later.replicas["r1"].state.scale == 0.25
     # Calm: grows by one step per grow_hold_s, never in one jump.
     t, scales = 2.0, []
-    state = {"r1": again.state}
-    for _ in range(12):
+    for _ in range(int(12 * CFG.grow_hold_s / 0.5)):
         d = decide(snap(t, num_online=1, observed_tpot_p99_ms=20.0), state, model).replicas["r1"]
         state = {"r1": d.state}
         scales.append(d.state.scale)
         t += 0.5
     assert scales[0] == 0.5
+    growths = [i for i in range(1, len(scales)) if scales[i] > scales[i - 1]]
+    assert all((b - a) * 0.5 >= CFG.grow_hold_s for a, b in zip(growths, growths[1:]))
     assert all(b - a <= CFG.grow_step + 1e-9 for a, b in zip(scales, scales[1:]))
     assert scales[-1] == 1.0 and state["r1"].throttle == "open"
 
@@ -104,7 +112,7 @@ def test_steady_load_inside_the_band_does_not_oscillate_and_a_cut_budget_still_r
     model = LinearModel()
     state = {"r1": ReplicaState(scale=0.5, throttle="throttled", last_change_s=0.0)}
     scales = []
-    for i in range(160):  # 40 s at the default 250 ms period, TPOT steady at 0.85 of the SLO
+    for i in range(int(5 * CFG.band_grow_hold_s / 0.25)):  # 250 ms ticks, TPOT steady at 0.85 of the SLO
         d = decide(snap(1.0 + 0.25 * i, num_online=3, observed_tpot_p99_ms=0.85 * SLO.tpot_p99_ms), state, model)
         state = d.state
         scales.append(d.replicas["r1"].state.scale)
@@ -113,6 +121,16 @@ def test_steady_load_inside_the_band_does_not_oscillate_and_a_cut_budget_still_r
     steps = [i for i in range(1, len(scales)) if scales[i] > scales[i - 1]]
     assert all(b - a >= CFG.band_grow_hold_s / 0.25 for a, b in zip(steps, steps[1:]))
     assert scales[-1] == 1.0 and len(steps) == round(0.5 / CFG.grow_step)
+
+
+def test_a_cut_halves_what_runs_even_where_the_slots_cap_the_model():
+    """The scale multiplies the budget after the slot cap: with the model allowing 32 offline
+    sequences and the engine 12 offline slots, a cut runs 6, not min(16, 12) = 12."""
+    model = LinearModel()
+    full = decide(snap(0.0, max_num_seqs=16), {}, model).replicas["r1"]
+    assert full.budget.at(0)[0] == 12
+    hot = decide(snap(1.0, max_num_seqs=16, observed_tpot_p99_ms=48.0), {}, model).replicas["r1"]
+    assert hot.state.scale == 0.5 and hot.budget.at(0)[0] == 6
 
 
 def test_operator_caps_bound_the_budget():
