@@ -201,8 +201,11 @@ class PolicyConfig(_Strict):
     default_headroom: float = Field(0.2, ge=0, lt=1)
     """Headroom until it has been measured on a replica (and when the SLO file sets none)."""
     headroom_bounds: tuple[float, float] = (0.0, 0.7)
-    headroom_smoothing: float = Field(0.2, gt=0, le=1)
-    """Weight of each new headroom measurement (exponential smoothing)."""
+    headroom_smoothing_s: float = Field(30.0, gt=0)
+    """Time constant of the measured headroom's exponential smoothing. Each measurement is a TPOT
+    p99 over one 5-s window, the slowest of a handful of requests at chat rates of about 1/s:
+    smoothed per tick (weight 0.2 every 250 ms, a 1.25-s constant) it swung between 0.05 and 0.6
+    and the budget with it. Thirty seconds average about six windows."""
 
     @model_validator(mode="after")
     def _consistent(self) -> PolicyConfig:

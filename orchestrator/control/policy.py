@@ -237,23 +237,29 @@ def _probed(state: ReplicaState, tpot_pressure: float | None, ttft_pressure: flo
     return replace(state, probe_tpot=tpot, probe_ttft=ttft, last_probe_s=now_s, throttle="probing")
 
 
-def derived_headroom(prev: float | None, load: ReplicaLoad, cfg: PolicyConfig) -> float | None:
+def derived_headroom(prev: float | None, load: ReplicaLoad, tpot_slo_ms: float, cfg: PolicyConfig,
+                     dt_s: float = math.inf) -> float | None:
     """The share of the TPOT target to keep free of predicted step time, from what is measured.
 
     A request's TPOT is the mean of the steps it waited through, so its p99 across requests sits
     above a typical chat step by what the model does not see: steps that carry other requests'
-    prefills, serving overhead between steps, timing noise. With r = observed TPOT p99 / median
-    step latency of steps that held chat (both over the replica's recent window), a per-step
-    target of SLO / r keeps the p99 at the SLO: headroom = 1 - 1/r, smoothed, within bounds.
-    None until both are measured (the policy uses `default_headroom`)."""
+    prefills, serving overhead between steps, timing noise. That gap is mostly additive (a chat
+    prefill costs the same whatever the decode batch beside it), so the per-step target is the
+    SLO less the observed gap: gap = observed TPOT p99 - median latency of the steps that held
+    chat (both over the replica's recent window), headroom = gap / SLO, within bounds, smoothed
+    with time constant `headroom_smoothing_s` (`dt_s` since the previous measurement). A ratio
+    (headroom 1 - step / TPOT p99) assumed the tail grows in proportion to the step and kept a
+    third to a half of a tight SLO free on a fast host. None until both are measured (the
+    policy uses `default_headroom`)."""
     if load.observed_tpot_p99_ms is None or not load.step_p50_ms or load.step_p50_ms <= 0:
         return prev
-    ratio = load.observed_tpot_p99_ms / load.step_p50_ms
+    gap_ms = max(0.0, load.observed_tpot_p99_ms - load.step_p50_ms)
     low, high = cfg.headroom_bounds
-    measured = float(np.clip(1.0 - 1.0 / max(ratio, 1.0), low, high))
+    measured = float(np.clip(gap_ms / tpot_slo_ms, low, high))
     if prev is None:
         return measured
-    return (1.0 - cfg.headroom_smoothing) * prev + cfg.headroom_smoothing * measured
+    weight = 1.0 - math.exp(-max(0.0, dt_s) / cfg.headroom_smoothing_s)
+    return (1.0 - weight) * prev + weight * measured
 
 
 def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: LatencyModel | None,
@@ -263,7 +269,8 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
     out: dict[str, ReplicaDecision] = {}
     for load in snapshot.replicas:
         prev = state.get(load.replica_id, ReplicaState())
-        measured = derived_headroom(prev.headroom, load, cfg)
+        measured = derived_headroom(prev.headroom, load, slo.tpot_p99_ms, cfg, snapshot.now_s - prev.headroom_at_s)
+        measured_now = load.observed_tpot_p99_ms is not None and bool(load.step_p50_ms)
         headroom = slo.headroom if slo.headroom is not None else (
             measured if measured is not None else cfg.default_headroom)
         # What clients saw is held against the SLO itself (cut as it approaches it); the
@@ -279,7 +286,8 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
         new_state = _next_state(prev, pressure, snapshot.now_s, cfg)
         if model is not None:  # without a model the budget is a fixed default: nothing to probe
             new_state = _probed(new_state, tpot_pressure, ttft_pressure, load, snapshot.now_s, cfg)
-        new_state = replace(new_state, headroom=measured)
+        new_state = replace(new_state, headroom=measured,
+                            headroom_at_s=snapshot.now_s if measured_now else prev.headroom_at_s)
         target_ms = step_budget * (1.0 - headroom) * new_state.probe_tpot
         predicted, factor = None, 1.0
         if model is not None:

@@ -83,14 +83,17 @@ class ReplicaState:
     """The same for the idle row's target, driven by the observed TTFT p99."""
     last_probe_s: float = -math.inf
     headroom: float | None = None
-    """Smoothed measured headroom (1 - median chat step / TPOT p99); None until measured."""
+    """Smoothed measured headroom ((TPOT p99 - median chat step) / TPOT SLO); None until measured."""
+    headroom_at_s: float = -math.inf
+    """When the headroom was last measured (the smoothing is by time, not by tick)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"scale": self.scale, "throttle": self.throttle,
                 "last_change_s": None if math.isinf(self.last_change_s) else self.last_change_s,
                 "calm_since_s": self.calm_since_s, "probe_tpot": self.probe_tpot, "probe_ttft": self.probe_ttft,
                 "last_probe_s": None if math.isinf(self.last_probe_s) else self.last_probe_s,
-                "headroom": self.headroom}
+                "headroom": self.headroom,
+                "headroom_at_s": None if math.isinf(self.headroom_at_s) else self.headroom_at_s}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ReplicaState:
@@ -98,7 +101,8 @@ class ReplicaState:
         probe = d.get("last_probe_s")
         return cls(float(d["scale"]), str(d["throttle"]), -math.inf if last is None else float(last),
                    d.get("calm_since_s"), float(d.get("probe_tpot", 1.0)), float(d.get("probe_ttft", 1.0)),
-                   -math.inf if probe is None else float(probe), d.get("headroom"))
+                   -math.inf if probe is None else float(probe), d.get("headroom"),
+                   -math.inf if d.get("headroom_at_s") is None else float(d["headroom_at_s"]))
 
 
 @dataclass(frozen=True)

@@ -328,17 +328,24 @@ def test_in_the_band_a_steady_load_holds_its_budget():
 
 
 def test_headroom_is_derived_from_the_gap_between_steps_and_observed_tpot():
-    """No hand-tuned headroom: with TPOT p99 at 1.25x the median chat step, a per-step target of
-    SLO / 1.25 (headroom 0.2) keeps the p99 at the SLO; the SLO file's value overrides it."""
+    """No hand-tuned headroom: with TPOT p99 5 ms above the median chat step, a per-step target of
+    the SLO less those 5 ms keeps the p99 at the SLO (an additive gap: a chat prefill costs the
+    same beside any decode batch); smoothed by time; the SLO file's value overrides it."""
+    import math
+
     from orchestrator.control.policy import derived_headroom
 
     load = ReplicaLoad("r1", num_online=2, observed_tpot_p99_ms=25.0, step_p50_ms=20.0)
-    assert derived_headroom(None, load, CFG) == pytest.approx(0.2)
-    assert derived_headroom(0.4, load, CFG) == pytest.approx(0.8 * 0.4 + 0.2 * 0.2)
-    assert derived_headroom(0.3, ReplicaLoad("r1"), CFG) == 0.3
-    # TPOT at 25/30 of its SLO: in the band, so no probe; the target is 30 ms x (1 - 0.2).
+    assert derived_headroom(None, load, 30.0, CFG) == pytest.approx(5.0 / 30.0)
+    w = 1.0 - math.exp(-1.0 / CFG.headroom_smoothing_s)
+    assert derived_headroom(0.4, load, 30.0, CFG, dt_s=1.0) == pytest.approx((1 - w) * 0.4 + w * 5.0 / 30.0)
+    # One second moves it little, whatever the tick period; an hour forgets the old value.
+    assert derived_headroom(0.4, load, 30.0, CFG, dt_s=3600.0) == pytest.approx(5.0 / 30.0)
+    assert derived_headroom(0.3, ReplicaLoad("r1"), 30.0, CFG) == 0.3
+    # TPOT at 25/30 of its SLO: in the band, so no probe; the target is 30 ms - 5 ms.
     free = Snapshot(now_s=0.0, slo=SloTargets(400.0, 30.0, headroom=None), replicas=(load,))
     d = decide(free, {}, LinearModel()).replicas["r1"]
-    assert d.headroom == pytest.approx(0.2) and d.target_step_ms == pytest.approx(24.0)
+    assert d.headroom == pytest.approx(5.0 / 30.0) and d.target_step_ms == pytest.approx(25.0)
+    assert d.state.headroom_at_s == 0.0
     fixed = decide(snap(0.0, num_online=2, observed_tpot_p99_ms=25.0, step_p50_ms=20.0), {}, LinearModel())
     assert fixed.replicas["r1"].headroom == 0.1  # SLO's override
