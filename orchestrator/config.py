@@ -277,6 +277,11 @@ class OrderConfig(_Strict):
     aging_octaves_per_service: float = Field(1.0, ge=0)
     """A waiting request's level falls this many octaves per typical request's predicted service
     time waited (engine steps; the median of recent arrivals); 0: no aging, the guard alone."""
+    job_policy: Literal["weighted", "shortest_remaining_first"] = "weighted"
+    """How the controller's offline concurrency is shared between batch jobs: by their weights
+    (`--weight`), or shortest-remaining-job-first (the job with the fewest requests left takes
+    what it can use, every other job keeps one request in flight). Applies where a controller
+    sets the total; without one each job keeps to its own `--concurrency`."""
     max_wait_s: float = Field(100.0, gt=0)
     """A waiting request is served by arrival once it has waited this long (SSJF's guard)..."""
     wait_factor: float = Field(10.0, gt=0)

@@ -42,14 +42,43 @@ def share_budget(total: int, weights: dict[str, float]) -> dict[str, int]:
     return shares
 
 
-def allowance(jobs: dict[str, dict[str, Any]], job_key: str, now_s: float, total_budget: int | None) -> int:
+JOB_POLICIES = ("weighted", "shortest_remaining_first")
+
+
+def share_shortest_remaining_first(total: int, remaining: dict[str, int]) -> dict[str, int]:
+    """Split `total` in-flight slots so the job with the fewest requests left finishes first.
+
+    Every job keeps at least 1 slot (a starved job would hold its checkpoint open forever, and a
+    long job must still move); the rest goes to jobs in order of fewest remaining requests (ties
+    by name), each taking at most what it can still use (its remaining requests), the next job
+    the rest. Shortest-remaining-job-first minimises the mean job completion time when jobs share
+    one capacity; weights are ignored."""
+    if not remaining:
+        return {}
+    total = max(total, len(remaining))
+    shares = {k: 1 for k in remaining}
+    leftover = total - len(shares)
+    order = sorted(remaining, key=lambda k: (max(0, remaining[k]), k))
+    for k in order:
+        take = min(leftover, max(0, remaining[k] - 1))
+        shares[k] += take
+        leftover -= take
+    if leftover > 0:  # more slots than requests left anywhere: the shortest job holds the rest
+        shares[order[0]] += leftover
+    return shares
+
+
+def allowance(jobs: dict[str, dict[str, Any]], job_key: str, now_s: float, total_budget: int | None,
+              policy: str = "weighted") -> int:
     """In-flight offline requests `job_key` may hold, never more than its own `max_cap` (if it set one).
 
     With a total set by the controller, the job gets its weighted share of that total among live
     jobs (seen within JOB_STALE_AFTER_S, not finished): the controller sized the total to what the
     replicas can absorb, so a job's static `default_cap` must not hold it below its share. With no
     total (no controller), the largest static cap of the live jobs is shared by weight and no job
-    exceeds its own static cap: without a controller nothing says more is safe.
+    exceeds its own static cap: without a controller nothing says more is safe. With `policy`
+    `shortest_remaining_first` a controller's total goes to the jobs with the fewest requests
+    left first (`share_shortest_remaining_first`; a job's remaining count is its `total - done`).
     """
     job = jobs[job_key]
     max_cap = job.get("max_cap")
@@ -57,6 +86,9 @@ def allowance(jobs: dict[str, dict[str, Any]], job_key: str, now_s: float, total
     weights = {k: j["weight"] for k, j in live.items()}
     if job_key not in live:
         allowed = job["default_cap"]
+    elif total_budget is not None and policy == "shortest_remaining_first":
+        remaining = {k: int(j.get("total", 0)) - int(j.get("done", 0)) for k, j in live.items()}
+        allowed = share_shortest_remaining_first(total_budget, remaining)[job_key]
     elif total_budget is not None:
         allowed = share_budget(total_budget, weights)[job_key]
     else:
@@ -69,9 +101,13 @@ class OfflineAdmission:
     def __init__(self) -> None:
         self._jobs: dict[str, dict[str, Any]] = {}
         self._total_budget: int | None = None
+        self._policy = "weighted"
 
-    def set_total_budget(self, total: int | None) -> None:
+    def set_total_budget(self, total: int | None, policy: str = "weighted") -> None:
+        if policy not in JOB_POLICIES:
+            raise ValueError(f"job policy {policy!r} is not one of {JOB_POLICIES}")
         self._total_budget = total
+        self._policy = policy
 
     def heartbeat(self, job_key: str, weight: float, default_cap: int, progress: dict[str, Any],
                   max_cap: int | None = None) -> int:
@@ -82,7 +118,7 @@ class OfflineAdmission:
         now_s = time.time()
         self._jobs[job_key] = {**progress, "weight": weight, "default_cap": default_cap, "max_cap": max_cap,
                                "seen_s": now_s}
-        return allowance(self._jobs, job_key, now_s, self._total_budget)
+        return allowance(self._jobs, job_key, now_s, self._total_budget, self._policy)
 
     def jobs(self) -> dict[str, dict[str, Any]]:
         return dict(self._jobs)

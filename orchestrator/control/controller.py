@@ -17,6 +17,7 @@ their last budget until it expires (`silence_timeout_s`) and then fall back to t
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -108,11 +109,11 @@ class _Metrics:
                 gauge.set(float(value), tags=tags)
 
 
-def _send_admission_total(total: int) -> None:
+def _send_admission_total(total: int, job_policy: str = "weighted") -> None:
     from orchestrator.control.admission import get_or_create_admission
 
     # Looked up on every change: the admission actor may have been replaced since.
-    get_or_create_admission().set_total_budget.remote(total)
+    get_or_create_admission().set_total_budget.remote(total, job_policy)
 
 
 class GcsCheckpoint:
@@ -138,11 +139,13 @@ class ControllerCore:
                  profile_path: str | None = None, policy: dict[str, Any] | None = None,
                  clock: Callable[[], float] = time.time, store=None, metrics: bool = True,
                  admission: Callable[[int], None] | None = None, learn_online: bool = False,
+                 job_policy: str = "weighted",
                  refit_period_s: float = 10.0) -> None:
         from orchestrator.control.slo import SloFile, SloWatcher
 
         self.store = store if store is not None else GcsCheckpoint()
-        self._send_admission_total = admission if admission is not None else _send_admission_total
+        self._send_admission_total = (admission if admission is not None
+                                      else functools.partial(_send_admission_total, job_policy=job_policy))
         self.model_id = model_id
         self.period_s = period_s
         self.silence_timeout_s = silence_timeout_s
@@ -454,7 +457,7 @@ def start_controller(config, cwd: Path | None = None):
         model_id=config.model.id, slo_path=resolve(c.slo_path), period_s=c.period_s,
         silence_timeout_s=c.silence_timeout_s, model_path=resolve(c.model_path),
         profile_path=resolve(c.profile_path), policy=c.policy.model_dump(mode="json"),
-        learn_online=c.learn_online, refit_period_s=c.refit_period_s)
+        learn_online=c.learn_online, refit_period_s=c.refit_period_s, job_policy=config.order.job_policy)
     ray.get(handle.ready.remote(), timeout=60)
     return handle
 

@@ -89,3 +89,38 @@ def test_max_in_flight_is_optional_and_positive(tmp_path):
     assert parse_args([*base, "--max-in-flight", "7"]).max_in_flight == 7
     with pytest.raises(SystemExit):
         parse_args([*base, "--max-in-flight", "0"])
+
+
+def test_shortest_remaining_job_first_gives_the_total_to_the_job_nearest_its_end():
+    from orchestrator.control.admission import share_shortest_remaining_first
+
+    # 3 left in "a", 500 in "b", 40 in "c": "a" takes what it can use (3), "c" its 40, "b" the rest.
+    assert share_shortest_remaining_first(64, {"a": 3, "b": 500, "c": 40}) == {"a": 3, "b": 21, "c": 40}
+    # Every job keeps one in flight, whatever the total.
+    assert share_shortest_remaining_first(2, {"a": 3, "b": 500, "c": 40}) == {"a": 1, "b": 1, "c": 1}
+    # More slots than work anywhere: the shortest job holds the spare (it cannot use them, no harm).
+    assert share_shortest_remaining_first(20, {"a": 2, "b": 3}) == {"a": 2 + 15, "b": 3}
+    assert sum(share_shortest_remaining_first(37, {"x": 9, "y": 9, "z": 100}).values()) == 37
+
+
+def test_allowance_under_the_shortest_remaining_policy_reads_each_jobs_progress():
+    now = 1000.0
+    jobs = {"long": {"weight": 10.0, "default_cap": 4, "seen_s": now, "total": 1000, "done": 10},
+            "short": {"weight": 1.0, "default_cap": 4, "seen_s": now, "total": 100, "done": 95}}
+    # Weighted: the heavy long job takes most; shortest-remaining: the short job takes its 5.
+    assert allowance(jobs, "long", now, 32) > allowance(jobs, "short", now, 32)
+    assert allowance(jobs, "short", now, 32, "shortest_remaining_first") == 5
+    assert allowance(jobs, "long", now, 32, "shortest_remaining_first") == 27
+    # Without a controller's total the policy does not apply: static caps as before.
+    assert allowance(jobs, "short", now, None, "shortest_remaining_first") == allowance(jobs, "short", now, None)
+
+
+def test_the_job_policy_is_typed_config():
+    from pydantic import ValidationError
+
+    from orchestrator.config import OrderConfig
+
+    assert OrderConfig().job_policy == "weighted"
+    assert OrderConfig(job_policy="shortest_remaining_first").job_policy == "shortest_remaining_first"
+    with pytest.raises(ValidationError, match="job_policy"):
+        OrderConfig(job_policy="lottery")
