@@ -266,10 +266,13 @@ class OrderConfig(_Strict):
 
     policy: Literal["fcfs", "sjf"] = "fcfs"
     """`fcfs`: arrival order (vLLM's own). `sjf`: shortest predicted reply first, with the guard."""
-    offline_policy: Literal["fcfs", "short_first_under_chat"] = "fcfs"
+    offline_policy: Literal["fcfs", "short_first_under_chat", "prefix_sharing"] = "fcfs"
     """Which waiting offline requests the budget admits first. `short_first_under_chat`: while
     chat is in the engine, those predicted to finish soonest (they free their slots before the
-    next burst); with no chat, by arrival (long ones run in the lulls)."""
+    next burst); with no chat, by arrival (long ones run in the lulls). `prefix_sharing`: grouped
+    by shared prompt prefix (a depth-first walk of their prefix trie, HyGen's prefix-sharing
+    order) so vLLM's prefix cache serves a shared header to the whole group, with `max_wait_s`
+    as its freshness guard; needs no predictor."""
     predictor_path: str | None = None
     """Length predictor artifact; required when either policy uses predictions."""
     levels_per_octave: int = Field(4, ge=1, le=32)
@@ -289,7 +292,7 @@ class OrderConfig(_Strict):
 
     @model_validator(mode="after")
     def _predictor_when_needed(self) -> OrderConfig:
-        if (self.policy != "fcfs" or self.offline_policy != "fcfs") and not self.predictor_path:
+        if (self.policy != "fcfs" or self.offline_policy == "short_first_under_chat") and not self.predictor_path:
             raise ValueError(f"policy {self.policy!r} / offline_policy {self.offline_policy!r} need predictor_path "
                              "(a length predictor from `colocate length train`)")
         return self

@@ -157,6 +157,10 @@ class SchedulerAccess:
         return request.arrival_time
 
     @staticmethod
+    def prompt_token_ids(request):
+        return request.prompt_token_ids or ()
+
+    @staticmethod
     def context_tokens(request) -> int:
         """Tokens whose KV the request already holds (prompt and output computed so far)."""
         return request.num_computed_tokens

@@ -15,10 +15,11 @@ request is ever lost from the scheduler's queues.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from orchestrator.engine.order import prefix_sharing_order
 from orchestrator.engine.plan import OfflineCandidate, StepPlan, plan_step
 from orchestrator.request_class import RequestClass, vllm_priority
 
@@ -51,6 +52,7 @@ class SchedulerView(Protocol):
     def is_prefilling(self, request) -> bool: ...
     def tokens_to_schedule(self, request, chunk_limit: int) -> int: ...
     def tokens_to_admit(self, request) -> int: ...
+    def prompt_token_ids(self, request) -> Sequence[int]: ...
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,30 @@ class _Undo:
 
 
 class BudgetEnforcer:
-    def __init__(self, view: SchedulerView, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, view: SchedulerView, clock: Callable[[], float] = time.monotonic,
+                 offline_policy: str = "fcfs", max_wait_s: float = 100.0,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.view = view
         self.clock = clock
+        self.offline_policy = offline_policy
+        """How waiting offline work is admitted: by (priority, arrival) while chat is in the
+        engine and by arrival without (`fcfs`, `short_first_under_chat`: the levels differ), or
+        grouped by shared prompt prefix (`prefix_sharing`, `order.prefix_sharing_order`)."""
+        self.max_wait_s = max_wait_s
+        self.wall_clock = wall_clock  # arrival times are the front end's time.time()
+
+    def offline_admission_order(self, waiting: list, num_online: int) -> list:
+        v = self.view
+        if self.offline_policy == "prefix_sharing":
+            order = prefix_sharing_order([v.prompt_token_ids(r) for r in waiting],
+                                         [v.arrival_time_s(r) for r in waiting], self.wall_clock(), self.max_wait_s)
+            return [waiting[i] for i in order]
+        # Waiting offline work is admitted in priority order (its level: predicted length,
+        # shortest first, when the replica orders by length) while chat is in the engine, so
+        # the slots it takes free up before the next burst; with no chat, by arrival, so the
+        # long ones run in the lulls. (With FCFS every level is 0: the same order.)
+        return sorted(waiting, key=(lambda r: (v.priority(r), v.arrival_time_s(r))) if num_online
+                      else v.arrival_time_s)
 
     def is_offline(self, request) -> bool:
         return self.view.priority(request) >= OFFLINE_PRIORITY
@@ -145,13 +168,7 @@ class BudgetEnforcer:
             waiting = v.waiting()
             online_waiting = [r for r in waiting if not self.is_offline(r)]
             num_online = len(online_running) + len(online_waiting)
-            # Waiting offline work is admitted in priority order (its level: predicted length,
-            # shortest first, when the replica orders by length) while chat is in the engine, so
-            # the slots it takes free up before the next burst; with no chat, by arrival, so the
-            # long ones run in the lulls. (With FCFS every level is 0: the same order.)
-            offline_waiting = sorted((r for r in waiting if self.is_offline(r)),
-                                     key=(lambda r: (v.priority(r), v.arrival_time_s(r))) if num_online
-                                     else v.arrival_time_s)
+            offline_waiting = self.offline_admission_order([r for r in waiting if self.is_offline(r)], num_online)
             max_seqs, max_tokens = budget_at(num_online)
             limit = v.chunk_limit
             plan = plan_step(

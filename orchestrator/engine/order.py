@@ -32,6 +32,9 @@ from orchestrator.request_class import NUM_LEVELS
 
 MAX_LEVEL = NUM_LEVELS - 1
 """Levels stay below the offline class's priority base (orchestrator.request_class)."""
+PREFIX_DEPTH_TOKENS = 1024
+"""Prompt tokens compared by the prefix-sharing order (a shared header longer than this is
+still grouped: only the order inside the group is then by arrival)."""
 
 
 def priority_level(predicted_tokens: float | None, trust: float, cfg: OrderConfig) -> int:
@@ -72,3 +75,21 @@ def guard_due(level: int, waited_s: float, waited_steps: int, cfg: OrderConfig) 
     if waited_s > cfg.max_wait_s:
         return True
     return waited_steps > cfg.wait_factor * max(tokens_of_level(level, cfg), 1.0)
+
+
+def prefix_sharing_order(prompts: list, arrivals_s: list[float], now_s: float, max_wait_s: float,
+                         depth: int = PREFIX_DEPTH_TOKENS) -> list[int]:
+    """Admission order of waiting offline requests that groups those sharing a prompt prefix
+    (HyGen's prefix-sharing maximisation): indices into `prompts` (token id sequences).
+
+    Sorting the prompts' first `depth` tokens lexicographically is the depth-first walk of their
+    prefix trie: requests that share a prefix are contiguous, and the longer the shared prefix
+    the closer they sit, so the first of a group computes the prefix and vLLM's prefix cache
+    serves it to the rest while its blocks are still cached. A freshness guard comes first:
+    requests that have waited `max_wait_s` or more are admitted by arrival, so a prompt that
+    sorts last is not starved by a stream of earlier-sorting ones."""
+    stale = [i for i, a in enumerate(arrivals_s) if now_s - a >= max_wait_s]
+    fresh = [i for i, a in enumerate(arrivals_s) if now_s - a < max_wait_s]
+    stale.sort(key=lambda i: arrivals_s[i])
+    fresh.sort(key=lambda i: (tuple(prompts[i][:depth]), arrivals_s[i]))
+    return stale + fresh

@@ -51,9 +51,10 @@ class ColocateScheduler(TelemetryScheduler):
         if quiet_engine_polling(float(os.environ.get(ENV_POLL_SLEEP_US, "0"))):
             log.info("colocate: engine core polls its worker every %s us instead of spinning",
                      os.environ[ENV_POLL_SLEEP_US])
-        self._enforcer = BudgetEnforcer(self.access)
         order = os.environ.get(ENV_ENGINE_ORDER)
         self._order = OrderConfig.model_validate_json(order) if order else OrderConfig()
+        self._enforcer = BudgetEnforcer(self.access, offline_policy=self._order.offline_policy,
+                                        max_wait_s=self._order.max_wait_s)
         self._first_waiting_step: dict[str, tuple[int, int]] = {}  # id -> (first step waiting, level then)
         self._recent_levels: collections.deque[int] = collections.deque(maxlen=256)
         if self.channel is not None:

@@ -63,7 +63,7 @@ class LengthOrdering:
         raw = os.environ.get(ENV_ENGINE_ORDER)
         cfg = OrderConfig.model_validate_json(raw) if raw else OrderConfig()
         predictor = None
-        if cfg.predictor_path and (cfg.policy != "fcfs" or cfg.offline_policy != "fcfs"):
+        if cfg.predictor_path and (cfg.policy != "fcfs" or cfg.offline_policy == "short_first_under_chat"):
             from latency_model.length.predictor import load_predictor
 
             predictor = load_predictor(cfg.predictor_path)
@@ -74,8 +74,9 @@ class LengthOrdering:
     def uses_predictions(self, request_class: RequestClass) -> bool:
         if self.predictor is None:
             return False
-        policy = self.cfg.policy if request_class is RequestClass.ONLINE else self.cfg.offline_policy
-        return policy != "fcfs"
+        if request_class is RequestClass.ONLINE:
+            return self.cfg.policy != "fcfs"
+        return self.cfg.offline_policy == "short_first_under_chat"  # prefix_sharing reads prompts, not lengths
 
     def predict(self, text: str, key: str | None = None) -> tuple[float, float]:
         """(the predictor's median, the same after the online correction), in tokens."""

@@ -109,3 +109,43 @@ def test_aging_lowers_every_waiting_level_at_one_rate_set_by_a_typical_request()
     assert aged_level(long, 10**6, SJF, typical) == 0
     off = OrderConfig(policy="sjf", predictor_path="x", aging_octaves_per_service=0)
     assert aged_level(long, 10**6, off, typical) == long
+
+
+def test_prefix_sharing_order_is_a_depth_first_walk_of_the_prompt_trie_with_a_freshness_guard():
+    from orchestrator.engine.order import prefix_sharing_order
+
+    header_a, header_b = [1, 2, 3, 4], [1, 2, 9, 9]
+    prompts = [header_b + [5], header_a + [7], [8, 8], header_a + [6], header_b + [5, 1], header_a + [7]]
+    arrivals = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    order = prefix_sharing_order(prompts, arrivals, now_s=10.0, max_wait_s=100.0)
+    # Shared prefixes are contiguous, the longest shared ones adjacent; equal prompts by arrival.
+    assert order == [3, 1, 5, 0, 4, 2]
+    # A request waiting max_wait_s or more goes first, by arrival, whatever it sorts as.
+    assert prefix_sharing_order(prompts, arrivals, now_s=102.5, max_wait_s=100.0)[:3] == [0, 1, 2]
+
+
+def test_enforcement_admits_waiting_offline_work_grouped_by_prefix_when_configured():
+    from orchestrator.engine.enforce import BudgetEnforcer
+    from tests.unit.test_engine_safety import FakeView, Req
+
+    waiting = []
+    for i, head in enumerate([[5, 5], [1, 1], [5, 5], [1, 1]]):
+        r = Req(f"w{i}", True, computed=0, prompt=40, total=40, arrival=float(i))
+        r.tokens = head + [i]
+        waiting.append(r)
+    view = FakeView([], waiting)
+    view.prompt_token_ids = lambda r: r.tokens
+    enforcer = BudgetEnforcer(view, offline_policy="prefix_sharing", wall_clock=lambda: 10.0)
+    assert [r.name for r in enforcer.offline_admission_order(waiting, num_online=0)] == ["w1", "w3", "w0", "w2"]
+    # The default admits by arrival.
+    assert [r.name for r in BudgetEnforcer(view).offline_admission_order(waiting, 0)] == ["w0", "w1", "w2", "w3"]
+
+
+def test_prefix_sharing_needs_no_predictor_but_short_first_does():
+    from pydantic import ValidationError
+
+    from orchestrator.config import OrderConfig
+
+    assert OrderConfig(offline_policy="prefix_sharing").predictor_path is None
+    with pytest.raises(ValidationError, match="predictor_path"):
+        OrderConfig(offline_policy="short_first_under_chat")
