@@ -119,11 +119,15 @@ class PolicyConfig(_Strict):
     grow_below: float = Field(0.8, gt=0)
     """Observed p99 / SLO target below which the scale grows back after `grow_hold_s`."""
     shrink_factor: float = Field(0.5, gt=0, lt=1)
-    shrink_hold_s: float = Field(5.0, ge=0)
-    """After a cut, the next cut waits this long: one observation window (the replicas' online
-    p99s are over the last 5 s of requests), so requests that ran under the old budget have left
-    the window. With 1 s a single slow window cut the scale four times in a row, to its floor,
-    before any request under the first cut was seen (a 0 <-> 24 sequence cycle every 15-20 s)."""
+    shrink_hold_s: float = Field(10.0, ge=0)
+    """After a cut, the next cut at the same or a lower pressure waits this long: two observation
+    windows (the replicas' online p99s are over the last 5 s of requests, and a request stays in
+    the window for 5 s after it ends), so the requests that ran under the old budget have left.
+    With 1 s a single slow window cut the scale four times in a row, to its floor, before any
+    request under the first cut was seen (a 0 <-> 24 sequence cycle every 15-20 s); with one
+    window the same request, still in it, cut again (offline work at 0 for 20 s in a lull)."""
+    min_recut_s: float = Field(1.0, ge=0)
+    """A higher pressure than the last cut's cuts again after this long (an overload deepening)."""
     grow_step: float = Field(0.125, gt=0, le=1)
     grow_hold_s: float = Field(5.0, ge=0)
     """Calm this long (one observation window) before each growth step, so every step is seen

@@ -27,9 +27,9 @@ How a replica's budget is chosen:
 3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) as a
    fraction of the SLO target (the model already bounds every step; this corrects what it
    misses: prefill interruptions, serving overhead, a model that is off): at or above
-   `shrink_at` the replica's scale halves at once (and again only after `shrink_hold_s`, one
-   observation window: the requests that saw the old budget must leave the window before the
-   cut can be judged); below `grow_below` for `grow_hold_s` (again a window, so each step is
+   `shrink_at` the replica's scale halves at once, and again only on new evidence: a higher
+   pressure, or still over `shrink_at` after `shrink_hold_s` (two observation windows: the
+   requests that saw the old budget must leave the window before the cut can be judged); below `grow_below` for `grow_hold_s` (again a window, so each step is
    observed before the next) it grows back by `grow_step`; in between it grows only every
    `band_grow_hold_s`. The scale multiplies the budget after the slot and operator caps, so a
    cut always halves what runs. The band between the two thresholds is what keeps a steady
@@ -191,9 +191,16 @@ def offline_slots(max_num_seqs: int, cfg: PolicyConfig) -> int:
 
 def _next_state(prev: ReplicaState, pressure: float, now_s: float, cfg: PolicyConfig) -> ReplicaState:
     if pressure >= cfg.shrink_at:
-        if now_s - prev.last_change_s >= cfg.shrink_hold_s or prev.throttle != "throttled":
+        # A repeat cut needs new evidence: the window still holds the requests that caused the
+        # last cut (a request stays in it for a window after it ends), so within `shrink_hold_s`
+        # only a higher pressure than the one already answered cuts again. After a growth step
+        # (not "throttled") the window was calm, so any pressure is new.
+        since_cut_s = now_s - prev.last_change_s
+        new_evidence = (prev.throttle != "throttled" or since_cut_s >= cfg.shrink_hold_s
+                        or (pressure > prev.cut_pressure and since_cut_s >= cfg.min_recut_s))
+        if new_evidence:
             return replace(prev, scale=max(cfg.min_scale, prev.scale * cfg.shrink_factor), throttle="throttled",
-                           last_change_s=now_s, calm_since_s=None,
+                           last_change_s=now_s, calm_since_s=None, cut_pressure=pressure,
                            probe_tpot=max(1.0, prev.probe_tpot * cfg.shrink_factor),
                            probe_ttft=max(1.0, prev.probe_ttft * cfg.shrink_factor), last_probe_s=now_s)
         return replace(prev, calm_since_s=None)

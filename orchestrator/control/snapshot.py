@@ -86,6 +86,8 @@ class ReplicaState:
     """Smoothed measured headroom ((TPOT p99 - median chat step) / TPOT SLO); None until measured."""
     headroom_at_s: float = -math.inf
     """When the headroom was last measured (the smoothing is by time, not by tick)."""
+    cut_pressure: float = 0.0
+    """The pressure the last cut answered: a repeat cut within `shrink_hold_s` needs a higher one."""
 
     def to_json(self) -> dict[str, Any]:
         return {"scale": self.scale, "throttle": self.throttle,
@@ -93,7 +95,8 @@ class ReplicaState:
                 "calm_since_s": self.calm_since_s, "probe_tpot": self.probe_tpot, "probe_ttft": self.probe_ttft,
                 "last_probe_s": None if math.isinf(self.last_probe_s) else self.last_probe_s,
                 "headroom": self.headroom,
-                "headroom_at_s": None if math.isinf(self.headroom_at_s) else self.headroom_at_s}
+                "headroom_at_s": None if math.isinf(self.headroom_at_s) else self.headroom_at_s,
+                "cut_pressure": self.cut_pressure}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ReplicaState:
@@ -102,7 +105,8 @@ class ReplicaState:
         return cls(float(d["scale"]), str(d["throttle"]), -math.inf if last is None else float(last),
                    d.get("calm_since_s"), float(d.get("probe_tpot", 1.0)), float(d.get("probe_ttft", 1.0)),
                    -math.inf if probe is None else float(probe), d.get("headroom"),
-                   -math.inf if d.get("headroom_at_s") is None else float(d["headroom_at_s"]))
+                   -math.inf if d.get("headroom_at_s") is None else float(d["headroom_at_s"]),
+                   float(d.get("cut_pressure", 0.0)))
 
 
 @dataclass(frozen=True)

@@ -87,11 +87,14 @@ def test_observed_tpot_near_the_slo_cuts_the_budget_at_once_and_it_grows_back_gr
     state = {"r1": hot.state}
     again = decide(snap(1.3, num_online=4, observed_tpot_p99_ms=48.0), state, model).replicas["r1"]
     assert again.state.scale == 0.5
-    # Still hot within one observation window of the cut: no second cut (the requests that saw
-    # the old budget are still in the window); a window later, still hot: cut again.
+    # The same pressure within shrink_hold_s is the same evidence (the requests that saw the old
+    # budget are still in the window): no second cut. A higher one is new: cut again. Still hot
+    # after shrink_hold_s: cut again.
     state = {"r1": again.state}
     late = decide(snap(1.0 + 0.9 * CFG.shrink_hold_s, num_online=4, observed_tpot_p99_ms=48.0), state, model)
     assert late.replicas["r1"].state.scale == 0.5
+    worse = decide(snap(1.0 + CFG.min_recut_s, num_online=4, observed_tpot_p99_ms=60.0), state, model)
+    assert worse.replicas["r1"].state.scale == 0.25
     later = decide(snap(1.0 + CFG.shrink_hold_s, num_online=4, observed_tpot_p99_ms=48.0), state, model)
     assert later.replicas["r1"].state.scale == 0.25
     # Calm: grows by one step per grow_hold_s, never in one jump.
