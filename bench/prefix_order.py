@@ -158,7 +158,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("offline requests / s")
     ax.set_title("batch throughput")
     bx.bar(names, [100 * (r["prefix_cache_share"] or 0) for r in rows], color=["tab:gray", "tab:green"])
-    bx.set_ylabel("% of prompt tokens served from the prefix cache")
+    bx.set_ylabel("% of prompt tokens from the cache")
     bx.set_title("prefix cache")
     fig.suptitle("Shared-header batch: admission by arrival vs grouped by prefix")
     fig.tight_layout()
