@@ -168,10 +168,17 @@ def test_a_non_streamed_reply_is_timed_by_its_first_token_not_its_whole_length(c
         latencies_s.append(time.monotonic() - started)
         assert resp.usage.completion_tokens == 200
 
+    # The replica's latency window (a few seconds) first forgets the earlier tests' short replies.
+    quiet_by = time.monotonic() + 30
+    while time.monotonic() < quiet_by:
+        rows = controller_in_force(stack).get("replicas") or []
+        if rows and rows[0].get("observed_ttft_p99_ms") is None and rows[0].get("observed_tpot_p99_ms") is None:
+            break
+        time.sleep(0.5)
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
     for th in threads:
         th.start()
-    seen_ttft, seen_tpot = [], []
+    seen_ttft, seen_tpot, seen_tpot_after = [], [], []
     deadline = None
     while deadline is None or time.monotonic() < deadline:
         rows = controller_in_force(stack).get("replicas") or []
@@ -180,6 +187,8 @@ def test_a_non_streamed_reply_is_timed_by_its_first_token_not_its_whole_length(c
                 seen_ttft.append(rows[0]["observed_ttft_p99_ms"])
             if rows[0].get("observed_tpot_p99_ms") is not None:
                 seen_tpot.append(rows[0]["observed_tpot_p99_ms"])
+                if deadline is not None:
+                    seen_tpot_after.append(rows[0]["observed_tpot_p99_ms"])
         if deadline is None and not any(th.is_alive() for th in threads):
             deadline = time.monotonic() + 3.0
         time.sleep(0.2)
@@ -191,4 +200,7 @@ def test_a_non_streamed_reply_is_timed_by_its_first_token_not_its_whole_length(c
     # A reply of 200 tokens spends 199 decode steps after its first token: its TTFT is a small
     # part of it (derived from the same requests on the same host, no absolute time).
     assert max(seen_ttft) < 0.5 * shortest_ms, (seen_ttft, latencies_s)
-    assert max(seen_tpot) * 199 < 1.5 * max(latencies_s) * 1000.0, (seen_tpot, latencies_s)
+    # TPOT is judged on the finished replies: while they run, the slowest running reply counts
+    # too, and a few tokens in, beside the others' prefills, it read 2x its final TPOT on CI.
+    assert seen_tpot_after, "the controller lost the replies' TPOT once they finished"
+    assert max(seen_tpot_after) * 199 < 1.5 * max(latencies_s) * 1000.0, (seen_tpot_after, latencies_s)
