@@ -34,6 +34,45 @@ class ModelConfig(_Strict):
     before starting (no network needed). None: a missing directory is an error."""
 
 
+class EmulationConfig(_Strict):
+    """An emulated GPU engine: vLLM's real scheduler, KV cache manager and front end, with the
+    forward pass replaced by a wait for the time an analytic roofline gives that exact batch
+    (`latency_model.roofline`). A model of a GPU, not a measurement of one."""
+
+    model_shape: str = "llama-3.1-8b"
+    """A shape in `latency_model.roofline.MODEL_SHAPES` (layers, hidden size, heads, KV heads)."""
+    gpu: str = "a100-80gb"
+    """A GPU in `latency_model.roofline.GPUS` (peak BF16 FLOP/s, memory bandwidth, memory)."""
+    compute_efficiency: float = Field(0.6, gt=0, le=1)
+    """Achieved share of peak FLOP/s."""
+    memory_efficiency: float = Field(0.77, gt=0, le=1)
+    """Achieved share of peak memory bandwidth (0.77: one Llama-3.1-8B decode on an A100, published)."""
+    step_overhead_ms: float = Field(0.3, ge=0)
+    """Fixed GPU-side cost of each step."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Share of the GPU's memory vLLM may use; the KV cache gets what the weights leave."""
+    kv_cache_tokens: int | None = Field(None, ge=1)
+    """KV cache capacity in tokens; None: what the GPU's memory leaves beside the weights."""
+    seed: int = 0
+    """Seeds the emitted token ids (never EOS: replies run to max_tokens or a stop string)."""
+
+    @model_validator(mode="after")
+    def _known_names(self) -> EmulationConfig:
+        from latency_model.roofline import GPUS, MODEL_SHAPES
+
+        if self.model_shape not in MODEL_SHAPES:
+            raise ValueError(f"model_shape {self.model_shape!r} is not one of {sorted(MODEL_SHAPES)}")
+        if self.gpu not in GPUS:
+            raise ValueError(f"gpu {self.gpu!r} is not one of {sorted(GPUS)}")
+        return self
+
+    def roofline(self):
+        from latency_model.roofline import RooflineModel, gpu_spec, model_shape
+
+        return RooflineModel(model_shape(self.model_shape), gpu_spec(self.gpu), self.compute_efficiency,
+                             self.memory_efficiency, self.step_overhead_ms)
+
+
 class ReplicaConfig(_Strict):
     """How many vLLM replicas and what each one holds."""
 
@@ -48,15 +87,23 @@ class ReplicaConfig(_Strict):
     """Passed to vLLM's AsyncEngineArgs unchanged (max_model_len, max_num_seqs, ...)."""
     env: dict[str, str] = Field(default_factory=dict)
     """Environment for the replica processes, e.g. VLLM_CPU_KVCACHE_SPACE (GiB) on CPU."""
+    engine: Literal["real", "emulated"] = "real"
+    """`real` runs the model; `emulated` runs vLLM with the forward pass replaced by the modelled
+    step time of `emulation` (the model directory still gives the tokenizer and config)."""
+    emulation: EmulationConfig = Field(default_factory=EmulationConfig)
+    """The emulated engine's latency model; read only when `engine` is `emulated`."""
 
     @model_validator(mode="after")
     def _engine_kwargs_not_owned_by_us(self) -> ReplicaConfig:
-        owned = {"model", "served_model_name", "scheduling_policy", "tensor_parallel_size", "scheduler_cls"}
+        owned = {"model", "served_model_name", "scheduling_policy", "tensor_parallel_size", "scheduler_cls",
+                 "distributed_executor_backend"}
         clash = sorted(owned & set(self.engine_kwargs))
         if clash:
             raise ValueError(
                 f"engine_kwargs may not set {clash}: Colocate sets them from model/replicas"
             )
+        if self.engine == "emulated" and self.accelerator != "cpu":
+            raise ValueError("engine: emulated runs on the CPU build (accelerator: cpu); it models a GPU")
         return self
 
 

@@ -72,6 +72,9 @@ def up(
         _echo(f"error: {err}")
         raise typer.Exit(err.exit_code) from None
     typer.echo(f"endpoint: {cfg.endpoint}")
+    if cfg.replicas.engine == "emulated":
+        emu = cfg.replicas.emulation
+        typer.echo(f"engine: emulated ({emu.model_shape} on {emu.gpu}: a roofline model of that GPU, not a GPU)")
     if cfg.serve.grpc.enabled:
         typer.echo(f"grpc: {cfg.serve.grpc.host}:{cfg.serve.grpc.port}")
 

@@ -48,10 +48,12 @@ VLLM_VERSION = _installed_version()
 check_version(VLLM_VERSION, allow_untested=os.environ.get(ENV_ALLOW_UNTESTED) == "1")
 
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.executor.abstract import Executor  # noqa: E402
 from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
 
-__all__ = ["Scheduler", "StatLoggerBase", "async_scheduler_base", "SchedulerAccess", "start_async_llm",
-           "quiet_engine_polling", "VLLM_VERSION"]
+__all__ = ["Executor", "Scheduler", "StatLoggerBase", "async_scheduler_base", "SchedulerAccess", "start_async_llm",
+           "quiet_engine_polling", "emulated_kv_cache_spec", "model_runner_output", "scheduled_requests",
+           "VLLM_VERSION"]
 
 
 def async_scheduler_base() -> type:
@@ -211,13 +213,15 @@ class SchedulerAccess:
 # --- engine start-up (Ray Serve LLM's VLLMEngine._start_async_llm_engine, with our loggers) ----
 
 def start_async_llm(vllm_engine_args, vllm_engine_config, placement_group, stat_loggers: list, *,
-                    log_engine_metrics: bool) -> Any:
+                    log_engine_metrics: bool, executor_qualname: str | None = None) -> Any:
     """Start an AsyncLLM as Ray Serve LLM does, with `stat_loggers` attached (Ray's own engine
-    start offers no way to add a stat logger)."""
+    start offers no way to add a stat logger) and, if given, an executor class of ours (Ray
+    overwrites `distributed_executor_backend` in engine_kwargs)."""
     from vllm.v1.engine.async_llm import AsyncLLM
-    from vllm.v1.executor.abstract import Executor
 
     vllm_engine_config.parallel_config.placement_group = placement_group
+    if executor_qualname is not None:
+        vllm_engine_config.parallel_config.distributed_executor_backend = executor_qualname
     loggers = list(stat_loggers)
     if log_engine_metrics:
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
@@ -252,3 +256,48 @@ def quiet_engine_polling(sleep_us: float) -> bool:
     seconds = sleep_us / 1e6
     shm_broadcast.sched_yield = lambda: time.sleep(seconds)
     return True
+
+
+# --- the emulated engine's executor surface (orchestrator.engine.emulated) -------------------
+
+def emulated_kv_cache_spec(model_config, parallel_config, block_size: int) -> dict[str, Any]:
+    """One full-attention KV spec per layer of the served config (BF16): vLLM sizes its blocks
+    from these; the emulated executor allocates nothing behind them."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    num_layers = model_config.get_num_layers(parallel_config)
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=model_config.get_num_kv_heads(parallel_config),
+                             head_size=model_config.get_head_size(), dtype=torch.bfloat16)
+    return {f"model.layers.{i}.self_attn.attn": spec for i in range(num_layers)}
+
+
+def model_runner_output(req_ids: list[str], sampled_token_ids: list[list[int]]):
+    """What a model runner returns for a step: the token ids each request produced (empty for a
+    prefill chunk that does not end its prompt)."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                             sampled_token_ids=sampled_token_ids)
+
+
+def scheduled_requests(output, prompt_len: dict[str, int]) -> tuple[list[tuple[str, int, int, int]], set[str]]:
+    """(req_id, computed tokens before this step, tokens scheduled, tokens the request holds
+    (prompt + generated)) for each request of a `SchedulerOutput`, and the ids vLLM finished.
+    `prompt_len` remembers each request's prompt length from its first scheduling (vLLM sends
+    the prompt only then) and is updated in place."""
+    state: dict[str, tuple[int, int]] = {}
+    for new in output.scheduled_new_reqs:
+        if new.prompt_token_ids is not None:
+            prompt_len[new.req_id] = len(new.prompt_token_ids)
+        else:
+            prompt_len[new.req_id] = int(new.prompt_embeds.shape[0])
+        state[new.req_id] = (new.num_computed_tokens, 0)
+    cached = output.scheduled_cached_reqs
+    for i, req_id in enumerate(cached.req_ids):
+        state[req_id] = (cached.num_computed_tokens[i], cached.num_output_tokens[i])
+    batch = []
+    for req_id, num_scheduled in output.num_scheduled_tokens.items():
+        computed, num_output = state[req_id]
+        batch.append((req_id, computed, num_scheduled, prompt_len[req_id] + num_output))
+    return batch, set(output.finished_req_ids)

@@ -393,7 +393,8 @@ class ControllerCore:
         for key in ("num_online_tokens_total", "num_offline_tokens_total", "num_offline_prompt_tokens_total",
                     "num_offline_output_tokens_total", "num_steps_total", "step_time_s_total",
                     "throttle_reactions",
-                    "num_offline_preempted_total", "num_throttled_steps", "num_fallback_steps", "reported_at_s"):
+                    "num_offline_preempted_total", "num_throttled_steps", "num_fallback_steps", "reported_at_s",
+                    "recent_steps"):
             row[key] = report.get(key)
         return row
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from latency_model.batch import step_aggregates
 from latency_model.schema import STEP_SCHEMA
 from orchestrator.compat.vllm_api import Scheduler, SchedulerAccess
 from orchestrator.engine.channel import RING_COLUMNS, EngineChannel
@@ -42,40 +43,24 @@ _OFFLINE_PRIORITY = vllm_priority(RequestClass.OFFLINE)
 def step_record(access: SchedulerAccess, scheduler_output) -> dict[str, Any]:
     """Aggregates of one scheduled step. Called after `schedule()`, which has already advanced
     each request's num_computed_tokens by its scheduled tokens."""
-    num_prefill_tokens = num_prefill_reqs = prefill_ctx = 0
-    attention2 = 0.0
-    num_decode = decode_ctx = max_decode_ctx = num_offline = offline_tokens = 0
-    offline_prompt_tokens = offline_output_tokens = 0
+    num_offline = offline_tokens = offline_prompt_tokens = offline_output_tokens = 0
     scheduled = access.scheduled_tokens(scheduler_output)
+    batch = []
     for req_id, num_tokens in scheduled.items():
         req = access.request(req_id)
         if req is None:
             continue
         context = access.context_tokens(req) - num_tokens
+        num_prompt = access.num_prompt_tokens(req)
+        batch.append((context, num_tokens, num_prompt))
         if access.priority(req) >= _OFFLINE_PRIORITY:
             num_offline += 1
             offline_tokens += num_tokens
-            prompt_part = max(0, min(num_tokens, access.num_prompt_tokens(req) - context))
-            offline_prompt_tokens += prompt_part
+            offline_prompt_tokens += max(0, min(num_tokens, num_prompt - context))
             # A decode step yields one token; so does the prefill chunk that completes the prompt.
-            offline_output_tokens += 1 if context + num_tokens >= access.num_prompt_tokens(req) else 0
-        if context < access.num_prompt_tokens(req):
-            num_prefill_reqs += 1
-            num_prefill_tokens += num_tokens
-            prefill_ctx += context
-            attention2 += num_tokens * (context + num_tokens / 2)
-        else:
-            num_decode += 1
-            decode_ctx += context
-            max_decode_ctx = max(max_decode_ctx, context)
+            offline_output_tokens += 1 if context + num_tokens >= num_prompt else 0
     return {
-        "num_prefill_tokens": num_prefill_tokens,
-        "num_prefill_reqs": num_prefill_reqs,
-        "prefill_context_tokens": prefill_ctx,
-        "prefill_attention_tokens2": attention2,
-        "num_decode_reqs": num_decode,
-        "decode_context_tokens": decode_ctx,
-        "max_decode_context_tokens": max_decode_ctx,
+        **step_aggregates(batch),
         "num_offline_reqs": num_offline,
         "num_online_reqs": len(scheduled) - num_offline,
         "num_offline_tokens": offline_tokens,

@@ -7,6 +7,7 @@ from typing import Any
 
 from orchestrator.config import ColocateConfig
 from orchestrator.models.tiny import build_tiny_model, is_model_dir
+from orchestrator.names import EMULATED_EXECUTOR, ENV_EMULATION
 
 SERVER_CLS = "orchestrator.serving.server:ColocateLLMServer"
 SCHEDULER_CLS = "orchestrator.engine.scheduler.ColocateScheduler"
@@ -63,6 +64,9 @@ def engine_kwargs(config: ColocateConfig) -> dict[str, Any]:
     kwargs["disable_log_stats"] = False
     # Step telemetry and the per-step offline budget live in our scheduler subclass.
     kwargs["scheduler_cls"] = SCHEDULER_CLS if config.replicas.accelerator == "cpu" else ASYNC_SCHEDULER_CLS
+    if config.replicas.engine == "emulated":
+        # vLLM's executor extension point: the forward pass becomes the roofline's wait.
+        kwargs["distributed_executor_backend"] = EMULATED_EXECUTOR
     return kwargs
 
 
@@ -76,6 +80,8 @@ def replica_env(config: ColocateConfig) -> dict[str, str]:
     env.update(config.replicas.env)
     env.update(controller_env(config.controller))
     env.update(order_env(config.order))
+    if config.replicas.engine == "emulated":
+        env[ENV_EMULATION] = config.replicas.emulation.model_dump_json()
     return env
 
 

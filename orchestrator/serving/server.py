@@ -25,7 +25,9 @@ from orchestrator.engine.budget import UNLIMITED, OfflineBudget
 from orchestrator.engine.channel import EngineChannel, latency_rows_to_columns, rows_to_columns
 from orchestrator.names import (
     CONTROLLER_NAME,
+    EMULATED_EXECUTOR,
     ENV_CONTROLLER_ENABLED,
+    ENV_EMULATION,
     ENV_ENGINE_CHANNEL,
     ENV_FALLBACK_BUDGET,
     ENV_REPORT_PERIOD_S,
@@ -132,8 +134,12 @@ class EngineStatsHolder:
 def _start_engine(engine, vllm_engine_args, vllm_engine_config, placement_group, *, log_engine_metrics: bool):
     from orchestrator.compat.vllm_api import start_async_llm
 
+    # Ray Serve LLM sets the executor backend itself (multiprocessing on CPU) over any in
+    # engine_kwargs; the emulated engine's executor is chosen here instead, where the engine starts.
+    executor = EMULATED_EXECUTOR if os.environ.get(ENV_EMULATION) else None
     return start_async_llm(vllm_engine_args, vllm_engine_config, placement_group,
-                           [engine.stats.stat_logger_factory()], log_engine_metrics=log_engine_metrics)
+                           [engine.stats.stat_logger_factory()], log_engine_metrics=log_engine_metrics,
+                           executor_qualname=executor)
 
 
 class ColocateVLLMEngine(ray_api.vllm_engine_class(_start_engine)):

@@ -28,15 +28,16 @@ def colocate_cmd(*args: str) -> list[str]:
 
 
 def start_stack(work: Path, *, model: dict, engine_kwargs: dict, controller: dict | None = None,
-                serve: dict | None = None, env: dict | None = None):
+                serve: dict | None = None, env: dict | None = None, replicas: dict | None = None):
     """`colocate up` a stack of one replica on free loopback ports; yields its info, then `down`.
-    `serve` adds to the config's serve section (e.g. `grpc`), `env` to `colocate up`'s environment."""
+    `serve` adds to the config's serve section (e.g. `grpc`), `replicas` to its replicas section
+    (e.g. the emulated engine), `env` to `colocate up`'s environment."""
     serve_port, gcs_port, dash_port = free_port(), free_port(), free_port()
     slo_path = work / "slo.yaml"
     slo_path.write_text((ROOT / "manifests" / "slo.yaml").read_text())
     config = {
         "model": model,
-        "replicas": {"num_replicas": 1, "engine_kwargs": engine_kwargs},
+        "replicas": {"num_replicas": 1, "engine_kwargs": engine_kwargs, **(replicas or {})},
         "serve": {"port": serve_port, "health_timeout_s": 420, **(serve or {})},
         "cluster": {"gcs_port": gcs_port, "dashboard_port": dash_port, "temp_dir": f"/tmp/colocate-test-{gcs_port}"},
         "controller": {"slo_path": str(slo_path), **(controller or {})},
