@@ -64,6 +64,8 @@ def register(app: typer.Typer) -> None:
         slo_from_file: bool = typer.Option(False, "--slo-from-file", help="Use manifests/slo.yaml's targets instead."),
         static_caps: str | None = typer.Option(None, "--static-caps", help="Comma-separated static offline caps."),
         repeats: int = typer.Option(1, "--repeats", help="Repeat online-only, naive and colocate runs (medians, spread)."),
+        num_offline_requests: int | None = typer.Option(None, "--num-offline-requests", min=1,
+                                                        help="Requests per backlog batch job (default 4000)."),
         quick: bool = typer.Option(False, "--quick", help="Short runs and fewer baselines (about 4 minutes on 2 cores)."),
         out: Path | None = typer.Option(None, "--out", help="Results directory (default results/bench-<time>)."),
     ) -> None:
@@ -84,6 +86,8 @@ def register(app: typer.Typer) -> None:
             opts.duration_s = duration_s
         if static_caps:
             opts.static_caps = tuple(int(c) for c in static_caps.split(","))
+        if num_offline_requests is not None:
+            opts.num_offline_requests = num_offline_requests
         out_dir = out or Path("results") / f"bench-{_time.strftime('%Y%m%d-%H%M%S')}"
         try:
             summary = run_bench(cfg, opts, out_dir, on_progress=_echo)
