@@ -171,3 +171,26 @@ def publish_job_message(job_id: str, message: str) -> bool:
     info.message = message
     kv_put(key, json.dumps(info.to_json()).encode(), ray_constants.KV_NAMESPACE_JOB)
     return True
+
+
+def add_ingress_error_handlers(handlers: dict) -> None:
+    """Every FastAPI app Ray Serve LLM builds for an OpenAI ingress (`ingress.init()`, called by
+    `make_fastapi_ingress` in the process that builds the application) also gets `handlers`
+    (exception class -> handler), replacing Ray's for the same class. Ray's validation handler
+    puts the offending input in its reply, so a body that is not JSON (bytes) made the reply
+    itself fail (500); FastAPI's own HTTPException (a body it cannot decode) answers
+    `{"detail": ...}`, not OpenAI's `{"error": ...}`. Idempotent."""
+    from ray.llm._internal.serve.core.ingress import ingress as ray_ingress
+
+    if getattr(ray_ingress.init, "_colocate_handlers", None) is not None:
+        return
+    original = ray_ingress.init
+
+    def init():
+        app = original()
+        for exc_class, handler in handlers.items():
+            app.add_exception_handler(exc_class, handler)
+        return app
+
+    init._colocate_handlers = handlers  # type: ignore[attr-defined]
+    ray_ingress.init = init

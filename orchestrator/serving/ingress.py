@@ -8,10 +8,13 @@ from typing import Any
 
 import grpc
 from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
 
 from orchestrator.compat import ray_api
-from orchestrator.compat.ray_api import openai_http_exception, openai_ingress_base
+from orchestrator.compat.ray_api import add_ingress_error_handlers, openai_http_exception, openai_ingress_base
 from orchestrator.serving.grpc_api import chat_pb2
 from orchestrator.serving.grpc_api.convert import (
     GrpcAccess,
@@ -26,6 +29,30 @@ from orchestrator.serving.grpc_api.convert import (
 
 CHAT_METHOD = "chat"
 """The replica method both routes call (`ColocateLLMServer.chat`)."""
+
+
+def _openai_error(status_code: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = ("NotFoundError" if status_code == 404 else "BadRequestError" if status_code < 500
+            else "InternalServerError")
+    return JSONResponse(status_code=status_code,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": status_code}})
+
+
+async def invalid_body(request, exc: RequestValidationError) -> JSONResponse:
+    """A body that does not parse into the route's request model: 400, naming the field and the
+    reason (never echoing the input, which may be bytes or huge)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ("body",)))
+    return _openai_error(400, f"invalid request: {first.get('msg', 'the body does not parse')} at {where}", where)
+
+
+async def undecodable_body(request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (a body it cannot decode, an unknown route, a wrong method)."""
+    return _openai_error(exc.status_code, str(exc.detail))
+
+
+add_ingress_error_handlers({RequestValidationError: invalid_body, StarletteHTTPException: undecodable_body})
 
 
 class ColocateIngress(openai_ingress_base()):

@@ -26,7 +26,10 @@ def phases(tmp_path_factory):
         build_tiny_model(MODEL_CACHE, size="test")
     tmp = tmp_path_factory.mktemp("enforce")
     shutil.copy(SCRIPT, tmp / SCRIPT.name)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
+    # In-process engine core: one `step()` is one scheduler step, so requests added together
+    # reach the same step (the engine-core process ran ahead and split a burst across steps).
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT),
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     run = subprocess.run([sys.executable, SCRIPT.name, str(MODEL_CACHE)], cwd=tmp, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -53,7 +53,9 @@ def test_summary_ratios_and_checks():
     assert s["policies"]["colocate"]["throttle_reaction_ms"]["median"] == 40.0
     assert s["checks"] == {"colocate_attainment_ge_0.99": True, "naive_attainment_lt_0.99": True,
                            "colocate_ge_1.5x_best_static": True, "colocate_wilson_lower_ge_0.97": False,
-                           "colocate_ge_1.0x_best_static": True, "no_dry_backlog": True}
+                           "colocate_ge_1.0x_best_static": True, "no_dry_backlog": True,
+                           # 100 against static-2's 40 and offline-only's 200
+                           "colocate_ge_2x_best_static": True, "colocate_ge_0.8_offline_only": False}
     assert s["policies"]["naive"]["slo_attainment_ci95"] == list(wilson_interval(50, 100))
     assert "offline-only" not in {n for n, m in s["policies"].items() if "slo_attainment_ci95" in m}
     table = format_table(s)
