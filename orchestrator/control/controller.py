@@ -32,32 +32,13 @@ from orchestrator.config import PolicyConfig
 from orchestrator.control.policy import Decision, ReplicaLoad, ReplicaState, Snapshot, candidate_grid, decide
 from orchestrator.control.profile import load_profile
 from orchestrator.control.reply import make_reply
+from orchestrator.control.sharing import admission_total
+from orchestrator.control.snapshot import replica_load
 from orchestrator.names import CHECKPOINT_KEY, CONTROLLER_NAME, NAMESPACE
 
 STALE_REPORT_S = 2.0
 
 log = logging.getLogger(__name__)
-
-
-def replica_load(report: dict[str, Any]) -> ReplicaLoad:
-    """The policy's view of a replica's `load_snapshot()`."""
-    return ReplicaLoad(
-        replica_id=report["replica_id"],
-        num_online=int(report["num_online_running"] + report["num_online_waiting"]),
-        online_context_tokens=float(report.get("online_context_tokens") or 0.0),
-        num_offline_running=int(report["num_offline_running"] + report["num_offline_paused"]),
-        num_offline_paused=int(report["num_offline_paused"]),
-        num_offline_waiting=int(report["num_offline_waiting"]),
-        offline_context_tokens=float(report.get("offline_context_tokens") or 0.0),
-        observed_ttft_p99_ms=report.get("observed_ttft_p99_ms"),
-        observed_tpot_p99_ms=report.get("observed_tpot_p99_ms"),
-        step_p99_ms=report.get("step_p99_ms"),
-        step_p50_ms=report.get("step_p50_ms"),
-        kv_cache_usage=report.get("kv_cache_usage"),
-        reported_at_s=float(report["reported_at_s"]),
-        recent_steps=report.get("recent_steps"),
-        max_num_seqs=int(report["max_num_seqs"]) if report.get("max_num_seqs") else None,
-    )
 
 
 class _Metrics:
@@ -340,12 +321,9 @@ class ControllerCore:
     def _set_admission(self, decision: Decision, snapshot: Snapshot) -> None:
         """Batch jobs keep enough offline requests in flight to fill every replica's budget at no
         online load (the engines hold the excess, paused or waiting, at no cost to chat)."""
-        if self.override is not None:
-            # A pinned "unlimited" budget still keeps batch jobs' in-flight requests bounded.
-            total = min(self.override["max_offline_seqs"][0], 256) * max(1, len(decision.replicas))
-        else:
-            total = sum(d.budget.max_offline_seqs[0] for d in decision.replicas.values())
-        total = max(1, total)
+        total = admission_total((d.budget.max_offline_seqs[0] for d in decision.replicas.values()),
+                                None if self.override is None else self.override["max_offline_seqs"][0],
+                                len(decision.replicas))
         if total == self._admission_total:
             return
         try:

@@ -131,3 +131,25 @@ class Decision:
     @property
     def state(self) -> dict[str, ReplicaState]:
         return {rid: d.state for rid, d in self.replicas.items()}
+
+
+def replica_load(report: dict[str, Any]) -> ReplicaLoad:
+    """The policy's view of a replica's report (`load_snapshot()` of a Serve replica or of a
+    simulated one)."""
+    return ReplicaLoad(
+        replica_id=report["replica_id"],
+        num_online=int(report["num_online_running"] + report["num_online_waiting"]),
+        online_context_tokens=float(report.get("online_context_tokens") or 0.0),
+        num_offline_running=int(report["num_offline_running"] + report["num_offline_paused"]),
+        num_offline_paused=int(report["num_offline_paused"]),
+        num_offline_waiting=int(report["num_offline_waiting"]),
+        offline_context_tokens=float(report.get("offline_context_tokens") or 0.0),
+        observed_ttft_p99_ms=report.get("observed_ttft_p99_ms"),
+        observed_tpot_p99_ms=report.get("observed_tpot_p99_ms"),
+        step_p99_ms=report.get("step_p99_ms"),
+        step_p50_ms=report.get("step_p50_ms"),
+        kv_cache_usage=report.get("kv_cache_usage"),
+        reported_at_s=float(report["reported_at_s"]),
+        recent_steps=report.get("recent_steps"),
+        max_num_seqs=int(report["max_num_seqs"]) if report.get("max_num_seqs") else None,
+    )

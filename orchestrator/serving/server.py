@@ -18,11 +18,11 @@ from typing import Any
 from ray import serve
 from ray.serve.llm import LLMServer
 
-from latency_model.features import INPUT_COLUMNS
 from orchestrator.compat import ray_api
 from orchestrator.control.reply import remaining_validity_s, reply_budget
 from orchestrator.engine.budget import UNLIMITED, OfflineBudget
 from orchestrator.engine.channel import EngineChannel, latency_rows_to_columns, rows_to_columns
+from orchestrator.engine.load import LoadWindow
 from orchestrator.names import (
     CONTROLLER_NAME,
     EMULATED_EXECUTOR,
@@ -42,16 +42,8 @@ from orchestrator.request_class import (
 )
 from orchestrator.serving.length_order import LengthOrdering, prompt_text
 from orchestrator.serving.registry import get_or_create_registry
-from orchestrator.stats import p99, percentile
 
 REPORT_PERIOD_S = 1.0
-LATENCY_WINDOW_S = 5.0
-"""Observed online TTFT/TPOT are p99s over requests of this recent window."""
-CALIBRATION_COLUMNS = (*INPUT_COLUMNS, "step_latency_ms")
-MAX_NEW_STEPS = 512
-"""Most engine steps sent with one report (a report every 100 ms sees a few dozen at most)."""
-CALIBRATION_STEPS = 48
-"""Latest engine steps sent with each report, for the controller to calibrate its model on."""
 
 log = logging.getLogger("ray.serve")
 
@@ -71,32 +63,6 @@ def _fallback_budget() -> OfflineBudget:
         return OfflineBudget.flat(UNLIMITED, UNLIMITED)
     seqs, tokens = (int(v) for v in os.environ.get(ENV_FALLBACK_BUDGET, "1,64").split(","))
     return OfflineBudget.flat(seqs, tokens)
-
-
-class OnlineLatencies:
-    """Recent online TTFT and TPOT per request, as the engine measured them (the channel's
-    latency ring), over the last `window_s` seconds (wall clock of this host)."""
-
-    def __init__(self, window_s: float = LATENCY_WINDOW_S) -> None:
-        self.window_s = window_s
-        self.ttft_ms: collections.deque[tuple[float, float]] = collections.deque()
-        self.tpot_ms: collections.deque[tuple[float, float]] = collections.deque()
-
-    def add(self, rows: dict[str, Any]) -> None:
-        for t, ttft, tpot in zip(rows["time_s"], rows["ttft_ms"], rows["tpot_ms"]):
-            if ttft == ttft:  # not NaN
-                self.ttft_ms.append((float(t), float(ttft)))
-            if tpot == tpot:
-                self.tpot_ms.append((float(t), float(tpot)))
-
-    def p99s(self, now_s: float, running_tpot_max_ms: float = 0.0) -> tuple[float | None, float | None]:
-        """p99 TTFT and TPOT; a request still running with a slower TPOT than any finished one
-        counts too (a long reply must not hide its latency until it ends)."""
-        for q in (self.ttft_ms, self.tpot_ms):
-            while q and q[0][0] < now_s - self.window_s:
-                q.popleft()
-        tpots = [v for _, v in self.tpot_ms] + ([running_tpot_max_ms] if running_tpot_max_ms > 0 else [])
-        return p99(v for _, v in self.ttft_ms), p99(tpots)
 
 
 class EngineStatsHolder:
@@ -168,12 +134,9 @@ class ColocateLLMServer(LLMServer):
         self._max_chunks_per_stream_write = 0
         self._model_id = ray_api.server_model_id(self)
         self._ordering = LengthOrdering.from_env()
-        self._latencies = OnlineLatencies()
+        self._load = LoadWindow()
         self._budget: dict[str, Any] | None = None
         self._steps_seen = 0
-        # Latencies of recent steps that held online requests: (end time, ms), LATENCY_WINDOW_S.
-        self._online_steps: collections.deque[tuple[float, float]] = collections.deque()
-        self._recent_steps: collections.deque[tuple[float, ...]] = collections.deque(maxlen=CALIBRATION_STEPS)
         # Throttle reactions seen in the step ring: (time of the burst, ms until offline work shrank).
         self._reactions: collections.deque[tuple[float, float]] = collections.deque(maxlen=200)
         self._last_step: tuple[float, float, float] | None = None  # (end, online, offline)
@@ -280,16 +243,10 @@ class ColocateLLMServer(LLMServer):
         rows, self._steps_seen = self._channel.steps_since(self._steps_seen)
         steps = rows_to_columns(rows)
         events, self._latency_events_seen = self._channel.latencies_since(self._latency_events_seen)
-        self._latencies.add(latency_rows_to_columns(events))
         counters = self._channel.counters()
-        ttft_p99, tpot_p99 = self._latencies.p99s(time.time(), counters["online_running_tpot_max_ms"])
-        with_online = steps["num_online_reqs"] > 0
-        self._online_steps.extend(zip(steps["end_time_s"][with_online], steps["step_latency_ms"][with_online]))
+        window = self._load.observe(steps, latency_rows_to_columns(events), time.time(),
+                                    counters["online_running_tpot_max_ms"])
         self._track_reactions(steps)
-        self._recent_steps.extend(zip(*(steps[c] for c in CALIBRATION_COLUMNS)))
-        horizon = time.time() - LATENCY_WINDOW_S
-        while self._online_steps and self._online_steps[0][0] < horizon:
-            self._online_steps.popleft()
         return {
             "replica_id": serve.get_replica_context().replica_id.unique_id,
             "model": self._model_id,
@@ -304,18 +261,9 @@ class ColocateLLMServer(LLMServer):
                                         "step_time_s_total", "max_num_seqs")},
             "num_online_inflight": self._inflight[RequestClass.ONLINE],
             "num_offline_inflight": self._inflight[RequestClass.OFFLINE],
-            "kv_cache_usage": float(steps["kv_cache_usage"][-1]) if len(rows) else None,
-            "num_steps": len(rows),
-            "step_p99_ms": p99(ms for _, ms in self._online_steps),
-            "step_p50_ms": percentile((ms for _, ms in self._online_steps), 50.0),
-            # Every step since the last report, for the controller to learn this engine's speed on.
-            "new_steps": {c: steps[c][-MAX_NEW_STEPS:].tolist() for c in CALIBRATION_COLUMNS},
-            "observed_ttft_p99_ms": ttft_p99,
-            "observed_tpot_p99_ms": tpot_p99,
+            **window,
             "budget_seq": self._channel.budget_seq(),
             "throttle_reactions": list(self._reactions),
-            "recent_steps": {c: [float(row[i]) for row in self._recent_steps]
-                             for i, c in enumerate(CALIBRATION_COLUMNS)},
         }
 
     def _track_reactions(self, steps: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from openai import AsyncOpenAI
 
 from bench.bench import BenchOptions
 from orchestrator.control.policy import PolicyConfig
-from orchestrator.serving.server import LATENCY_WINDOW_S
+from orchestrator.engine.load import LATENCY_WINDOW_S
 from profiler.workload import make_prompt
 from tests.integration.conftest import ROOT, colocate_cmd, controller_in_force, start_stack
 
