@@ -99,6 +99,67 @@ def register(app: typer.Typer) -> None:
 
 
     @app.command()
+    def simulate(
+        out: Path = typer.Option(..., "--out", help="Results directory (must not hold a results.json)."),
+        config: str | None = typer.Option("manifests/colocate-bench.yaml", "--config", "-c",
+                                          help="Stack config whose replicas are simulated."),
+        replicas: int = typer.Option(1, "--replicas", min=1, help="Simulated replicas."),
+        duration_s: float = typer.Option(380.0, "--duration-s", min=1.0, help="Seconds of chat per policy run."),
+        online_trace: Path | None = typer.Option(None, "--online-trace", help="Azure-format chat trace CSV."),
+        rate: float = typer.Option(0.8, "--rate", min=0.001, help="Chat requests per second, whole fleet."),
+        policy: str | None = typer.Option(None, "--policy", help="One policy or a comma-separated list "
+                                          "(online-only, offline-only, colocate, static-N, naive); default all."),
+        static_caps: str = typer.Option("1,2,4", "--static-caps", help="Static caps run with the default policies."),
+        ttft_p99_ms: float | None = typer.Option(None, "--ttft-p99-ms", help="SLO (with --tpot-p99-ms); default: "
+                                                 "online-only p99 x 1.5, as the bench."),
+        tpot_p99_ms: float | None = typer.Option(None, "--tpot-p99-ms"),
+        num_offline_requests: int = typer.Option(4000, "--num-offline-requests", min=1),
+        client_overhead_ms: float = typer.Option(0.0, "--client-overhead-ms", min=0.0,
+                                                 help="Serving overhead added to every chat TTFT."),
+        step_scale: float = typer.Option(1.0, "--step-scale", min=0.01, help="Multiply every step time (host speed)."),
+        controller_model: str = typer.Option("config", "--controller-model",
+                                             help="config (the stack's model and live learning) or oracle."),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """Simulate N replicas under the bench's policies with the production decision code;
+        results.json, plots and summary.txt as `colocate bench` writes them, labelled simulated."""
+        from bench.bench import format_table
+        from bench.simulate import SimOptions, Simulation
+
+        if (ttft_p99_ms is None) != (tpot_p99_ms is None):
+            _echo("error: give both --ttft-p99-ms and --tpot-p99-ms, or neither")
+            raise typer.Exit(2)
+        if controller_model not in ("config", "oracle"):
+            _echo(f"error: --controller-model must be config or oracle, not {controller_model!r}")
+            raise typer.Exit(2)
+        if (out / "results.json").exists():
+            _echo(f"error: {out / 'results.json'} exists; choose another --out")
+            raise typer.Exit(2)
+        for path in (online_trace,):
+            if path is not None and not path.is_file():
+                _echo(f"error: {path}: no such file")
+                raise typer.Exit(2)
+        cfg = _load(config)
+        policies = tuple(p.strip() for p in policy.split(",") if p.strip()) if policy else None
+        try:
+            caps = tuple(int(c) for c in static_caps.split(",") if c.strip())
+            for p in policies or ():
+                if p not in ("online-only", "offline-only", "colocate", "naive") and not (
+                        p.startswith("static-") and p[7:].isdigit()):
+                    raise ValueError(f"unknown policy {p!r}")
+        except ValueError as err:
+            _echo(f"error: {err}")
+            raise typer.Exit(2) from None
+        opts = SimOptions(num_replicas=replicas, duration_s=duration_s, rate_per_s=rate, online_trace=online_trace,
+                          policies=policies, static_caps=caps, num_offline_requests=num_offline_requests,
+                          client_overhead_ms=client_overhead_ms, step_scale=step_scale,
+                          controller_model=controller_model, seed=seed,
+                          slo=None if ttft_p99_ms is None else {"ttft_p99_ms": ttft_p99_ms, "tpot_p99_ms": tpot_p99_ms})
+        summary = Simulation(cfg, opts, out, on_progress=_echo).run()
+        typer.echo(format_table(summary))
+        typer.echo(f"results: {out / 'results.json'}  plots: {', '.join(summary['plots'])}")
+
+    @app.command()
     def demo(
         config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
         duration_s: float = typer.Option(45.0, "--duration-s", help="Seconds of chat beside the batch job."),

@@ -210,25 +210,31 @@ class ControllerCore:
         period_s = self.refit_period_s
         while True:
             await asyncio.sleep(period_s)
-            try:
-                self._live_error = await asyncio.to_thread(self.fitter.live_error)
-                held_out = self.fitter.report.holdout_mape
-                # A fit costs a core for a second or two, on the hosts it serves: once the model
-                # describes the host, refit less and less often (up to 12x the period), and at
-                # the base period again as soon as its live error grows.
-                drifted = (self._live_error is not None and held_out is not None
-                           and self._live_error > 2.0 * held_out + 0.05)
-                period_s = self.refit_period_s if drifted or held_out is None else min(
-                    2.0 * period_s, 12.0 * self.refit_period_s)
-                if self.fitter.due(min_new_steps=self.fitter.cfg.min_steps // 2):
-                    report = await asyncio.to_thread(self.fitter.refit, self._candidate_grid())
-                    if report is not None:
-                        log.warning("colocate controller: latency model refit on %d live steps in %.1f s "
-                                    "(hold-out MAPE %.1f%%, host speed vs prior %s)", report.num_live_steps,
-                                    report.fit_s, 100 * (report.holdout_mape or 0),
-                                    "-" if report.speed_vs_prior is None else f"{report.speed_vs_prior:.2f}x")
-            except Exception:  # noqa: BLE001 - a failed fit keeps the model in force
-                log.exception("colocate controller: latency model refit failed")
+            period_s = await asyncio.to_thread(self.refit_once, period_s)
+
+    def refit_once(self, period_s: float) -> float:
+        """One round of the refit loop (also what the simulator calls on its own clock): measure
+        the live error, refit if enough new steps arrived; returns the period until the next."""
+        try:
+            self._live_error = self.fitter.live_error()
+            held_out = self.fitter.report.holdout_mape
+            # A fit costs a core for a second or two, on the hosts it serves: once the model
+            # describes the host, refit less and less often (up to 12x the period), and at
+            # the base period again as soon as its live error grows.
+            drifted = (self._live_error is not None and held_out is not None
+                       and self._live_error > 2.0 * held_out + 0.05)
+            period_s = self.refit_period_s if drifted or held_out is None else min(
+                2.0 * period_s, 12.0 * self.refit_period_s)
+            if self.fitter.due(min_new_steps=self.fitter.cfg.min_steps // 2):
+                report = self.fitter.refit(self._candidate_grid())
+                if report is not None:
+                    log.warning("colocate controller: latency model refit on %d live steps in %.1f s "
+                                "(hold-out MAPE %.1f%%, host speed vs prior %s)", report.num_live_steps,
+                                report.fit_s, 100 * (report.holdout_mape or 0),
+                                "-" if report.speed_vs_prior is None else f"{report.speed_vs_prior:.2f}x")
+        except Exception:  # noqa: BLE001 - a failed fit keeps the model in force
+            log.exception("colocate controller: latency model refit failed")
+        return period_s
 
     def _candidate_grid(self) -> dict[str, Any] | None:
         """The batch compositions the policy asks the model about, at the replicas' current
@@ -241,6 +247,10 @@ class ControllerCore:
     async def report(self, snapshot: dict[str, Any]) -> dict[str, Any] | None:
         """A replica's load; the reply is its current offline budget (None: none decided yet)."""
         self._ensure_loop()
+        return self.receive(snapshot)
+
+    def receive(self, snapshot: dict[str, Any]) -> dict[str, Any] | None:
+        """`report` without the loop start (the simulator calls it on its own clock)."""
         if self.fitter is not None:
             self.fitter.add(snapshot.pop("new_steps", None))
         self.reports[snapshot["replica_id"]] = snapshot

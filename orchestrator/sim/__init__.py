@@ -1,0 +1,1 @@
+"""Discrete-event simulation of Colocate replicas, running the production decision code."""

@@ -1,0 +1,271 @@
+"""A discrete-event simulation of N replicas, the controller and batch jobs, in simulated time.
+
+Every decision is production code: each replica's step is planned by the engine's
+`BudgetEnforcer` (`SimEngine`), the controller is `ControllerCore` itself (its `tick`: observe,
+`policy.decide`, act, with its override for static caps; its live-model refit on this clock), and
+batch jobs take their in-flight allowance from `control.sharing.allowance` over the total the
+controller sets. What is modelled rather than run: the step time (a latency model), vLLM's
+scheduler (`SimEngine`), Serve's routing (power of two choices on ongoing requests, its default
+request router), and the network (a fixed client-side overhead on TTFT, zero by default).
+
+Events, in time order (ties by insertion): a chat arrival, a step's end, a replica's report (every
+`report_period_s`; the reply carries its budget), a controller tick (every `period_s`), a job's
+heartbeat (its allowance), and a sample for the time series. An engine that is idle (nothing to
+run, or everything paused) starts its next step at the next event that concerns it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.control.reply import remaining_validity_s, reply_budget
+from orchestrator.control.sharing import allowance
+from orchestrator.engine.budget import OfflineBudget
+from orchestrator.request_class import RequestClass, vllm_priority
+from orchestrator.sim.engine import SimEngine, SimRequest
+
+ONLINE_PRIORITY = vllm_priority(RequestClass.ONLINE)
+OFFLINE_PRIORITY = vllm_priority(RequestClass.OFFLINE)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    arrival_s: float
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class SimJob:
+    """A batch job driver (`jobs.batch`): keeps up to its allowance of requests in flight."""
+
+    name: str
+    requests: list[tuple[int, int]]
+    """(prompt tokens, output tokens), in submission order."""
+    default_cap: int = 64
+    weight: float = 1.0
+    max_cap: int | None = None
+    allowed: int = 0
+    next_index: int = 0
+    in_flight: int = 0
+    done: int = 0
+    start_s: float = 0.0
+    finished_s: float | None = None
+
+    def __post_init__(self) -> None:
+        self.allowed = self.default_cap
+
+    @property
+    def total(self) -> int:
+        return len(self.requests)
+
+
+@dataclass
+class ClusterTimings:
+    report_period_s: float = 0.1
+    heartbeat_s: float = 2.0
+    """`jobs.batch --progress-interval-s` default: how often a job refreshes its allowance."""
+    sample_period_s: float = 0.5
+    client_overhead_ms: float = 0.0
+    """Added to every chat request's TTFT as its client saw it (HTTP, proxy, serialization)."""
+
+
+@dataclass
+class ChatOutcome:
+    arrival_s: float
+    ttft_s: float | None
+    tpot_s: float | None
+    num_output_tokens: int
+    ok: bool = True
+    replica: str = ""
+
+
+@dataclass
+class SimCluster:
+    engines: list[SimEngine]
+    controller: Any | None
+    """A `ControllerCore` (clock = this simulation's), or None: no controller (engines on their fallback)."""
+    timings: ClusterTimings = field(default_factory=ClusterTimings)
+    seed: int = 0
+    refit: bool = True
+    job_policy: str = "weighted"
+    on_progress: Callable[[float], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.now_s = 0.0
+        self._events: list[tuple[float, int, str, Any]] = []
+        self._seq = itertools.count()
+        self._rng = random.Random(self.seed)
+        self.jobs: list[SimJob] = []
+        self._job_rows: dict[str, dict[str, Any]] = {}
+        self._total_budget: int | None = None
+        self.chat: list[tuple[ChatRequest, SimRequest | None, SimEngine | None]] = []
+        self.samples: list[dict[str, Any]] = []
+        self._refit_period_s = None
+        for e in self.engines:
+            e.on_finish = self._finished
+        self._by_id = {e.replica_id: e for e in self.engines}
+        if self.controller is not None:
+            self.controller._send_admission_total = self._set_total
+            for i, e in enumerate(self.engines):
+                # Replicas report out of phase, as independent Serve replicas do.
+                self._push(self.timings.report_period_s * (i + 1) / len(self.engines), "report", e)
+            self._push(self.controller.period_s, "tick", None)
+            if self.refit and self.controller.fitter is not None:
+                self._refit_period_s = self.controller.refit_period_s
+                self._push(self._refit_period_s, "refit", None)
+        self._push(0.0, "sample", None)
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def add_chat(self, requests: list[ChatRequest], offset_s: float = 0.0) -> None:
+        for r in requests:
+            self._push(offset_s + r.arrival_s, "arrival", r)
+
+    def add_job(self, job: SimJob, at_s: float = 0.0) -> None:
+        self._push(at_s, "job_start", job)
+
+    def _set_total(self, total: int) -> None:
+        self._total_budget = total
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _push(self, t: float, kind: str, data: Any) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), kind, data))
+
+    def run(self, until_s: float) -> None:
+        """Process every event up to `until_s` (simulated seconds)."""
+        last_progress = -math.inf
+        while self._events and self._events[0][0] <= until_s:
+            t, _, kind, data = heapq.heappop(self._events)
+            self.now_s = t
+            getattr(self, f"_on_{kind}")(data)
+            if self.on_progress is not None and t - last_progress >= 10.0:
+                last_progress = t
+                self.on_progress(t)
+        self.now_s = until_s
+
+    def _wake(self, e: SimEngine) -> None:
+        if e.in_flight is None:
+            end = e.start_step(self.now_s)
+            if end is not None:
+                self._push(end, "step_end", e)
+
+    def _route(self) -> SimEngine:
+        """Serve's default routing: two replicas at random, the one with fewer ongoing requests."""
+        if len(self.engines) == 1:
+            return self.engines[0]
+        a, b = self._rng.sample(self.engines, 2)
+        return a if a.num_requests <= b.num_requests else b
+
+    def _on_arrival(self, r: ChatRequest) -> None:
+        e = self._route()
+        req = SimRequest(f"chat-{len(self.chat)}", ONLINE_PRIORITY, self.now_s, r.num_prompt_tokens,
+                         max(1, r.num_output_tokens))
+        self.chat.append((r, req, e))
+        e.add_request(req)
+        self._wake(e)
+
+    def _on_step_end(self, e: SimEngine) -> None:
+        e.finish_step()
+        self._wake(e)
+
+    def _on_report(self, e: SimEngine) -> None:
+        c = self.controller
+        reply = c.receive(e.report(self.now_s))
+        if reply is not None:
+            valid_for_s = remaining_validity_s(reply, 0.0)
+            if valid_for_s > 0:
+                e.set_budget(reply_budget(reply), self.now_s + valid_for_s)
+        self._push(self.now_s + self.timings.report_period_s, "report", e)
+        self._wake(e)
+
+    def _on_tick(self, _: Any) -> None:
+        self.controller.tick()
+        self._push(self.now_s + self.controller.period_s, "tick", None)
+
+    def _on_refit(self, _: Any) -> None:
+        # The production loop refits in a worker thread while ticks go on; here a refit is
+        # instantaneous in simulated time (the model in force changes at this instant).
+        self._refit_period_s = self.controller.refit_once(self._refit_period_s)
+        self._push(self.now_s + self._refit_period_s, "refit", None)
+
+    def _on_sample(self, _: Any) -> None:
+        for e in self.engines:
+            held_offline = e.num_ongoing(offline=True)
+            c = e.counters
+            seqs, _ = e.budget_at(e.num_ongoing(offline=False))
+            self.samples.append({
+                "t": self.now_s, "replica_id": e.replica_id, "online_requests": e.num_ongoing(offline=False),
+                "offline_running": held_offline, "offline_waiting": 0, "offline_budget_seqs": seqs,
+                "num_offline_tokens_total": c.num_offline_tokens_total,
+                "num_offline_output_tokens_total": c.num_offline_output_tokens_total,
+                "num_offline_prompt_tokens_total": c.num_offline_prompt_tokens_total,
+                "num_online_tokens_total": c.num_online_tokens_total, "step_time_s_total": c.step_time_s_total,
+                "num_offline_preempted_total": c.num_offline_preempted_total})
+        self._push(self.now_s + self.timings.sample_period_s, "sample", None)
+
+    # --- batch jobs ----------------------------------------------------------------------------
+
+    def _on_job_start(self, job: SimJob) -> None:
+        job.start_s = self.now_s
+        self.jobs.append(job)
+        self._on_heartbeat(job)
+
+    def _on_heartbeat(self, job: SimJob) -> None:
+        self._job_rows[job.name] = {"weight": job.weight, "default_cap": job.default_cap, "max_cap": job.max_cap,
+                                    "seen_s": self.now_s, "total": job.total, "done": job.done,
+                                    "finished": job.finished_s is not None}
+        job.allowed = allowance(self._job_rows, job.name, self.now_s, self._total_budget, self.job_policy)
+        self._dispatch(job)
+        if job.finished_s is None:
+            self._push(self.now_s + self.timings.heartbeat_s, "heartbeat", job)
+
+    def _dispatch(self, job: SimJob) -> None:
+        woken = set()
+        while job.next_index < job.total and job.in_flight < max(job.allowed, 1):
+            prompt, output = job.requests[job.next_index]
+            e = self._route()
+            e.add_request(SimRequest(f"{job.name}-{job.next_index}", OFFLINE_PRIORITY, self.now_s, prompt,
+                                     max(1, output), job=job.name))
+            job.next_index += 1
+            job.in_flight += 1
+            woken.add(e.replica_id)
+        for rid in woken:
+            self._wake(self._by_id[rid])
+
+    def _finished(self, r: SimRequest) -> None:
+        if r.job is None:
+            return
+        job = next(j for j in self.jobs if j.name == r.job)
+        job.in_flight -= 1
+        job.done += 1
+        if job.done >= job.total:
+            job.finished_s = self.now_s
+        else:
+            self._dispatch(job)
+
+    # --- results -------------------------------------------------------------------------------
+
+    def chat_outcomes(self, since_s: float = -math.inf, until_s: float = math.inf) -> list[ChatOutcome]:
+        """Chat requests that arrived in [since_s, until_s): unfinished ones count as failed."""
+        out = []
+        overhead_s = self.timings.client_overhead_ms / 1000.0
+        for _spec, req, e in self.chat:
+            if not since_s <= req.arrival_s < until_s:
+                continue
+            ok = req.finished_s is not None
+            ttft = None if req.first_token_s is None else req.first_token_s - req.arrival_s + overhead_s
+            tpot = None if req.tpot_ms is None else req.tpot_ms / 1000.0
+            out.append(ChatOutcome(req.arrival_s, ttft, tpot, req.num_output_tokens, ok, e.replica_id))
+        return out
+
+
+def budget_of(table: dict[str, list[int]] | None) -> OfflineBudget | None:
+    return None if table is None else OfflineBudget(tuple(table["max_offline_seqs"]), tuple(table["max_offline_tokens"]))
