@@ -25,11 +25,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 
 from latency_model.live import LiveModelFitter
 from orchestrator.config import PolicyConfig
-from orchestrator.control.policy import Decision, ReplicaLoad, ReplicaState, Snapshot, candidate_grid, decide
+from orchestrator.control.policy import (
+    Decision,
+    GridCache,
+    ReplicaLoad,
+    ReplicaState,
+    Snapshot,
+    candidate_grid,
+    decide,
+)
 from orchestrator.control.profile import load_profile
 from orchestrator.control.reply import make_reply
 from orchestrator.control.sharing import admission_total
@@ -148,6 +157,7 @@ class ControllerCore:
         self.refit_period_s = refit_period_s
         self._refit_task: asyncio.Task | None = None
         self._live_error: float | None = None
+        self._grid_cache = GridCache()  # grid predictions of the model in force, by context bucket
         self.profile = None
         try:
             self.profile = load_profile(profile_path)
@@ -253,6 +263,10 @@ class ControllerCore:
         """`report` without the loop start (the simulator calls it on its own clock)."""
         if self.fitter is not None:
             self.fitter.add(snapshot.pop("new_steps", None))
+        if snapshot.get("recent_steps"):
+            # As arrays once per report, not on every tick: at hundreds of replicas the
+            # conversion of the steps' lists was a third of a tick.
+            snapshot["recent_steps"] = {c: np.asarray(v, dtype=np.float64) for c, v in snapshot["recent_steps"].items()}
         self.reports[snapshot["replica_id"]] = snapshot
         stored = self.replies.get(snapshot["replica_id"])
         if stored is None:
@@ -286,7 +300,7 @@ class ControllerCore:
                             step_budget_ms=(self.profile or {}).get("step_budget_ms"))
         # decide
         previous = {rid: s for rid, s in self.state.items()}
-        decision = decide(snapshot, self.state, self.model_in_force, self.policy)
+        decision = decide(snapshot, self.state, self.model_in_force, self.policy, self._grid_cache)
         # act
         for rid, d in decision.replicas.items():
             budget = self.override or {"max_offline_seqs": list(d.budget.max_offline_seqs),
@@ -384,6 +398,8 @@ class ControllerCore:
                     "num_offline_preempted_total", "num_throttled_steps", "num_fallback_steps", "reported_at_s",
                     "recent_steps"):
             row[key] = report.get(key)
+        if row.get("recent_steps"):
+            row["recent_steps"] = {c: np.asarray(v, dtype=np.float64).tolist() for c, v in row["recent_steps"].items()}
         return row
 
     async def status(self) -> dict[str, Any]:

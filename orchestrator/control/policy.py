@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import replace
 
 import numpy as np
 
@@ -81,26 +80,111 @@ def _candidate_columns(num_online: np.ndarray, online_ctx: np.ndarray, num_offli
     }
 
 
+CONTEXT_STEPS_PER_OCTAVE = 8
+
+
+def context_bucket(tokens: float) -> float:
+    """`tokens` rounded up to a lattice of CONTEXT_STEPS_PER_OCTAVE values per doubling (at most
+    9% more context than measured: the conservative side). Replicas whose contexts fall in one
+    bucket share one candidate grid, and a grid's prediction is reused across ticks while the
+    model stays the same (`GridCache`): at 256 replicas a tick costs milliseconds, not seconds."""
+    if tokens <= 1.0:
+        return max(tokens, 0.0)
+    return float(2.0 ** (math.ceil(math.log2(tokens) * CONTEXT_STEPS_PER_OCTAVE - 1e-9) / CONTEXT_STEPS_PER_OCTAVE))
+
+
 def _contexts(load: ReplicaLoad, cfg: PolicyConfig) -> tuple[float, float]:
-    """Mean context of the replica's online and offline requests (a default where it has none)."""
+    """Mean context of the replica's online and offline requests (a default where it has none),
+    on the context lattice."""
     online_ctx = (load.online_context_tokens / load.num_online if load.num_online > 0
                   else float(cfg.default_online_context_tokens))
     offline_ctx = (load.offline_context_tokens / load.num_offline_running if load.num_offline_running > 0
                    else float(cfg.default_online_context_tokens))
-    return online_ctx, offline_ctx
+    return context_bucket(online_ctx), context_bucket(offline_ctx)
+
+
+class GridCache:
+    """Predictions of candidate grids by (online, offline) context bucket, for one model: a tick
+    asks the model only about buckets it has not seen since the model last changed. Memoizes a
+    pure function, so `decide` stays one; the controller keeps one across ticks."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.model = None
+        self.max_entries = max_entries
+        self.index: dict[tuple[float, float], int] = {}
+        self.p50 = self.p99 = np.empty((0, 0), dtype=np.float32)
+        self.steps: tuple[np.ndarray, np.ndarray] = (np.empty(0), np.empty(0))
+        """The last call's step fingerprints (sorted) and their median-head predictions."""
+        self._w: np.ndarray | None = None
+
+    def _check(self, model) -> None:
+        if model is not self.model or len(self.index) >= self.max_entries:
+            self.model, self.index, self.steps = model, {}, (np.empty(0), np.empty(0))
+            self.p50 = self.p99 = np.empty((0, 0), dtype=np.float32)
+
+    def step_predictions(self, model, rows: np.ndarray, columns: tuple[str, ...]) -> np.ndarray:
+        """Median-head predictions of step rows (n, columns): rows seen at the last call (a
+        replica's recent steps are a sliding window, so most are) are not asked again. Rows are
+        recognised by a fingerprint (their dot product with fixed random weights)."""
+        if not len(rows):
+            return np.empty(0)
+        fingerprints = rows @ self._weights(rows.shape[1])
+        seen_fp, seen_pred = self.steps
+        pred = np.full(len(rows), np.nan)
+        if len(seen_fp):
+            at = np.minimum(np.searchsorted(seen_fp, fingerprints), len(seen_fp) - 1)
+            hit = seen_fp[at] == fingerprints
+            pred[hit] = seen_pred[at[hit]]
+        todo = np.flatnonzero(np.isnan(pred))
+        if len(todo):
+            fresh, _ = model.predict_ms(featurize({c: rows[todo, j] for j, c in enumerate(columns)}))
+            pred[todo] = fresh
+        order = np.argsort(fingerprints, kind="stable")
+        self.steps = (fingerprints[order], pred[order])
+        return pred
+
+    def _weights(self, n: int) -> np.ndarray:
+        if getattr(self, "_w", None) is None or len(self._w) != n:
+            self._w = np.random.default_rng(12345).uniform(0.5, 1.5, n) * np.pi
+        return self._w
+
+    def lookup(self, model, keys: list[tuple[float, float]], cfg: PolicyConfig) -> tuple[np.ndarray, np.ndarray]:
+        """(p50, p99) grid predictions for each key, as (len(keys), grid) arrays."""
+        self._check(model)
+        missing = [k for k in dict.fromkeys(keys) if k not in self.index]
+        if missing:
+            ctx = np.asarray(missing, dtype=np.float64)
+            cols = _grids_at(ctx[:, 0], ctx[:, 1], cfg)
+            p50, p99 = model.predict_ms(featurize(cols))
+            n = p50.size // len(missing)
+            start = len(self.index)
+            self.p50 = np.concatenate([self.p50.reshape(-1, n), p50.reshape(-1, n).astype(np.float32)])
+            self.p99 = np.concatenate([self.p99.reshape(-1, n), p99.reshape(-1, n).astype(np.float32)])
+            for i, key in enumerate(missing):
+                self.index[key] = start + i
+        rows = np.fromiter((self.index[k] for k in keys), dtype=np.int64, count=len(keys))
+        return self.p50[rows], self.p99[rows]
 
 
 def candidate_grid(load: ReplicaLoad, cfg: PolicyConfig) -> dict[str, np.ndarray]:
     """Step columns of every candidate batch the policy weighs for this replica: k online decodes
     (k < table_size) beside s offline decodes (seq_candidates) and one offline prefill chunk
     (chunk_candidates), in (k, s, chunk) order."""
-    online_ctx, offline_ctx = _contexts(load, cfg)
+    return _grid_at(*_contexts(load, cfg), cfg)
+
+
+def _grid_at(online_ctx: float, offline_ctx: float, cfg: PolicyConfig) -> dict[str, np.ndarray]:
+    return _grids_at(np.array([online_ctx]), np.array([offline_ctx]), cfg)
+
+
+def _grids_at(online_ctx: np.ndarray, offline_ctx: np.ndarray, cfg: PolicyConfig) -> dict[str, np.ndarray]:
+    """Candidate grids at several (online, offline) contexts, one after the other."""
     k = np.arange(cfg.table_size, dtype=np.float64)
     seqs = np.asarray(cfg.seq_candidates, dtype=np.float64)
     chunks = np.asarray(cfg.chunk_candidates, dtype=np.float64)
-    kk, ss, cc = np.meshgrid(k, seqs, chunks, indexing="ij")
-    return _candidate_columns(kk.ravel(), np.full(kk.size, online_ctx), ss.ravel(),
-                              np.full(kk.size, offline_ctx), cc.ravel())
+    kk, ss, cc = (np.tile(a.ravel(), len(online_ctx)) for a in np.meshgrid(k, seqs, chunks, indexing="ij"))
+    n = len(kk) // len(online_ctx)
+    return _candidate_columns(kk, np.repeat(online_ctx, n), ss, np.repeat(offline_ctx, n), cc)
 
 
 def calibration_factor(model: LatencyModel, load: ReplicaLoad, cfg: PolicyConfig) -> float:
@@ -109,7 +193,10 @@ def calibration_factor(model: LatencyModel, load: ReplicaLoad, cfg: PolicyConfig
     if not steps or len(steps.get("step_latency_ms", ())) < cfg.calibration_min_steps:
         return 1.0
     median, _ = model.predict_ms(featurize(steps))
-    observed = np.asarray(steps["step_latency_ms"], dtype=np.float64)
+    return _calibration_from(median, np.asarray(steps["step_latency_ms"], dtype=np.float64), cfg)
+
+
+def _calibration_from(median: np.ndarray, observed: np.ndarray, cfg: PolicyConfig) -> float:
     ok = median > 0
     if ok.sum() < cfg.calibration_min_steps:
         return 1.0
@@ -131,57 +218,83 @@ def model_tables(model: LatencyModel, load: ReplicaLoad, target_ms: float,
     its one step is what the next chat request's first token waits for, and TTFT p99 is a tail.
     Held to the median head instead, it let idle steps grow and two full bench runs missed 99%
     on TTFT p99 (1.3 s against 1.35-1.42 s, static caps 0.6 s)."""
-    k = np.arange(cfg.table_size, dtype=np.float64)
     online_ctx, offline_ctx = _contexts(load, cfg)
+    p50, p99 = model.predict_ms(featurize(_grid_at(online_ctx, offline_ctx, cfg)))
+    cur50, cur99 = model.predict_ms(featurize(_current_batch(load, cfg)))
+    seqs, tokens = tables_from_predictions(
+        p50[None], p99[None], np.array([target_ms]), np.array([idle_target_ms or target_ms]),
+        np.array([calibration]), cfg, tail)
+    return seqs[0], tokens[0], float((cur99 if tail else cur50)[0] * calibration)
+
+
+def _current_batch(load: ReplicaLoad, cfg: PolicyConfig) -> dict[str, np.ndarray]:
+    online_ctx, offline_ctx = _contexts(load, cfg)
+    return _candidate_columns(np.array([float(load.num_online)]), np.array([online_ctx]),
+                              np.array([float(load.num_offline_running - load.num_offline_paused)]),
+                              np.array([offline_ctx]), np.array([0.0]))
+
+
+def tables_from_predictions(p50: np.ndarray, p99: np.ndarray, target_ms: np.ndarray, idle_target_ms: np.ndarray,
+                            calibration: np.ndarray, cfg: PolicyConfig, tail: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """`model_tables` for R replicas at once: p50/p99 are (R, grid) predictions of each replica's
+    candidate grid, the rest (R,). Returns (max offline seqs, max offline tokens), each (R, table_size)."""
+    num = p50.shape[0]
+    k = np.arange(cfg.table_size)
     seqs = np.asarray(cfg.seq_candidates, dtype=np.float64)
     chunks = np.asarray(cfg.chunk_candidates, dtype=np.float64)
-    shape = (cfg.table_size, len(seqs), len(chunks))
-    cols = candidate_grid(load, cfg)
-    current = _candidate_columns(np.array([float(load.num_online)]), np.array([online_ctx]),
-                                 np.array([float(load.num_offline_running - load.num_offline_paused)]),
-                                 np.array([offline_ctx]), np.array([0.0]))
-    both = {c: np.concatenate([cols[c], current[c]]) for c in cols}
-    p50, p99 = model.predict_ms(featurize(both))
-    p50, p99 = p50 * calibration, p99 * calibration
-    step_ms = p99 if tail else p50
-    # With no chat in the engine (k = 0) no TPOT is at stake; a chat request that arrives waits
-    # at most one step before its prefill, so that step is bounded by a share of the TTFT target.
-    targets = np.full(shape, target_ms)
-    targets[0] = max(target_ms, idle_target_ms or target_ms)
-    rows_ms = step_ms[:-1].reshape(shape).copy()
-    rows_ms[0] = p99[:-1].reshape(shape)[0]
-    fits = rows_ms <= targets  # (k, seqs, chunks)
-    # The prediction is not guaranteed monotone; take the prefix of candidates that all fit.
-    decode_fits = np.logical_and.accumulate(fits[:, :, 0], axis=1)
+    shape = (num, cfg.table_size, len(seqs), len(chunks))
+    # Predictions scaled by the calibration are compared as targets divided by it (no scaled
+    # copy of the grid). With no chat in the engine (k = 0) no TPOT is at stake; a chat request
+    # that arrives waits at most one step before its prefill, so that step is bounded by a share
+    # of the TTFT target, and held to the p99 head.
+    factor = np.asarray(calibration, dtype=np.float64)
+    target = np.asarray(target_ms, dtype=np.float64) / factor
+    idle = np.maximum(target_ms, idle_target_ms) / factor
+    p50, p99 = p50.reshape(shape), p99.reshape(shape)
+    fits = (p99 if tail else p50) <= target[:, None, None, None]  # (R, k, seqs, chunks)
+    fits[:, 0] = p99[:, 0] <= idle[:, None, None]
+    # The prediction is not guaranteed monotone; take the prefix of candidates that all fit
+    # (counted as the length of the leading run of fitting candidates).
+    num_decode_fit = _leading_true(fits[..., 0], axis=2)  # (R, k)
     # Offline requests must prefill to make progress: keep room for a minimal chunk beside the
     # decodes where that costs at most `chunk_min_seq_share` of them (else decodes only).
     min_chunk = int(np.searchsorted(chunks, cfg.min_offline_chunk_tokens))
-    chunk_fits_at = (np.logical_and.accumulate(fits[:, :, :min_chunk + 1], axis=2)[:, :, -1]
-                     if min_chunk < len(chunks) else np.zeros_like(decode_fits))
+    chunk_fits_at = (fits[..., :min_chunk + 1].all(axis=3) if min_chunk < len(chunks)
+                     else np.zeros(fits.shape[:3], dtype=bool))
     # A prefix along the sequence axis too: the count of fitting candidates is used as an index
     # below, which is only right if every smaller candidate fits as well (a noisy leaf must not
     # make a row take a batch the model itself puts over the target).
-    with_chunk = np.logical_and.accumulate(decode_fits & chunk_fits_at, axis=1)
+    num_with_chunk = np.minimum(num_decode_fit, _leading_true(chunk_fits_at, axis=2))
+
     def num_seqs(index: np.ndarray) -> np.ndarray:
         """Sequence counts of candidate indices (-1, where none fits: 0)."""
         return np.where(index >= 0, seqs[np.maximum(index, 0)], 0)
 
-    best_decode_only = decode_fits.sum(axis=1) - 1  # -1: not even zero offline decodes fit
-    best_with_chunk = with_chunk.sum(axis=1) - 1
+    best_decode_only = num_decode_fit - 1  # -1: not even zero offline decodes fit
+    best_with_chunk = num_with_chunk - 1
     seqs_with_chunk, seqs_decode_only = num_seqs(best_with_chunk), num_seqs(best_decode_only)
     # The idle row keeps the chunk at any cost but the last sequence: it is where offline prefills
     # run; a row with chat lasts as long as a chat burst, and its prefills can wait for the next gap.
-    keep_chunk = (seqs_with_chunk >= 1) & ((k == 0) | (seqs_with_chunk >= cfg.chunk_min_seq_share * seqs_decode_only))
+    keep_chunk = (seqs_with_chunk >= 1) & ((k == 0)[None, :]
+                                           | (seqs_with_chunk >= cfg.chunk_min_seq_share * seqs_decode_only))
     best_s = np.where(keep_chunk, best_with_chunk, best_decode_only)
     max_seqs = np.where(keep_chunk, seqs_with_chunk, seqs_decode_only)
-    max_tokens = np.zeros(cfg.table_size)
-    for i in range(cfg.table_size):
-        if best_s[i] < 0:
-            continue
-        chunk_fits = np.logical_and.accumulate(fits[i, best_s[i], :])
-        max_tokens[i] = max_seqs[i] + chunks[chunk_fits.sum() - 1]
+    at_best = np.take_along_axis(fits, np.maximum(best_s, 0)[:, :, None, None], axis=2)[:, :, 0, :]
+    num_chunks = _leading_true(at_best, axis=2)
+    max_tokens = np.where(best_s >= 0, max_seqs + chunks[np.maximum(num_chunks - 1, 0)], 0.0)
     # More online work never leaves room for more offline work.
-    return np.minimum.accumulate(max_seqs), np.minimum.accumulate(max_tokens), float(step_ms[-1])
+    return np.minimum.accumulate(max_seqs, axis=1).astype(np.float64), np.minimum.accumulate(max_tokens, axis=1)
+
+
+def _leading_true(a: np.ndarray, axis: int) -> np.ndarray:
+    """Length of the leading run of True along `axis`."""
+    return np.where(a.all(axis=axis), a.shape[axis], np.argmin(a, axis=axis))
+
+
+def _replace(state: ReplicaState, **changes) -> ReplicaState:
+    """`dataclasses.replace` for the policy state, without its per-call field introspection
+    (one per replica per tick: a tenth of a tick at 256 replicas)."""
+    return ReplicaState(**{**state.__dict__, **changes})
 
 
 def offline_slots(max_num_seqs: int, cfg: PolicyConfig) -> int:
@@ -199,24 +312,24 @@ def _next_state(prev: ReplicaState, pressure: float, now_s: float, cfg: PolicyCo
         new_evidence = (prev.throttle != "throttled" or since_cut_s >= cfg.shrink_hold_s
                         or (pressure > prev.cut_pressure and since_cut_s >= cfg.min_recut_s))
         if new_evidence:
-            return replace(prev, scale=max(cfg.min_scale, prev.scale * cfg.shrink_factor), throttle="throttled",
+            return _replace(prev, scale=max(cfg.min_scale, prev.scale * cfg.shrink_factor), throttle="throttled",
                            last_change_s=now_s, calm_since_s=None, cut_pressure=pressure,
                            probe_tpot=max(1.0, prev.probe_tpot * cfg.shrink_factor),
                            probe_ttft=max(1.0, prev.probe_ttft * cfg.shrink_factor), last_probe_s=now_s)
-        return replace(prev, calm_since_s=None)
+        return prev if prev.calm_since_s is None else _replace(prev, calm_since_s=None)
     if pressure < cfg.grow_below:
         calm_since = prev.calm_since_s if prev.calm_since_s is not None else now_s
         if prev.scale < 1.0 and now_s - max(calm_since, prev.last_change_s) >= cfg.grow_hold_s:
             return _grown(prev, now_s, calm_since, cfg)
-        return replace(prev, calm_since_s=calm_since)
+        return prev if prev.calm_since_s == calm_since else _replace(prev, calm_since_s=calm_since)
     if prev.scale < 1.0 and now_s - prev.last_change_s >= cfg.band_grow_hold_s:
         return _grown(prev, now_s, None, cfg)
-    return replace(prev, calm_since_s=None)
+    return prev if prev.calm_since_s is None else _replace(prev, calm_since_s=None)
 
 
 def _grown(prev: ReplicaState, now_s: float, calm_since_s: float | None, cfg: PolicyConfig) -> ReplicaState:
     scale = min(1.0, prev.scale + cfg.grow_step)
-    return replace(prev, scale=scale, throttle="open" if scale >= 1.0 else "recovering", last_change_s=now_s,
+    return _replace(prev, scale=scale, throttle="open" if scale >= 1.0 else "recovering", last_change_s=now_s,
                    calm_since_s=calm_since_s)
 
 
@@ -241,7 +354,7 @@ def _probed(state: ReplicaState, tpot_pressure: float | None, ttft_pressure: flo
     ttft = min(cfg.max_probe, state.probe_ttft + cfg.probe_step) if grow_ttft else state.probe_ttft
     if (tpot, ttft) == (state.probe_tpot, state.probe_ttft):
         return state
-    return replace(state, probe_tpot=tpot, probe_ttft=ttft, last_probe_s=now_s, throttle="probing")
+    return _replace(state, probe_tpot=tpot, probe_ttft=ttft, last_probe_s=now_s, throttle="probing")
 
 
 def derived_headroom(prev: float | None, load: ReplicaLoad, tpot_slo_ms: float, cfg: PolicyConfig,
@@ -262,7 +375,7 @@ def derived_headroom(prev: float | None, load: ReplicaLoad, tpot_slo_ms: float, 
         return prev
     gap_ms = max(0.0, load.observed_tpot_p99_ms - load.step_p50_ms)
     low, high = cfg.headroom_bounds
-    measured = float(np.clip(gap_ms / tpot_slo_ms, low, high))
+    measured = min(max(gap_ms / tpot_slo_ms, low), high)
     if prev is None:
         return measured
     weight = 1.0 - math.exp(-max(0.0, dt_s) / cfg.headroom_smoothing_s)
@@ -270,11 +383,16 @@ def derived_headroom(prev: float | None, load: ReplicaLoad, tpot_slo_ms: float, 
 
 
 def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: LatencyModel | None,
-           cfg: PolicyConfig = PolicyConfig()) -> Decision:
+           cfg: PolicyConfig = PolicyConfig(), cache: GridCache | None = None) -> Decision:
+    """Every replica's budget and next policy state (see the module docstring). All replicas'
+    model questions go to the model together: one call for their current batches and calibration
+    steps, and one for the candidate grids of context buckets `cache` has not seen."""
     slo = snapshot.slo
     step_budget = snapshot.step_budget_ms if snapshot.step_budget_ms is not None else slo.tpot_p99_ms
-    out: dict[str, ReplicaDecision] = {}
-    for load in snapshot.replicas:
+    tail = snapshot.step_budget_ms is not None
+    loads = snapshot.replicas
+    pending = []
+    for load in loads:
         prev = state.get(load.replica_id, ReplicaState())
         measured = derived_headroom(prev.headroom, load, slo.tpot_p99_ms, cfg, snapshot.now_s - prev.headroom_at_s)
         measured_now = load.observed_tpot_p99_ms is not None and bool(load.step_p50_ms)
@@ -293,38 +411,93 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
         new_state = _next_state(prev, pressure, snapshot.now_s, cfg)
         if model is not None:  # without a model the budget is a fixed default: nothing to probe
             new_state = _probed(new_state, tpot_pressure, ttft_pressure, load, snapshot.now_s, cfg)
-        new_state = replace(new_state, headroom=measured,
-                            headroom_at_s=snapshot.now_s if measured_now else prev.headroom_at_s)
+        headroom_at_s = snapshot.now_s if measured_now else prev.headroom_at_s
+        if new_state.headroom != measured or new_state.headroom_at_s != headroom_at_s:
+            new_state = _replace(new_state, headroom=measured, headroom_at_s=headroom_at_s)
         target_ms = step_budget * (1.0 - headroom) * new_state.probe_tpot
-        predicted, factor = None, 1.0
-        if model is not None:
-            idle_target = (slo.ttft_p99_ms * (1.0 - headroom) * cfg.idle_step_share_of_ttft
-                           * new_state.probe_ttft)
-            factor = calibration_factor(model, load, cfg)
-            seqs, tokens, predicted = model_tables(
-                model, load, target_ms, cfg, idle_target, factor, tail=snapshot.step_budget_ms is not None)
-            if seqs[0] < cfg.min_idle_offline_seqs:
-                seqs[0] = cfg.min_idle_offline_seqs
-                tokens[0] = cfg.min_idle_offline_seqs + cfg.min_offline_chunk_tokens
-        else:
-            seqs = np.full(cfg.table_size, cfg.default_offline_seqs, dtype=np.float64)
-            tokens = np.full(cfg.table_size, cfg.default_offline_tokens, dtype=np.float64)
-            seqs[0], tokens[0] = cfg.default_idle_offline_seqs, cfg.default_idle_offline_tokens
-        if slo.max_offline_seqs is not None:
-            seqs = np.minimum(seqs, slo.max_offline_seqs)
-        if load.max_num_seqs:
-            seqs = np.minimum(seqs, offline_slots(load.max_num_seqs, cfg))
-        if slo.max_offline_tokens is not None:
-            tokens = np.minimum(tokens, slo.max_offline_tokens)
-        # The feedback scale acts on what would actually run, after the slot and operator caps: a
-        # model that allows 64 sequences on an engine with 24 offline slots made the first cuts
-        # (to 32, 16 of the model's 64) change nothing, and the next ones, a window later, take
-        # the budget from 24 to 8 and 0 at once (measured: a 0 <-> 24 bang-bang on a fast host).
-        seqs = np.floor(seqs * new_state.scale)
-        tokens = np.floor(tokens * new_state.scale)
-        # A sequence needs at least one token per step, and tokens without a sequence are no use.
-        tokens = np.where(seqs > 0, np.maximum(tokens, seqs), 0)
-        size = min(cfg.table_size, TABLE_SIZE)
-        budget = OfflineBudget(tuple(int(v) for v in seqs[:size]), tuple(int(v) for v in tokens[:size]))
-        out[load.replica_id] = ReplicaDecision(budget, new_state, target_ms, predicted, pressure, factor, headroom)
+        idle_target = slo.ttft_p99_ms * (1.0 - headroom) * cfg.idle_step_share_of_ttft * new_state.probe_ttft
+        pending.append((load, new_state, pressure, headroom, target_ms, idle_target))
+
+    num = len(loads)
+    factors = np.ones(num)
+    predicted: list[float | None] = [None] * num
+    if model is not None and num:
+        seqs_by, tokens_by, predicted = _model_budgets(model, pending, cfg, tail, cache or GridCache(), factors)
+    if model is not None and num:
+        seqs, tokens = seqs_by.copy(), tokens_by.copy()
+        low = seqs[:, 0] < cfg.min_idle_offline_seqs
+        seqs[low, 0] = cfg.min_idle_offline_seqs
+        tokens[low, 0] = cfg.min_idle_offline_seqs + cfg.min_offline_chunk_tokens
+    else:
+        seqs = np.full((num, cfg.table_size), cfg.default_offline_seqs, dtype=np.float64)
+        tokens = np.full((num, cfg.table_size), cfg.default_offline_tokens, dtype=np.float64)
+        seqs[:, 0], tokens[:, 0] = cfg.default_idle_offline_seqs, cfg.default_idle_offline_tokens
+    if slo.max_offline_seqs is not None:
+        seqs = np.minimum(seqs, slo.max_offline_seqs)
+    slots = np.array([offline_slots(load.max_num_seqs, cfg) if load.max_num_seqs else np.inf for load in loads])
+    seqs = np.minimum(seqs, slots[:, None]) if num else seqs
+    if slo.max_offline_tokens is not None:
+        tokens = np.minimum(tokens, slo.max_offline_tokens)
+    # The feedback scale acts on what would actually run, after the slot and operator caps: a
+    # model that allows 64 sequences on an engine with 24 offline slots made the first cuts
+    # (to 32, 16 of the model's 64) change nothing, and the next ones, a window later, take
+    # the budget from 24 to 8 and 0 at once (measured: a 0 <-> 24 bang-bang on a fast host).
+    scale = np.array([p[1].scale for p in pending])[:, None] if num else 1.0
+    seqs = np.floor(seqs * scale)
+    tokens = np.floor(tokens * scale)
+    # A sequence needs at least one token per step, and tokens without a sequence are no use.
+    tokens = np.where(seqs > 0, np.maximum(tokens, seqs), 0)
+    size = min(cfg.table_size, TABLE_SIZE)
+    seq_rows = seqs[:, :size].astype(np.int64).tolist()
+    token_rows = tokens[:, :size].astype(np.int64).tolist()
+    out: dict[str, ReplicaDecision] = {}
+    for i, (load, new_state, pressure, headroom, target_ms, _) in enumerate(pending):
+        budget = OfflineBudget(tuple(seq_rows[i]), tuple(token_rows[i]))
+        out[load.replica_id] = ReplicaDecision(budget, new_state, target_ms, predicted[i], pressure,
+                                               float(factors[i]), headroom)
     return Decision(out)
+
+
+def _model_budgets(model: LatencyModel, pending: list, cfg: PolicyConfig, tail: bool, cache: GridCache,
+                   factors: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """The model's tables for every pending replica (fills `factors` with their calibrations)."""
+    loads = [p[0] for p in pending]
+    num = len(loads)
+    cache._check(model)
+    contexts = np.array([_contexts(load, cfg) for load in loads], dtype=np.float64).reshape(num, 2)
+    current = _candidate_columns(np.array([float(load.num_online) for load in loads]), contexts[:, 0],
+                                 np.array([float(load.num_offline_running - load.num_offline_paused) for load in loads]),
+                                 contexts[:, 1], np.zeros(num))
+    # Calibration: each replica's recent steps; only the steps the cache has not predicted yet
+    # go to the model (a replica's recent steps slide by the few steps since its last report).
+    columns = tuple(current)
+    ids, tables = [], []
+    for i, load in enumerate(loads):
+        steps = load.recent_steps
+        if steps and len(steps.get("step_latency_ms", ())) >= cfg.calibration_min_steps:
+            ids.append(i)
+            tables.append(np.asarray([steps[c] for c in (*columns, "step_latency_ms")], dtype=np.float64).T)
+    p50, p99 = model.predict_ms(featurize(current))
+    if ids:
+        lengths = np.array([len(t) for t in tables])
+        stacked = np.concatenate(tables)
+        pred = cache.step_predictions(model, stacked[:, :-1], columns)
+        observed = stacked[:, -1]
+        ok = pred > 0
+        ratio_all = np.where(ok, observed / np.where(ok, pred, 1.0), np.nan)
+        # Into an (replicas, steps) matrix padded with NaN: one median for all replicas.
+        owner = np.repeat(np.arange(len(ids)), lengths)
+        position = np.arange(len(stacked)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        ratio = np.full((len(ids), int(lengths.max())), np.nan)
+        ratio[owner, position] = ratio_all
+        enough = (~np.isnan(ratio)).sum(axis=1) >= cfg.calibration_min_steps
+        with np.errstate(all="ignore"):
+            medians = np.nanmedian(np.where(enough[:, None], ratio, 1.0), axis=1)
+        low, high = cfg.calibration_bounds
+        factors[np.asarray(ids)] = np.where(enough, np.clip(medians, low, high), 1.0)
+    grid50, grid99 = cache.lookup(model, [tuple(c) for c in contexts.tolist()], cfg)
+    seqs, tokens = tables_from_predictions(
+        grid50, grid99,
+        np.array([p[4] for p in pending]), np.array([p[5] for p in pending]), factors, cfg, tail)
+    predicted = (p99 if tail else p50) * factors
+    return seqs, tokens, predicted.tolist()
