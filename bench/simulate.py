@@ -71,20 +71,21 @@ class ScaledModel:
         return p50 * self.scale, p99 * self.scale
 
 
-def step_model(config, out_dir: Path, on_progress: Callable[[str], None]):
-    """(step-time model, its label, the controller's prior model path)."""
+def step_model(config, out_dir: Path, on_progress: Callable[[str], None], need_prior: bool = True):
+    """(step-time model, its label, the controller's prior model path or None)."""
     from latency_model.model import load, train
     from latency_model.schema import read_steps
 
+    emulated = config.replicas.engine == "emulated"
     model_path = config.controller.model_path
-    if model_path is None:
+    if model_path is None and (need_prior or not emulated):
         target = out_dir / "latency-model"
-        if not (target / "model.json").exists() and not target.exists():
+        if not target.exists():
             on_progress("[simulate] training the step-latency model on the committed CPU profile")
             trained, _ = train(read_steps(CPU_PROFILE))
             trained.save(target)
         model_path = str(target.resolve())
-    if config.replicas.engine == "emulated":
+    if emulated:
         emu = config.replicas.emulation
         return emu.roofline(), f"{emu.model_shape} on {emu.gpu} (roofline model)", model_path
     return load(model_path), "the trained CPU step model", model_path
@@ -115,7 +116,8 @@ class Simulation:
 
         self.config, self.opts, self.out_dir, self.on_progress = config, opts, out_dir, on_progress
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.step_model, self.step_label, self.prior_path = step_model(config, out_dir, on_progress)
+        self.step_model, self.step_label, self.prior_path = step_model(
+            config, out_dir, on_progress, need_prior=opts.controller_model == "config")
         if opts.step_scale != 1.0:
             self.step_model = ScaledModel(self.step_model, opts.step_scale)
             self.step_label += f" x {opts.step_scale:g}"
