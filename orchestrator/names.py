@@ -16,6 +16,9 @@ ADMISSION_NAME = "colocate-offline-admission"
 CHECKPOINT_KEY = b"colocate/controller/checkpoint"
 """The controller's policy state and last good SLO, in the GCS key-value store."""
 LLM_DEPLOYMENT_PREFIX = "ColocateLLMServer:"
+MAX_ONGOING_REQUESTS = 256
+"""Serve's per-replica cap on requests in flight (both classes): beyond it, requests wait at
+the router in arrival order, whatever their class."""
 """Ray Serve LLM names each model's deployment "<server class name>:<model id>"."""
 
 # --- environment: replica -> engine process -------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any
 
 from orchestrator.config import ColocateConfig
 from orchestrator.models.tiny import build_tiny_model, is_model_dir
-from orchestrator.names import EMULATED_EXECUTOR, ENV_EMULATION
+from orchestrator.names import EMULATED_EXECUTOR, ENV_EMULATION, MAX_ONGOING_REQUESTS
 
 SERVER_CLS = "orchestrator.serving.server:ColocateLLMServer"
 SCHEDULER_CLS = "orchestrator.engine.scheduler.ColocateScheduler"
@@ -96,7 +96,7 @@ def build_llm_config(config: ColocateConfig, model_source: str):
         "deployment_config": {
             "num_replicas": replicas.num_replicas,
             # A replica holds no other requests while its engine starts; keep the queue generous.
-            "max_ongoing_requests": 256,
+            "max_ongoing_requests": MAX_ONGOING_REQUESTS,
         },
         "runtime_env": {"env_vars": env},
         "server_cls": SERVER_CLS,

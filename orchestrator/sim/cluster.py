@@ -16,6 +16,7 @@ run, or everything paused) starts its next step at the next event that concerns 
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import math
@@ -27,6 +28,7 @@ from typing import Any
 from orchestrator.control.reply import remaining_validity_s, reply_budget
 from orchestrator.control.sharing import allowance
 from orchestrator.engine.budget import OfflineBudget
+from orchestrator.names import MAX_ONGOING_REQUESTS
 from orchestrator.request_class import RequestClass, vllm_priority
 from orchestrator.sim.engine import SimEngine, SimRequest
 
@@ -95,6 +97,9 @@ class SimCluster:
     seed: int = 0
     refit: bool = True
     job_policy: str = "weighted"
+    max_ongoing_requests: int = MAX_ONGOING_REQUESTS
+    """Serve's per-replica cap on requests in flight; the rest wait at the router, in arrival
+    order whatever their class (a chat request behind a batch job's excess waits there)."""
     on_progress: Callable[[float], None] | None = None
 
     def __post_init__(self) -> None:
@@ -105,12 +110,14 @@ class SimCluster:
         self.jobs: list[SimJob] = []
         self._job_rows: dict[str, dict[str, Any]] = {}
         self._total_budget: int | None = None
-        self.chat: list[tuple[ChatRequest, SimRequest | None, SimEngine | None]] = []
+        self.chat: list[tuple[ChatRequest, SimRequest]] = []
         self.samples: list[dict[str, Any]] = []
         self._refit_period_s = None
         for e in self.engines:
             e.on_finish = self._finished
         self._by_id = {e.replica_id: e for e in self.engines}
+        self._router_queue: collections.deque[SimRequest] = collections.deque()
+        self.max_router_queue = 0
         if self.controller is not None:
             self.controller._send_admission_total = self._set_total
             for i, e in enumerate(self.engines):
@@ -157,23 +164,47 @@ class SimCluster:
             if end is not None:
                 self._push(end, "step_end", e)
 
-    def _route(self) -> SimEngine:
-        """Serve's default routing: two replicas at random, the one with fewer ongoing requests."""
-        if len(self.engines) == 1:
-            return self.engines[0]
-        a, b = self._rng.sample(self.engines, 2)
+    def _route(self) -> SimEngine | None:
+        """Serve's default routing: two replicas at random among those under
+        `max_ongoing_requests`, the one with fewer ongoing requests; None when all are full."""
+        free = [e for e in self.engines if e.num_requests < self.max_ongoing_requests]
+        if len(free) <= 1:
+            return free[0] if free else None
+        a, b = self._rng.sample(free, 2)
         return a if a.num_requests <= b.num_requests else b
 
-    def _on_arrival(self, r: ChatRequest) -> None:
-        e = self._route()
-        req = SimRequest(f"chat-{len(self.chat)}", ONLINE_PRIORITY, self.now_s, r.num_prompt_tokens,
-                         max(1, r.num_output_tokens))
-        self.chat.append((r, req, e))
+    def _submit(self, req: SimRequest) -> SimEngine | None:
+        """Hand a request to a replica now, or queue it at the router (FIFO)."""
+        e = None if self._router_queue else self._route()
+        if e is None:
+            self._router_queue.append(req)
+            self.max_router_queue = max(self.max_router_queue, len(self._router_queue))
+            return None
+        req.arrival_s = self.now_s  # vLLM's arrival time is when the replica's front end got it
         e.add_request(req)
-        self._wake(e)
+        return e
+
+    def _drain_router(self) -> None:
+        while self._router_queue:
+            e = self._route()
+            if e is None:
+                return
+            req = self._router_queue.popleft()
+            req.arrival_s = self.now_s
+            e.add_request(req)
+            self._wake(e)
+
+    def _on_arrival(self, r: ChatRequest) -> None:
+        req = SimRequest(f"chat-{len(self.chat)}", ONLINE_PRIORITY, self.now_s, r.num_prompt_tokens,
+                         max(1, r.num_output_tokens), client_arrival_s=self.now_s)
+        self.chat.append((r, req))
+        e = self._submit(req)
+        if e is not None:
+            self._wake(e)
 
     def _on_step_end(self, e: SimEngine) -> None:
-        e.finish_step()
+        if e.finish_step():
+            self._drain_router()
         self._wake(e)
 
     def _on_report(self, e: SimEngine) -> None:
@@ -231,12 +262,12 @@ class SimCluster:
         woken = set()
         while job.next_index < job.total and job.in_flight < max(job.allowed, 1):
             prompt, output = job.requests[job.next_index]
-            e = self._route()
-            e.add_request(SimRequest(f"{job.name}-{job.next_index}", OFFLINE_PRIORITY, self.now_s, prompt,
-                                     max(1, output), job=job.name))
+            e = self._submit(SimRequest(f"{job.name}-{job.next_index}", OFFLINE_PRIORITY, self.now_s, prompt,
+                                        max(1, output), job=job.name))
             job.next_index += 1
             job.in_flight += 1
-            woken.add(e.replica_id)
+            if e is not None:
+                woken.add(e.replica_id)
         for rid in woken:
             self._wake(self._by_id[rid])
 
@@ -257,13 +288,13 @@ class SimCluster:
         """Chat requests that arrived in [since_s, until_s): unfinished ones count as failed."""
         out = []
         overhead_s = self.timings.client_overhead_ms / 1000.0
-        for _spec, req, e in self.chat:
-            if not since_s <= req.arrival_s < until_s:
+        for _spec, req in self.chat:
+            if not since_s <= req.client_arrival_s < until_s:
                 continue
             ok = req.finished_s is not None
-            ttft = None if req.first_token_s is None else req.first_token_s - req.arrival_s + overhead_s
+            ttft = None if req.first_token_s is None else req.first_token_s - req.client_arrival_s + overhead_s
             tpot = None if req.tpot_ms is None else req.tpot_ms / 1000.0
-            out.append(ChatOutcome(req.arrival_s, ttft, tpot, req.num_output_tokens, ok, e.replica_id))
+            out.append(ChatOutcome(req.client_arrival_s, ttft, tpot, req.num_output_tokens, ok, req.replica_id))
         return out
 
 

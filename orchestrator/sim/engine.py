@@ -51,6 +51,9 @@ class SimRequest:
     finished_s: float | None = None
     num_preemptions: int = 0
     prompt_ids: tuple[int, ...] = ()
+    client_arrival_s: float | None = None
+    """When the client sent it (before any wait at the router); None: `arrival_s`."""
+    replica_id: str = ""
 
     @property
     def is_offline(self) -> bool:
@@ -240,6 +243,9 @@ class SimEngine:
         heapq.heappush(self._waiting, (r.priority, r.arrival_s, self._seq, r))
 
     def add_request(self, r: SimRequest) -> None:
+        r.replica_id = self.replica_id
+        if r.client_arrival_s is None:
+            r.client_arrival_s = r.arrival_s
         self._push_waiting(r)
 
     @property

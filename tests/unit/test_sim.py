@@ -217,3 +217,22 @@ def test_simulate_command_writes_bench_format_results(tmp_path):
     assert again.exit_code == 2 and "exists" in again.output
     bad = CliRunner().invoke(app, [*args[:-10], "--out", str(tmp_path / "b"), "--policy", "fastest"])
     assert bad.exit_code == 2 and "unknown policy" in bad.output
+
+
+def test_chat_waits_at_the_router_behind_a_full_replica():
+    # Serve's max_ongoing_requests: a replica already holding 4 offline requests takes no more;
+    # a chat request waits at the router until one finishes, and its client-side TTFT says so.
+    e = SimEngine("r", SimEngineConfig(max_num_seqs=8, num_gpu_blocks=1000), FixedStep(10.0))
+    e.override = OfflineBudget.flat(8, 512)
+    cluster = SimCluster([e], controller=None, max_ongoing_requests=4)
+    cluster.add_job(SimJob("job", [(16, 20)] * 8, default_cap=4))
+    cluster.add_chat([ChatRequest(0.05, 16, 2)])
+    cluster.run(10.0)
+    chat = cluster.chat[0][1]
+    assert cluster.max_router_queue >= 1
+    # The first offline request ends after 1 prefill + 19 decode steps = 200 ms; chat gets in then.
+    assert chat.arrival_s == pytest.approx(0.200, abs=1e-6) and chat.client_arrival_s == pytest.approx(0.05)
+    outcome = cluster.chat_outcomes()[0]
+    assert outcome.ttft_s == pytest.approx(chat.first_token_s - 0.05)
+    assert outcome.ttft_s > 0.15
+    assert cluster.jobs[0].done == 8
