@@ -469,6 +469,8 @@ def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], out_dir
     plt.close(fig)
 
     shown = [n for n in ("naive", "colocate") + tuple(n for n in runs if n.startswith("static-")) if n in runs][:4]
+    if not shown:  # no co-located run (only references): nothing to set side by side
+        return paths
     fig, axes = plt.subplots(len(shown), 1, figsize=(12, 2.6 * len(shown)), sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], shown):
         ts = runs[name][0]["timeseries"]

@@ -160,6 +160,53 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"results: {out / 'results.json'}  plots: {', '.join(summary['plots'])}")
 
     @app.command()
+    def plan(
+        config: str | None = typer.Option("manifests/colocate-emulated.yaml", "--config", "-c",
+                                          help="Stack config to plan replicas for."),
+        online_trace: Path | None = typer.Option(None, "--online-trace", help="Azure-format chat trace CSV "
+                                                 "(its length distribution and burstiness)."),
+        rate: float = typer.Option(2.0, "--rate", min=0.001, help="Chat requests per second per replica."),
+        ttft_p99_ms: float | None = typer.Option(None, "--ttft-p99-ms", help="SLO (with --tpot-p99-ms); default: "
+                                                 "the config's SLO file."),
+        tpot_p99_ms: float | None = typer.Option(None, "--tpot-p99-ms"),
+        duration_s: float = typer.Option(240.0, "--duration-s", min=10.0, help="Simulated chat seconds per "
+                                         "candidate (>= 300 requests resolve a 99% target)."),
+        seqs: str = typer.Option("16,32,64,128,256", "--seqs", help="max_num_seqs candidates."),
+        chunks: str = typer.Option("256,512,1024,2048,4096", "--chunks", help="max_num_batched_tokens candidates."),
+        out: Path | None = typer.Option(None, "--out", help="Directory for plan.json, plan.yaml and the runs "
+                                        "(default results/plan-<time>)."),
+    ) -> None:
+        """Choose per-replica max_num_seqs, max_num_batched_tokens and the chat slot share from a
+        trace's lengths and the SLO, by a monotone search over the simulator; prints the config
+        fragment with its predicted offline throughput and attainment."""
+        import time as _time
+
+        from bench.plan import PlanOptions, config_fragment, run_plan
+
+        if (ttft_p99_ms is None) != (tpot_p99_ms is None):
+            _echo("error: give both --ttft-p99-ms and --tpot-p99-ms, or neither")
+            raise typer.Exit(2)
+        if online_trace is not None and not online_trace.is_file():
+            _echo(f"error: {online_trace}: no such file")
+            raise typer.Exit(2)
+        try:
+            seq_list = tuple(int(v) for v in seqs.split(",") if v.strip())
+            chunk_list = tuple(int(v) for v in chunks.split(",") if v.strip())
+        except ValueError as err:
+            _echo(f"error: --seqs/--chunks take comma-separated integers ({err})")
+            raise typer.Exit(2) from None
+        out = out or Path("results") / f"plan-{_time.strftime('%Y%m%d-%H%M%S')}"
+        if (out / "plan.json").exists():
+            _echo(f"error: {out / 'plan.json'} exists; choose another --out")
+            raise typer.Exit(2)
+        opts = PlanOptions(rate_per_s=rate, duration_s=duration_s, online_trace=online_trace,
+                           slo=None if ttft_p99_ms is None else {"ttft_p99_ms": ttft_p99_ms, "tpot_p99_ms": tpot_p99_ms},
+                           seq_candidates=seq_list, chunk_candidates=chunk_list)
+        result = run_plan(_load(config), opts, out, on_progress=_echo)
+        typer.echo(config_fragment(result))
+        typer.echo(f"plan: {out / 'plan.json'}, {out / 'plan.yaml'}")
+
+    @app.command()
     def demo(
         config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
         duration_s: float = typer.Option(45.0, "--duration-s", help="Seconds of chat beside the batch job."),

@@ -330,8 +330,8 @@ class Simulation:
         summary["simulated"] = True
         path = self.out_dir / "results.json"
         path.write_text(json.dumps({"summary": summary, "runs": runs}, indent=1, default=str) + "\n")
-        summary["plots"] = [str(p) for p in plot(runs, summary, self.out_dir)]
         (self.out_dir / "summary.txt").write_text(format_table(summary) + "\n")
+        summary["plots"] = [str(p) for p in plot(runs, summary, self.out_dir)]
         return summary
 
 
