@@ -120,6 +120,8 @@ def register(app: typer.Typer) -> None:
         controller_model: str = typer.Option("config", "--controller-model",
                                              help="config (the stack's model and live learning) or oracle."),
         seed: int = typer.Option(0, "--seed"),
+        full_lengths: bool = typer.Option(False, "--full-lengths", help="Trace lengths as recorded (capped to the "
+                                          "context) instead of the bench's scaling to a small model."),
     ) -> None:
         """Simulate N replicas under the bench's policies with the production decision code;
         results.json, plots and summary.txt as `colocate bench` writes them, labelled simulated."""
@@ -153,7 +155,7 @@ def register(app: typer.Typer) -> None:
         opts = SimOptions(num_replicas=replicas, duration_s=duration_s, rate_per_s=rate, online_trace=online_trace,
                           policies=policies, static_caps=caps, num_offline_requests=num_offline_requests,
                           client_overhead_ms=client_overhead_ms, step_scale=step_scale,
-                          controller_model=controller_model, seed=seed,
+                          controller_model=controller_model, seed=seed, full_lengths=full_lengths,
                           slo=None if ttft_p99_ms is None else {"ttft_p99_ms": ttft_p99_ms, "tpot_p99_ms": tpot_p99_ms})
         summary = Simulation(cfg, opts, out, on_progress=_echo).run()
         typer.echo(format_table(summary))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -57,6 +58,9 @@ class SimOptions:
     host_overhead_ms: float = 0.0
     refit: bool = True
     slo: dict[str, float] | None = None
+    full_lengths: bool = False
+    """Trace lengths as recorded (capped to the context: output at a quarter of it, the prompt
+    at the rest) instead of the bench's scaling to a small model's context."""
     """Explicit targets (`ttft_p99_ms`, `tpot_p99_ms`); None: derived as the bench does."""
 
 
@@ -142,18 +146,21 @@ class Simulation:
         from orchestrator.sim.cluster import ChatRequest
         from profiler.workload import AZURE_CONV, load_chat_trace
 
+        scale, max_prompt, max_output = (1.0, self.max_len * 3 // 4, self.max_len // 4) if self.opts.full_lengths \
+            else (self.max_len / 8192, self.max_len // 4, self.max_len // 8)
         specs = load_chat_trace(self.opts.online_trace or AZURE_CONV, rate_per_s=self.opts.rate_per_s,
-                                duration_s=self.opts.duration_s, length_scale=self.max_len / 8192,
-                                max_prompt_tokens=self.max_len // 4, max_output_tokens=self.max_len // 8)
+                                duration_s=self.opts.duration_s, length_scale=scale,
+                                max_prompt_tokens=max_prompt, max_output_tokens=max_output)
         return [ChatRequest(s.arrival_s, s.num_prompt_tokens, s.num_output_tokens) for s in specs]
 
     def offline(self, seed: int) -> list[tuple[int, int]]:
         from profiler.workload import ARXIV_LENGTHS, load_offline_lengths
 
+        scale, max_prompt, max_output = (1.0, self.max_len * 3 // 4, self.max_len // 4) if self.opts.full_lengths \
+            else (self.max_len / 16384, self.max_len // 2, self.max_len // 8)
         specs = load_offline_lengths(self.opts.offline_trace or ARXIV_LENGTHS,
-                                     num_requests=self.opts.num_offline_requests,
-                                     length_scale=self.max_len / 16384, max_prompt_tokens=self.max_len // 2,
-                                     max_output_tokens=self.max_len // 8, seed=seed)
+                                     num_requests=self.opts.num_offline_requests, length_scale=scale,
+                                     max_prompt_tokens=max_prompt, max_output_tokens=max_output, seed=seed)
         return [(s.num_prompt_tokens, s.num_output_tokens) for s in specs]
 
     # --- one run ------------------------------------------------------------------------------
@@ -245,6 +252,10 @@ class Simulation:
             "throttle_reaction_ms": [],
             "timeseries": _fleet_series(samples, start_s),
             "sim_wall_s": time.monotonic() - wall0,
+            "num_replicas": o.num_replicas,
+            "controller_tick_ms": _spread(cluster.tick_wall_ms),
+            "max_router_queue": cluster.max_router_queue,
+            "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         }
         row["total_tokens_per_s"] = row["offline_tokens_per_s"] + row["online_tokens_per_s"]
         if online:
@@ -259,7 +270,9 @@ class Simulation:
                        offline_num_finished=len(done))
         self.log(f"{name}: " + ", ".join(f"{k} {row[k]:.3g}" for k in (
             "ttft_p99_ms", "tpot_p99_ms", "slo_attainment", "offline_tokens_per_s", "engine_busy_fraction",
-            "sim_wall_s") if row.get(k) is not None))
+            "sim_wall_s") if row.get(k) is not None)
+                 + (f", controller tick {row['controller_tick_ms']['median']:.1f} ms median"
+                    if row["controller_tick_ms"]["median"] is not None else ""))
         return row
 
     def sweep(self) -> list[dict[str, Any]]:
@@ -333,6 +346,14 @@ class Simulation:
         (self.out_dir / "summary.txt").write_text(format_table(summary) + "\n")
         summary["plots"] = [str(p) for p in plot(runs, summary, self.out_dir)]
         return summary
+
+
+def _spread(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"median": None, "p99": None, "max": None, "count": 0}
+    from orchestrator.stats import percentile
+
+    return {"median": percentile(values, 50), "p99": percentile(values, 99), "max": max(values), "count": len(values)}
 
 
 def _attain(row: dict[str, Any], slo: dict[str, float]) -> float | None:

@@ -21,6 +21,7 @@ import heapq
 import itertools
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,9 @@ class SimCluster:
             e.on_finish = self._finished
         self._by_id = {e.replica_id: e for e in self.engines}
         self._router_queue: collections.deque[SimRequest] = collections.deque()
+        self.tick_wall_ms: list[float] = []
+        """Host time of each controller tick (observe, decide, act, record): what one tick of
+        the production controller costs at this fleet size."""
         self.max_router_queue = 0
         if self.controller is not None:
             self.controller._send_admission_total = self._set_total
@@ -218,7 +222,9 @@ class SimCluster:
         self._wake(e)
 
     def _on_tick(self, _: Any) -> None:
+        started = time.perf_counter()
         self.controller.tick()
+        self.tick_wall_ms.append((time.perf_counter() - started) * 1000.0)
         self._push(self.now_s + self.controller.period_s, "tick", None)
 
     def _on_refit(self, _: Any) -> None:
