@@ -122,6 +122,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         full_lengths: bool = typer.Option(False, "--full-lengths", help="Trace lengths as recorded (capped to the "
                                           "context) instead of the bench's scaling to a small model."),
+        host_steps: Path | None = typer.Option(None, "--host-steps", help="Step dataset (`colocate profile`) or "
+                                               "trained model of the host to simulate; the controller keeps its own."),
     ) -> None:
         """Simulate N replicas under the bench's policies with the production decision code;
         results.json, plots and summary.txt as `colocate bench` writes them, labelled simulated."""
@@ -137,7 +139,7 @@ def register(app: typer.Typer) -> None:
         if (out / "results.json").exists():
             _echo(f"error: {out / 'results.json'} exists; choose another --out")
             raise typer.Exit(2)
-        for path in (online_trace,):
+        for path in (online_trace, host_steps):
             if path is not None and not path.is_file():
                 _echo(f"error: {path}: no such file")
                 raise typer.Exit(2)
@@ -156,6 +158,7 @@ def register(app: typer.Typer) -> None:
                           policies=policies, static_caps=caps, num_offline_requests=num_offline_requests,
                           client_overhead_ms=client_overhead_ms, step_scale=step_scale,
                           controller_model=controller_model, seed=seed, full_lengths=full_lengths,
+                          host_steps=host_steps,
                           slo=None if ttft_p99_ms is None else {"ttft_p99_ms": ttft_p99_ms, "tpot_p99_ms": tpot_p99_ms})
         summary = Simulation(cfg, opts, out, on_progress=_echo).run()
         typer.echo(format_table(summary))
@@ -177,6 +180,8 @@ def register(app: typer.Typer) -> None:
         chunks: str = typer.Option("256,512,1024,2048,4096", "--chunks", help="max_num_batched_tokens candidates."),
         out: Path | None = typer.Option(None, "--out", help="Directory for plan.json, plan.yaml and the runs "
                                         "(default results/plan-<time>)."),
+        host_steps: Path | None = typer.Option(None, "--host-steps", help="Step dataset or trained model of the "
+                                               "host to plan for (a CPU config needs one: its speed is the host's)."),
     ) -> None:
         """Choose per-replica max_num_seqs, max_num_batched_tokens and the chat slot share from a
         trace's lengths and the SLO, by a monotone search over the simulator; prints the config
@@ -188,9 +193,10 @@ def register(app: typer.Typer) -> None:
         if (ttft_p99_ms is None) != (tpot_p99_ms is None):
             _echo("error: give both --ttft-p99-ms and --tpot-p99-ms, or neither")
             raise typer.Exit(2)
-        if online_trace is not None and not online_trace.is_file():
-            _echo(f"error: {online_trace}: no such file")
-            raise typer.Exit(2)
+        for path in (online_trace, host_steps):
+            if path is not None and not path.exists():
+                _echo(f"error: {path}: no such file")
+                raise typer.Exit(2)
         try:
             seq_list = tuple(int(v) for v in seqs.split(",") if v.strip())
             chunk_list = tuple(int(v) for v in chunks.split(",") if v.strip())
@@ -203,7 +209,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         opts = PlanOptions(rate_per_s=rate, duration_s=duration_s, online_trace=online_trace,
                            slo=None if ttft_p99_ms is None else {"ttft_p99_ms": ttft_p99_ms, "tpot_p99_ms": tpot_p99_ms},
-                           seq_candidates=seq_list, chunk_candidates=chunk_list)
+                           seq_candidates=seq_list, chunk_candidates=chunk_list, host_steps=host_steps)
         result = run_plan(_load(config), opts, out, on_progress=_echo)
         typer.echo(config_fragment(result))
         typer.echo(f"plan: {out / 'plan.json'}, {out / 'plan.yaml'}")

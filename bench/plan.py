@@ -43,6 +43,8 @@ class PlanOptions:
     num_offline_requests: int = 8000
     controller_model: str = "oracle"
     seed: int = 0
+    host_steps: Path | None = None
+    """Step dataset or trained model of the host planned for (`bench.simulate.SimOptions.host_steps`)."""
 
 
 @dataclass
@@ -77,7 +79,7 @@ def evaluate(config, opts: PlanOptions, seqs: int, chunk: int, share: float, out
     sim_opts = SimOptions(duration_s=opts.duration_s, rate_per_s=opts.rate_per_s, online_trace=opts.online_trace,
                           policies=("colocate",), sweep_batches=(), slo=opts.slo,
                           num_offline_requests=opts.num_offline_requests, controller_model=opts.controller_model,
-                          seed=opts.seed)
+                          seed=opts.seed, host_steps=opts.host_steps)
     started = time.monotonic()
     sim = Simulation(_with(config, seqs, chunk, share), sim_opts, out_dir / f"s{seqs}-c{chunk}-o{share:g}",
                      on_progress=lambda _: None)
@@ -158,6 +160,14 @@ def run_plan(config, opts: PlanOptions, out_dir: Path, on_progress: Callable[[st
 
         t = load_slo(Path(config.controller.slo_path), {config.model.id}).models[config.model.id]
         opts = replace(opts, slo={"ttft_p99_ms": t.ttft_p99_ms, "tpot_p99_ms": t.tpot_p99_ms})
+    if opts.host_steps is not None and not opts.host_steps.is_dir():
+        from latency_model.model import train
+        from latency_model.schema import read_steps
+
+        on_progress(f"[plan] training the host's step model on {opts.host_steps}")
+        model, _ = train(read_steps(opts.host_steps))
+        model.save(out_dir / "host-step-model")
+        opts = replace(opts, host_steps=out_dir / "host-step-model")
     plan = search(config, opts, out_dir / "runs", on_progress)
     (out_dir / "plan.json").write_text(json.dumps(plan, indent=1, default=str) + "\n")
     (out_dir / "plan.yaml").write_text(config_fragment(plan))

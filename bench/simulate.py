@@ -58,10 +58,12 @@ class SimOptions:
     host_overhead_ms: float = 0.0
     refit: bool = True
     slo: dict[str, float] | None = None
+    """Explicit targets (`ttft_p99_ms`, `tpot_p99_ms`); None: derived as the bench does."""
     full_lengths: bool = False
     """Trace lengths as recorded (capped to the context: output at a quarter of it, the prompt
     at the rest) instead of the bench's scaling to a small model's context."""
-    """Explicit targets (`ttft_p99_ms`, `tpot_p99_ms`); None: derived as the bench does."""
+    host_steps: Path | None = None
+    """The simulated host's steps: a step dataset or a trained model (None: the controller's model)."""
 
 
 class ScaledModel:
@@ -75,20 +77,32 @@ class ScaledModel:
         return p50 * self.scale, p99 * self.scale
 
 
-def step_model(config, out_dir: Path, on_progress: Callable[[str], None], need_prior: bool = True):
-    """(step-time model, its label, the controller's prior model path or None)."""
+def step_model(config, out_dir: Path, on_progress: Callable[[str], None], need_prior: bool = True,
+               host_steps: Path | None = None):
+    """(step-time model, its label, the controller's prior model path or None). `host_steps`: a
+    step dataset (`colocate profile`) or trained model of the host to simulate; its steps then
+    come from that model while the controller keeps its own prior, as on a real stack."""
     from latency_model.model import load, train
     from latency_model.schema import read_steps
 
     emulated = config.replicas.engine == "emulated"
     model_path = config.controller.model_path
-    if model_path is None and (need_prior or not emulated):
+    if model_path is None and (need_prior or (not emulated and host_steps is None)):
         target = out_dir / "latency-model"
         if not target.exists():
             on_progress("[simulate] training the step-latency model on the committed CPU profile")
             trained, _ = train(read_steps(CPU_PROFILE))
             trained.save(target)
         model_path = str(target.resolve())
+    if host_steps is not None:
+        if host_steps.is_dir():
+            return load(str(host_steps)), f"the CPU step model at {host_steps}", model_path
+        target = out_dir / "host-step-model"
+        if not target.exists():
+            on_progress(f"[simulate] training the host's step model on {host_steps}")
+            trained, _ = train(read_steps(host_steps))
+            trained.save(target)
+        return load(str(target)), f"the CPU step model of {host_steps.name}", model_path
     if emulated:
         emu = config.replicas.emulation
         return emu.roofline(), f"{emu.model_shape} on {emu.gpu} (roofline model)", model_path
@@ -121,7 +135,7 @@ class Simulation:
         self.config, self.opts, self.out_dir, self.on_progress = config, opts, out_dir, on_progress
         out_dir.mkdir(parents=True, exist_ok=True)
         self.step_model, self.step_label, self.prior_path = step_model(
-            config, out_dir, on_progress, need_prior=opts.controller_model == "config")
+            config, out_dir, on_progress, need_prior=opts.controller_model == "config", host_steps=opts.host_steps)
         if opts.step_scale != 1.0:
             self.step_model = ScaledModel(self.step_model, opts.step_scale)
             self.step_label += f" x {opts.step_scale:g}"
