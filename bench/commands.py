@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
             _echo(f"error: {out / 'results.json'} exists; choose another --out")
             raise typer.Exit(2)
         for path in (online_trace, host_steps):
-            if path is not None and not path.is_file():
+            if path is not None and not path.exists():
                 _echo(f"error: {path}: no such file")
                 raise typer.Exit(2)
         cfg = _load(config)

@@ -162,10 +162,57 @@ class Simulation:
 
         scale, max_prompt, max_output = (1.0, self.max_len * 3 // 4, self.max_len // 4) if self.opts.full_lengths \
             else (self.max_len / 8192, self.max_len // 4, self.max_len // 8)
+        trace = self.opts.online_trace
+        if trace is not None and trace.suffix == ".parquet":
+            return self._sharegpt_chat(trace, max_prompt, max_output)
         specs = load_chat_trace(self.opts.online_trace or AZURE_CONV, rate_per_s=self.opts.rate_per_s,
                                 duration_s=self.opts.duration_s, length_scale=scale,
-                                max_prompt_tokens=max_prompt, max_output_tokens=max_output)
+                                max_prompt_tokens=max_prompt, max_output_tokens=max_output, repeat=True)
         return [ChatRequest(s.arrival_s, s.num_prompt_tokens, s.num_output_tokens) for s in specs]
+
+    def _sharegpt_chat(self, path: Path, max_prompt: int, max_output: int):
+        """Chat from a table of real prompts and replies (ShareGPT's first turns: `prompt`,
+        `response`): lengths in the served model's tokenizer where its directory has one (else
+        1.3 tokens per whitespace-separated word, stated in the run's label), Poisson arrivals at
+        the rate (the table has no timestamps), rows drawn with the seed."""
+        import numpy as np
+
+        from latency_model.length.data import read_pairs, tokenizer_counter
+        from orchestrator.sim.cluster import ChatRequest
+
+        _, prompts, responses = read_pairs(path)
+        num = max(int(round(self.opts.rate_per_s * self.opts.duration_s)), 1)
+        rng = np.random.default_rng(self.opts.seed)
+        rows = rng.choice(len(prompts), size=num, replace=num > len(prompts))
+        texts_p, texts_r = [prompts[i] for i in rows], [responses[i] for i in rows]
+        try:
+            count = tokenizer_counter(self.config.model.source)
+            self.step_label += f"; chat lengths from {path.name} in the model's tokenizer"
+        except Exception:  # noqa: BLE001 - no tokenizer built here: an estimate, said so
+            def count(texts):
+                return np.asarray([max(1, round(1.3 * len(t.split()))) for t in texts])
+            self.step_label += f"; chat lengths from {path.name} at 1.3 tokens per word (no tokenizer)"
+        p_tokens = np.clip(count(texts_p), 1, max_prompt)
+        r_tokens = np.clip(count(texts_r), 1, max_output)
+        arrivals = np.cumsum(rng.exponential(1.0 / self.opts.rate_per_s, num)) - 0.0
+        return [ChatRequest(float(a - arrivals[0]), int(pt), int(rt)) for a, pt, rt in zip(arrivals, p_tokens, r_tokens)]
+
+    def _chat_priority(self):
+        """Length-ordering levels from predicted reply lengths (see `length_error_sigma`), through
+        the engine's own `priority_level`."""
+        import numpy as np
+
+        from orchestrator.engine.order import priority_level
+        from orchestrator.request_class import RequestClass, vllm_priority
+
+        rng = np.random.default_rng(self.opts.seed + 17)
+        cfg, sigma = self.config.order, self.opts.length_error_sigma
+
+        def priority(r) -> int:
+            predicted = r.num_output_tokens * float(np.exp(rng.normal(0.0, sigma))) if sigma > 0 else r.num_output_tokens
+            return vllm_priority(RequestClass.ONLINE, priority_level(predicted, 1.0, cfg))
+
+        return priority
 
     def offline(self, seed: int) -> list[tuple[int, int]]:
         from profiler.workload import ARXIV_LENGTHS, load_offline_lengths
@@ -232,12 +279,13 @@ class Simulation:
             core.set_override(budget)
         c = self.config.controller
         fallback = OfflineBudget.flat(c.fallback_offline_seqs, c.fallback_offline_tokens)
+        order = self.config.order
         engines = [SimEngine(f"replica-{i}", self.engine_cfg, self.step_model, fallback=fallback,
-                             silence_timeout_s=c.silence_timeout_s, offline_policy=self.config.order.offline_policy)
+                             silence_timeout_s=c.silence_timeout_s, offline_policy=order.offline_policy, order=order)
                    for i in range(o.num_replicas)]
         timings = ClusterTimings(report_period_s=c.report_period_s, client_overhead_ms=o.client_overhead_ms)
-        cluster = SimCluster(engines, core, timings, seed=o.seed, refit=o.refit,
-                             job_policy=self.config.order.job_policy)
+        cluster = SimCluster(engines, core, timings, seed=o.seed, refit=o.refit, job_policy=order.job_policy,
+                             chat_priority=self._chat_priority() if order.policy != "fcfs" else None)
         core.clock = lambda: cluster.now_s
         start_s = o.settle_s if offline else 0.0
         if offline:

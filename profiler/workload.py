@@ -58,19 +58,27 @@ def _scale_lengths(values: np.ndarray, max_tokens: int, scale: float) -> np.ndar
 
 def load_chat_trace(path: Path = AZURE_CONV, *, rate_per_s: float, duration_s: float,
                     length_scale: float, max_prompt_tokens: int, max_output_tokens: int,
-                    start_index: int = 0) -> list[RequestSpec]:
+                    start_index: int = 0, repeat: bool = False) -> list[RequestSpec]:
     """`rate_per_s * duration_s` consecutive requests of an Azure-format CSV (TIMESTAMP,
     ContextTokens, GeneratedTokens) from `start_index`, their inter-arrival times scaled so that
-    the window's mean rate is `rate_per_s` (its burstiness is kept)."""
+    the window's mean rate is `rate_per_s` (its burstiness is kept). With `repeat`, a window
+    longer than the trace continues with the trace again from its start (a simulated fleet
+    larger than the one the trace was recorded on)."""
     df = pd.read_csv(path)
     missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(df.columns)
     if missing:
         raise ValueError(f"{path}: not an Azure LLM trace, missing columns {sorted(missing)}")
     num = max(int(round(rate_per_s * duration_s)), 1)
+    all_ts = pd.to_datetime(df["TIMESTAMP"]).astype("int64").to_numpy() / 1e9
+    if repeat and start_index + num > len(df):
+        copies = -(-(start_index + num) // len(df))
+        span = all_ts[-1] - all_ts[0] + (all_ts[-1] - all_ts[0]) / max(len(df) - 1, 1)
+        all_ts = np.concatenate([all_ts - all_ts[0] + k * span for k in range(copies)])
+        df = pd.concat([df] * copies, ignore_index=True)
     window = df.iloc[start_index:start_index + num]
     if len(window) < num:
         raise ValueError(f"{path}: {len(df)} requests, cannot take {num} from index {start_index}")
-    ts = pd.to_datetime(window["TIMESTAMP"]).astype("int64").to_numpy() / 1e9
+    ts = all_ts[start_index:start_index + num]
     ts = ts - ts[0]
     span_s = ts[-1] * num / max(num - 1, 1)
     arrivals = ts * (num / rate_per_s) / span_s if span_s > 0 else np.arange(num) / rate_per_s

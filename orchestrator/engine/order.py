@@ -25,10 +25,11 @@ simulator can call the same ones.
 
 from __future__ import annotations
 
+import collections
 import math
 
 from orchestrator.config import OrderConfig
-from orchestrator.request_class import NUM_LEVELS
+from orchestrator.request_class import NUM_LEVELS, RequestClass, level_of, vllm_priority
 
 MAX_LEVEL = NUM_LEVELS - 1
 """Levels stay below the offline class's priority base (orchestrator.request_class)."""
@@ -93,3 +94,45 @@ def prefix_sharing_order(prompts: list, arrivals_s: list[float], now_s: float, m
     stale.sort(key=lambda i: arrivals_s[i])
     fresh.sort(key=lambda i: (tuple(prompts[i][:depth]), arrivals_s[i]))
     return stale + fresh
+
+
+class WaitingGuard:
+    """The per-step pass of length-aware ordering over the waiting queue: waiting chat requests
+    age (their level falls as they wait) and those past their guard are promoted to level 0.
+    The engine's scheduler runs it on vLLM's queue (through `SchedulerAccess`) and the simulator
+    on its own; `view` needs `current_step`, `waiting()`, `priority(r)`, `request_id(r)`,
+    `arrival_time_s(r)` and `set_waiting_priority(r, priority)`."""
+
+    def __init__(self, cfg: OrderConfig) -> None:
+        self.cfg = cfg
+        self.first_waiting_step: dict[str, tuple[int, int]] = {}  # id -> (first step waiting, level then)
+        self.recent_levels: collections.deque[int] = collections.deque(maxlen=256)
+
+    def reference_tokens(self) -> float:
+        """A typical request's predicted length: the median level of recent arrivals, decoded."""
+        levels = sorted(self.recent_levels)
+        return tokens_of_level(levels[len(levels) // 2], self.cfg) if levels else 1.0
+
+    def apply(self, view, now_s: float) -> int:
+        """Age and promote; returns how many requests the guard promoted this step."""
+        offline = vllm_priority(RequestClass.OFFLINE)
+        step, promoted = view.current_step, 0
+        seen: dict[str, tuple[int, int]] = {}
+        for r in view.waiting():
+            p = view.priority(r)
+            if p >= offline or level_of(p) == 0:
+                continue
+            rid = view.request_id(r)
+            if rid not in self.first_waiting_step:
+                self.recent_levels.append(level_of(p))
+            first, level = seen[rid] = self.first_waiting_step.get(rid, (step, level_of(p)))
+            if guard_due(level, now_s - view.arrival_time_s(r), step - first, self.cfg):
+                view.set_waiting_priority(r, vllm_priority(RequestClass.ONLINE))
+                seen.pop(rid)
+                promoted += 1
+                continue
+            aged = aged_level(level, step - first, self.cfg, self.reference_tokens())
+            if aged < level_of(p):
+                view.set_waiting_priority(r, vllm_priority(RequestClass.ONLINE, aged))
+        self.first_waiting_step = seen
+        return promoted

@@ -26,7 +26,6 @@ from then on: enforcement must never take the engine down or lose a request.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import time
@@ -34,10 +33,9 @@ import time
 from orchestrator.compat.vllm_api import async_scheduler_base, quiet_engine_polling
 from orchestrator.config import OrderConfig
 from orchestrator.engine.enforce import OFFLINE_PRIORITY, BudgetEnforcer, counts_as_counters
-from orchestrator.engine.order import aged_level, guard_due, tokens_of_level
+from orchestrator.engine.order import WaitingGuard
 from orchestrator.engine.telemetry import TelemetryScheduler
 from orchestrator.names import ENV_ENGINE_ORDER, ENV_POLL_SLEEP_US
-from orchestrator.request_class import RequestClass, level_of, vllm_priority
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +53,7 @@ class ColocateScheduler(TelemetryScheduler):
         self._order = OrderConfig.model_validate_json(order) if order else OrderConfig()
         self._enforcer = BudgetEnforcer(self.access, offline_policy=self._order.offline_policy,
                                         max_wait_s=self._order.max_wait_s)
-        self._first_waiting_step: dict[str, tuple[int, int]] = {}  # id -> (first step waiting, level then)
-        self._recent_levels: collections.deque[int] = collections.deque(maxlen=256)
+        self._guard = WaitingGuard(self._order)
         if self.channel is not None:
             self.channel.set_counters(max_num_seqs=self.access.max_num_seqs)
 
@@ -66,6 +63,7 @@ class ColocateScheduler(TelemetryScheduler):
                 self._guard_waiting()
             except Exception:  # noqa: BLE001 - ordering is an optimisation; never take the engine down
                 self._order = OrderConfig()
+                self._guard = WaitingGuard(self._order)
                 log.exception("colocate: length-ordering guard failed; serving by arrival from now on")
         undo = None
         if self.channel is not None and not self._plan_failed:
@@ -83,35 +81,11 @@ class ColocateScheduler(TelemetryScheduler):
             self._count_preempted(output)
         return output
 
-    def _reference_tokens(self) -> float:
-        """A typical request's predicted length: the median level of recent arrivals, decoded."""
-        levels = sorted(self._recent_levels)
-        return tokens_of_level(levels[len(levels) // 2], self._order) if levels else 1.0
-
     def _guard_waiting(self) -> None:
-        """Age waiting chat requests (their level falls as they wait) and promote those past their
-        guard to level 0."""
-        a = self.access
-        step, now = a.current_step, time.time()
-        seen: dict[str, tuple[int, int]] = {}
-        for r in a.waiting():
-            p = a.priority(r)
-            if p >= OFFLINE_PRIORITY or level_of(p) == 0:
-                continue
-            rid = a.request_id(r)
-            if rid not in self._first_waiting_step:
-                self._recent_levels.append(level_of(p))
-            first, level = seen[rid] = self._first_waiting_step.get(rid, (step, level_of(p)))
-            if guard_due(level, now - a.arrival_time_s(r), step - first, self._order):
-                a.set_waiting_priority(r, vllm_priority(RequestClass.ONLINE))
-                seen.pop(rid)
-                if self.channel is not None:
-                    self.channel.add_counter("num_guard_promotions", 1)
-                continue
-            aged = aged_level(level, step - first, self._order, self._reference_tokens())
-            if aged < level_of(p):
-                a.set_waiting_priority(r, vllm_priority(RequestClass.ONLINE, aged))
-        self._first_waiting_step = seen
+        """Age waiting chat requests and promote those past their guard (`order.WaitingGuard`)."""
+        promoted = self._guard.apply(self.access, time.time())
+        if promoted and self.channel is not None:
+            self.channel.add_counter("num_guard_promotions", promoted)
 
     def _apply_budget(self):
         chan = self.channel

@@ -98,6 +98,8 @@ class SimCluster:
     seed: int = 0
     refit: bool = True
     job_policy: str = "weighted"
+    chat_priority: Callable[[ChatRequest], int] | None = None
+    """A chat request's vLLM priority (its length-ordering level); None: FCFS (level 0)."""
     max_ongoing_requests: int = MAX_ONGOING_REQUESTS
     """Serve's per-replica cap on requests in flight; the rest wait at the router, in arrival
     order whatever their class (a chat request behind a batch job's excess waits there)."""
@@ -199,7 +201,8 @@ class SimCluster:
             self._wake(e)
 
     def _on_arrival(self, r: ChatRequest) -> None:
-        req = SimRequest(f"chat-{len(self.chat)}", ONLINE_PRIORITY, self.now_s, r.num_prompt_tokens,
+        priority = ONLINE_PRIORITY if self.chat_priority is None else self.chat_priority(r)
+        req = SimRequest(f"chat-{len(self.chat)}", priority, self.now_s, r.num_prompt_tokens,
                          max(1, r.num_output_tokens), client_arrival_s=self.now_s)
         self.chat.append((r, req))
         e = self._submit(req)

@@ -30,9 +30,11 @@ import numpy as np
 
 from latency_model.batch import step_aggregates
 from latency_model.features import featurize
+from orchestrator.config import OrderConfig
 from orchestrator.engine.budget import OfflineBudget
 from orchestrator.engine.enforce import OFFLINE_PRIORITY, BudgetEnforcer, counts_as_counters
 from orchestrator.engine.load import LoadWindow
+from orchestrator.engine.order import WaitingGuard
 
 
 @dataclass(eq=False)
@@ -117,7 +119,8 @@ class SimEngine:
 
     def __init__(self, replica_id: str, cfg: SimEngineConfig, step_model, *, controlled: bool = True,
                  fallback: OfflineBudget = OfflineBudget.flat(1, 64), silence_timeout_s: float = 2.0,
-                 offline_policy: str = "fcfs", on_finish: Callable[[SimRequest], None] | None = None) -> None:
+                 offline_policy: str = "fcfs", on_finish: Callable[[SimRequest], None] | None = None,
+                 order: OrderConfig | None = None) -> None:
         self.replica_id = replica_id
         self.cfg = cfg
         self.step_model = step_model
@@ -147,6 +150,9 @@ class SimEngine:
         self.enforcer = BudgetEnforcer(self, clock=lambda: self.now_s, offline_policy=offline_policy,
                                        wall_clock=lambda: self.now_s)
         self.finished: list[SimRequest] = []
+        # Length-aware ordering, as the engine's scheduler runs it: the same per-step pass.
+        self.guard = WaitingGuard(order) if order is not None and order.policy != "fcfs" else None
+        self.num_guard_promotions = 0
 
     # --- the SchedulerView protocol (what BudgetEnforcer sees) --------------------------------
 
@@ -235,6 +241,15 @@ class SimEngine:
     @staticmethod
     def prompt_token_ids(request):
         return request.prompt_ids
+
+    @staticmethod
+    def request_id(request) -> str:
+        return request.request_id
+
+    def set_waiting_priority(self, request, priority: int) -> None:
+        request.priority = priority
+        self._waiting = [(e[3].priority, e[1], e[2], e[3]) for e in self._waiting]
+        heapq.heapify(self._waiting)
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -342,6 +357,8 @@ class SimEngine:
         self.now_s = now_s
         if not self._running and not self._waiting:
             return None
+        if self.guard is not None:
+            self.num_guard_promotions += self.guard.apply(self, now_s)
         undo = None
         if self.controlled:
             undo, plan, counts = self.enforcer.apply(self.budget_at)

@@ -236,3 +236,38 @@ def test_chat_waits_at_the_router_behind_a_full_replica():
     assert outcome.ttft_s == pytest.approx(chat.first_token_s - 0.05)
     assert outcome.ttft_s > 0.15
     assert cluster.jobs[0].done == 8
+
+
+def test_length_ordering_runs_the_engines_guard():
+    # One sequence slot: requests queue. Levels by predicted length put the short one first; the
+    # guard (the engine's own WaitingGuard) promotes the long one once it waited 10x its service.
+    from orchestrator.config import OrderConfig
+    from orchestrator.engine.order import priority_level
+    from orchestrator.request_class import RequestClass, vllm_priority
+
+    cfg = OrderConfig(policy="sjf", predictor_path="unused", wait_factor=2.0, aging_octaves_per_service=0.0)
+    e = SimEngine("r", SimEngineConfig(max_num_seqs=1, num_gpu_blocks=1000), FixedStep(10.0), order=cfg)
+    e.override = OfflineBudget.flat(0, 0)
+
+    def chat(name, arrival, out):
+        return SimRequest(name, vllm_priority(RequestClass.ONLINE, priority_level(out, 1.0, cfg)), arrival, 8, out)
+
+    first = chat("first", 0.0, 4)
+    long, short = chat("long", 0.001, 200), chat("short", 0.002, 4)
+    for r in (first, long, short):
+        e.add_request(r)
+    run_alone(e, until_s=100.0)
+    assert short.first_token_s < long.first_token_s  # shortest predicted first
+    assert all(r.finished_s is not None for r in (first, long, short))
+    # Many short ones behind a long one: the guard lets the long one in before they all pass.
+    e = SimEngine("r", SimEngineConfig(max_num_seqs=1, num_gpu_blocks=1000), FixedStep(10.0), order=cfg)
+    e.override = OfflineBudget.flat(0, 0)
+    long = chat("long", 0.0, 8)
+    e.add_request(chat("head", 0.0, 30))
+    e.add_request(long)
+    shorts = [chat(f"s{i}", 0.0001 * (i + 1), 2) for i in range(200)]
+    for r in shorts:
+        e.add_request(r)
+    run_alone(e, until_s=100.0)
+    assert e.num_guard_promotions >= 1
+    assert sum(1 for r in shorts if r.first_token_s < long.first_token_s) < 200
