@@ -182,6 +182,8 @@ def register(app: typer.Typer) -> None:
                                         "(default results/plan-<time>)."),
         host_steps: Path | None = typer.Option(None, "--host-steps", help="Step dataset or trained model of the "
                                                "host to plan for (a CPU config needs one: its speed is the host's)."),
+        bench_lengths: bool = typer.Option(False, "--bench-lengths", help="Scale the trace's lengths to a small "
+                                           "model's context as `colocate bench` does (default: as recorded)."),
     ) -> None:
         """Choose per-replica max_num_seqs, max_num_batched_tokens and the chat slot share from a
         trace's lengths and the SLO, by a monotone search over the simulator; prints the config
@@ -209,7 +211,8 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         opts = PlanOptions(rate_per_s=rate, duration_s=duration_s, online_trace=online_trace,
                            slo=None if ttft_p99_ms is None else {"ttft_p99_ms": ttft_p99_ms, "tpot_p99_ms": tpot_p99_ms},
-                           seq_candidates=seq_list, chunk_candidates=chunk_list, host_steps=host_steps)
+                           seq_candidates=seq_list, chunk_candidates=chunk_list, host_steps=host_steps,
+                           full_lengths=not bench_lengths)
         result = run_plan(_load(config), opts, out, on_progress=_echo)
         typer.echo(config_fragment(result))
         typer.echo(f"plan: {out / 'plan.json'}, {out / 'plan.yaml'}")

@@ -10,8 +10,9 @@ The search exploits two monotonicities instead of gridding everything:
 - at a fixed chunk size, more sequence slots never lower the offline capacity the controller can
   use, and only raise the cost of a step at full batch: sequence counts are tried in increasing
   order and the walk stops once a count misses the SLO or gains less than `min_gain`;
-- a chunk size whose smallest sequence count already misses the SLO is not followed by larger
-  chunks (a longer prefill chunk only lengthens the steps chat waits behind).
+- once some chunk size met the SLO, a larger chunk whose smallest sequence count misses it ends
+  the walk (a longer prefill chunk only lengthens the steps chat decodes beside); before that,
+  larger chunks are tried (a small chunk can miss TTFT by splitting prompts into many steps).
 
 Both are assumptions about the engine; every candidate the search does evaluate is simulated,
 and the table of all of them is printed and written, so a wrong turn is visible.
@@ -45,6 +46,8 @@ class PlanOptions:
     seed: int = 0
     host_steps: Path | None = None
     """Step dataset or trained model of the host planned for (`bench.simulate.SimOptions.host_steps`)."""
+    full_lengths: bool = True
+    """The trace's lengths as recorded (capped to the context), not the bench's small-model scaling."""
 
 
 @dataclass
@@ -79,7 +82,7 @@ def evaluate(config, opts: PlanOptions, seqs: int, chunk: int, share: float, out
     sim_opts = SimOptions(duration_s=opts.duration_s, rate_per_s=opts.rate_per_s, online_trace=opts.online_trace,
                           policies=("colocate",), sweep_batches=(), slo=opts.slo,
                           num_offline_requests=opts.num_offline_requests, controller_model=opts.controller_model,
-                          seed=opts.seed, host_steps=opts.host_steps)
+                          seed=opts.seed, host_steps=opts.host_steps, full_lengths=opts.full_lengths)
     started = time.monotonic()
     sim = Simulation(_with(config, seqs, chunk, share), sim_opts, out_dir / f"s{seqs}-c{chunk}-o{share:g}",
                      on_progress=lambda _: None)
@@ -123,8 +126,10 @@ def search(config, opts: PlanOptions, out_dir: Path, on_progress: Callable[[str]
             previous = c
         else:
             continue
-        if previous is None and not tried[-1].feasible(opts.target_attainment):
-            # Infeasible at the smallest sequence count: larger chunks only lengthen chat's steps.
+        if previous is None and not tried[-1].feasible(opts.target_attainment) and best is not None:
+            # Infeasible at the smallest sequence count after a smaller chunk was feasible: larger
+            # chunks only lengthen the steps chat decodes beside. (Before any feasible chunk the
+            # walk goes on: a small chunk can miss TTFT by splitting prompts into many steps.)
             break
     if best is not None:
         for share in opts.slot_shares:

@@ -64,6 +64,10 @@ class SimOptions:
     at the rest) instead of the bench's scaling to a small model's context."""
     host_steps: Path | None = None
     """The simulated host's steps: a step dataset or a trained model (None: the controller's model)."""
+    length_error_sigma: float = 0.7
+    """With `order.policy: sjf`, a chat request's predicted reply length is its real one times a
+    log-normal error of this sigma (0: an oracle): the traces carry lengths, not the prompts a
+    predictor reads. Not fitted to the trained predictor's rank quality; say which you used."""
 
 
 class ScaledModel:
@@ -164,7 +168,9 @@ class Simulation:
             else (self.max_len / 8192, self.max_len // 4, self.max_len // 8)
         trace = self.opts.online_trace
         if trace is not None and trace.suffix == ".parquet":
-            return self._sharegpt_chat(trace, max_prompt, max_output)
+            if getattr(self, "_sharegpt", None) is None:
+                self._sharegpt = self._sharegpt_chat(trace, max_prompt, max_output)
+            return list(self._sharegpt)
         specs = load_chat_trace(self.opts.online_trace or AZURE_CONV, rate_per_s=self.opts.rate_per_s,
                                 duration_s=self.opts.duration_s, length_scale=scale,
                                 max_prompt_tokens=max_prompt, max_output_tokens=max_output, repeat=True)
@@ -371,6 +377,9 @@ class Simulation:
             from orchestrator.control.slo import load_slo
 
             t = load_slo(self.slo_file, {self.config.model.id}).models[self.config.model.id]
+            if t.ttft_p99_ms >= 1e9:
+                raise ValueError(f"{self.config.controller.slo_path} has no SLO for {self.config.model.id}: "
+                                 "give one, or derive it from online-only (slo_tolerance)")
             self.slo = {"ttft_p99_ms": t.ttft_p99_ms, "tpot_p99_ms": t.tpot_p99_ms, "source": str(self.slo_file)}
         self.log(f"SLO: TTFT p99 <= {self.slo['ttft_p99_ms']:.0f} ms, TPOT p99 <= {self.slo['tpot_p99_ms']:.0f} ms")
         sweep = self.sweep() if o.sweep_batches and "offline-only" in chosen else []

@@ -110,6 +110,7 @@ class GridCache:
 
     def __init__(self, max_entries: int = 4096) -> None:
         self.model = None
+        self.cfg: PolicyConfig | None = None
         self.max_entries = max_entries
         self.index: dict[tuple[float, float], int] = {}
         self.p50 = self.p99 = np.empty((0, 0), dtype=np.float32)
@@ -117,10 +118,12 @@ class GridCache:
         """The last call's step fingerprints (sorted) and their median-head predictions."""
         self._w: np.ndarray | None = None
 
-    def _check(self, model) -> None:
-        if model is not self.model or len(self.index) >= self.max_entries:
+    def _check(self, model, cfg: PolicyConfig | None = None) -> None:
+        if (model is not self.model or len(self.index) >= self.max_entries
+                or (cfg is not None and cfg is not self.cfg and cfg != self.cfg)):
             self.model, self.index, self.steps = model, {}, (np.empty(0), np.empty(0))
             self.p50 = self.p99 = np.empty((0, 0), dtype=np.float32)
+            self.cfg = cfg
 
     def step_predictions(self, model, rows: np.ndarray, columns: tuple[str, ...]) -> np.ndarray:
         """Median-head predictions of step rows (n, columns): rows seen at the last call (a
@@ -150,7 +153,7 @@ class GridCache:
 
     def lookup(self, model, keys: list[tuple[float, float]], cfg: PolicyConfig) -> tuple[np.ndarray, np.ndarray]:
         """(p50, p99) grid predictions for each key, as (len(keys), grid) arrays."""
-        self._check(model)
+        self._check(model, cfg)
         missing = [k for k in dict.fromkeys(keys) if k not in self.index]
         if missing:
             ctx = np.asarray(missing, dtype=np.float64)
@@ -463,7 +466,7 @@ def _model_budgets(model: LatencyModel, pending: list, cfg: PolicyConfig, tail: 
     """The model's tables for every pending replica (fills `factors` with their calibrations)."""
     loads = [p[0] for p in pending]
     num = len(loads)
-    cache._check(model)
+    cache._check(model, cfg)
     contexts = np.array([_contexts(load, cfg) for load in loads], dtype=np.float64).reshape(num, 2)
     current = _candidate_columns(np.array([float(load.num_online) for load in loads]), contexts[:, 0],
                                  np.array([float(load.num_offline_running - load.num_offline_paused) for load in loads]),

@@ -120,6 +120,7 @@ class SimCluster:
             e.on_finish = self._finished
         self._by_id = {e.replica_id: e for e in self.engines}
         self._router_queue: collections.deque[SimRequest] = collections.deque()
+        self._deferred_wakes: set[str] | None = None
         self.tick_wall_ms: list[float] = []
         """Host time of each controller tick (observe, decide, act, record): what one tick of
         the production controller costs at this fleet size."""
@@ -210,9 +211,17 @@ class SimCluster:
             self._wake(e)
 
     def _on_step_end(self, e: SimEngine) -> None:
-        if e.finish_step():
-            self._drain_router()
+        # Engines woken by what finished here (a job's next requests) start after the router
+        # queue has been drained: a chat request waiting there must not miss their next step.
+        self._deferred_wakes = set()
+        try:
+            if e.finish_step():
+                self._drain_router()
+        finally:
+            wakes, self._deferred_wakes = self._deferred_wakes, None
         self._wake(e)
+        for rid in wakes:
+            self._wake(self._by_id[rid])
 
     def _on_report(self, e: SimEngine) -> None:
         c = self.controller
@@ -240,7 +249,7 @@ class SimCluster:
         for e in self.engines:
             held_offline = e.num_ongoing(offline=True)
             c = e.counters
-            seqs, _ = e.budget_at(e.num_ongoing(offline=False))
+            seqs, _ = e.budget_in_force(e.num_ongoing(offline=False), self.now_s)
             self.samples.append({
                 "t": self.now_s, "replica_id": e.replica_id, "online_requests": e.num_ongoing(offline=False),
                 "offline_running": held_offline, "offline_waiting": 0, "offline_budget_seqs": seqs,
@@ -278,7 +287,10 @@ class SimCluster:
             if e is not None:
                 woken.add(e.replica_id)
         for rid in woken:
-            self._wake(self._by_id[rid])
+            if self._deferred_wakes is not None:
+                self._deferred_wakes.add(rid)
+            else:
+                self._wake(self._by_id[rid])
 
     def _finished(self, r: SimRequest) -> None:
         if r.job is None:
@@ -288,6 +300,9 @@ class SimCluster:
         job.done += 1
         if job.done >= job.total:
             job.finished_s = self.now_s
+            # Its last heartbeat says so at once (jobs.batch sends a final one).
+            self._job_rows[job.name] = {**self._job_rows.get(job.name, {}), "done": job.done, "finished": True,
+                                        "seen_s": self.now_s}
         else:
             self._dispatch(job)
 

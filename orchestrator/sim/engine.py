@@ -132,6 +132,7 @@ class SimEngine:
         self.current_step = 0
         self._running: list[SimRequest] = []
         self._waiting: list[tuple[int, float, int, SimRequest]] = []  # heap on (priority, arrival, seq)
+        self._waiting_ids: set[int] = set()
         self._seq = 0
         self._held: list[SimRequest] = []
         self._token_cap = cfg.max_num_batched_tokens
@@ -182,6 +183,7 @@ class SimEngine:
         held = set(map(id, requests))
         self._waiting = [e for e in self._waiting if id(e[3]) not in held]
         heapq.heapify(self._waiting)
+        self._waiting_ids -= held
         self._held.extend(requests)
 
     def release_waiting(self, requests: list) -> None:
@@ -191,7 +193,7 @@ class SimEngine:
             self._push_waiting(r)
 
     def in_waiting(self, request) -> bool:
-        return any(e[3] is request for e in self._waiting)
+        return id(request) in self._waiting_ids
 
     def step_token_cap(self) -> int:
         return self._token_cap
@@ -256,6 +258,7 @@ class SimEngine:
     def _push_waiting(self, r: SimRequest) -> None:
         self._seq += 1
         heapq.heappush(self._waiting, (r.priority, r.arrival_s, self._seq, r))
+        self._waiting_ids.add(id(r))
 
     def add_request(self, r: SimRequest) -> None:
         r.replica_id = self.replica_id
@@ -293,6 +296,14 @@ class SimEngine:
 
     def set_budget(self, budget: OfflineBudget, valid_until_s: float) -> None:
         self.budget, self.budget_valid_until_s = budget, valid_until_s
+
+    def budget_in_force(self, num_online: int, now_s: float) -> tuple[int, int]:
+        """The budget row that applies at `now_s` (what `budget_at` applies, without counting)."""
+        if self.override is not None:
+            return self.override.at(num_online)
+        if self.budget is None or now_s > self.budget_valid_until_s:
+            return self.fallback.at(num_online)
+        return self.budget.at(num_online)
 
     def budget_at(self, num_online: int) -> tuple[int, int]:
         if self.override is not None:
@@ -342,9 +353,13 @@ class SimEngine:
             while self._waiting and budget > 0 and len(self._running) < self.cfg.max_num_seqs:
                 r = self._waiting[0][3]
                 n = min(self.tokens_to_schedule(r, self.chunk_limit), budget)
-                if n <= 0 or not self._allocate(r, n):
+                # vLLM (scheduler_reserve_full_isl, its default) admits a waiting request only if
+                # its whole input fits in the free blocks, not just the first chunk.
+                full = -(-min(r.num_tokens, self.cfg.max_model_len) // self.cfg.block_size) - r.num_blocks
+                if n <= 0 or full > self._free_blocks or not self._allocate(r, n):
                     break
                 heapq.heappop(self._waiting)
+                self._waiting_ids.discard(id(r))
                 self._running.append(r)
                 scheduled[r] = n
                 budget -= n
@@ -375,12 +390,15 @@ class SimEngine:
         batch, offline = [], [0, 0, 0, 0]
         for r, n in scheduled.items():
             context = r.num_computed_tokens - n
-            batch.append((context, n, r.num_prompt_tokens))
+            # What must be computed before a token is sampled: the prompt, and after a
+            # preemption the outputs so far too (vLLM recomputes them as prefill).
+            held = max(r.num_prompt_tokens, r.num_tokens - 1)
+            batch.append((context, n, held))
             if r.is_offline:
                 offline[0] += 1
                 offline[1] += n
                 offline[2] += max(0, min(n, r.num_prompt_tokens - context))
-                offline[3] += 1 if context + n >= r.num_prompt_tokens else 0
+                offline[3] += 1 if context + n >= r.num_tokens else 0
         record = {**step_aggregates(batch), "num_offline_reqs": offline[0],
                   "num_online_reqs": len(scheduled) - offline[0], "num_offline_tokens": offline[1],
                   "num_offline_prompt_tokens": offline[2], "num_offline_output_tokens": offline[3],
@@ -410,8 +428,8 @@ class SimEngine:
         self._step_rows.append({**rec, "end_time_s": end})
         done = []
         for r in step.scheduled:
-            if r.num_computed_tokens < r.num_prompt_tokens or r.num_blocks == 0:
-                continue  # a prefill chunk short of the prompt, or preempted since
+            if r.num_computed_tokens < r.num_tokens or r.num_blocks == 0:
+                continue  # a chunk short of the prompt (or of a recompute), or preempted since
             r.num_output_tokens += 1
             if r.first_token_s is None:
                 r.first_token_s = end

@@ -271,3 +271,23 @@ def test_length_ordering_runs_the_engines_guard():
     run_alone(e, until_s=100.0)
     assert e.num_guard_promotions >= 1
     assert sum(1 for r in shorts if r.first_token_s < long.first_token_s) < 200
+
+
+def test_a_preempted_request_recomputes_before_it_emits_again():
+    # 8-token prompt, 10 tokens out, 8 tokens per step. After 5 tokens it is preempted: vLLM
+    # recomputes prompt + outputs (13 tokens: two chunks) and samples only after the second.
+    e = SimEngine("r", SimEngineConfig(max_num_batched_tokens=8, num_gpu_blocks=100), FixedStep(10.0))
+    e.override = OfflineBudget.flat(4, 64)
+    r = SimRequest("o", OFFLINE_PRIORITY, 0.0, 8, 10)
+    e.add_request(r)
+    t = 0.0
+    for _ in range(5):
+        t = e.start_step(t)
+        e.finish_step()
+    assert r.num_output_tokens == 5
+    e.preempt(r, t)
+    assert r.num_computed_tokens == 0 and e.num_free_blocks() == 100
+    run_alone(e, until_s=10.0)
+    assert r.num_output_tokens == 10 and r.finished_s is not None
+    assert e.counters.num_steps_total == 5 + 2 + 4
+    assert e.counters.num_offline_output_tokens_total == 10
