@@ -11,7 +11,7 @@ test: venv  ## lint, then unit + integration tests (real Ray, real vLLM-on-CPU)
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest tests/unit tests/component tests/integration -q
 
-bench: venv  ## every policy side by side on the bench model (about 18 minutes on 2 cores)
+bench: venv  ## every policy side by side on the bench model (about 45 minutes: six 380-s chat runs)
 	.venv/bin/colocate bench
 
 bench-quick: venv  ## the same, short (about 4-5 minutes)

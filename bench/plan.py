@@ -119,8 +119,8 @@ def search(config, opts: PlanOptions, out_dir: Path, on_progress: Callable[[str]
             c = run(seqs, chunk, base_share)
             if not c.feasible(opts.target_attainment):
                 break
-            if best is None or c.offline_tokens_per_s > best.offline_tokens_per_s:
-                best = c
+            if best is None or c.offline_tokens_per_s > best.offline_tokens_per_s * (1 + opts.min_gain):
+                best = c  # a larger config must gain min_gain to replace a smaller one (ties: smaller)
             if previous is not None and c.offline_tokens_per_s < previous.offline_tokens_per_s * (1 + opts.min_gain):
                 break
             previous = c
@@ -136,7 +136,7 @@ def search(config, opts: PlanOptions, out_dir: Path, on_progress: Callable[[str]
             if share == base_share:
                 continue
             c = run(best.max_num_seqs, best.max_num_batched_tokens, share)
-            if c.feasible(opts.target_attainment) and c.offline_tokens_per_s > best.offline_tokens_per_s:
+            if c.feasible(opts.target_attainment) and c.offline_tokens_per_s > best.offline_tokens_per_s * (1 + opts.min_gain):
                 best = c
     return {"best": None if best is None else best.__dict__, "candidates": [c.__dict__ for c in tried],
             "slo": opts.slo, "target_attainment": opts.target_attainment,

@@ -303,8 +303,11 @@ class Simulation:
         wall0 = time.monotonic()
         cluster.run(t1)
         samples = list(cluster.samples)
-        if online:  # let the last chat requests finish (their latencies count)
-            cluster.run(t1 + o.drain_s)
+        if online:  # let the last chat requests finish (their latencies count), up to drain_s
+            t = t1
+            while t < t1 + o.drain_s and any(req.finished_s is None for _, req in cluster.chat):
+                t = min(t + 1.0, t1 + o.drain_s)
+                cluster.run(t)
         outcomes = cluster.chat_outcomes(start_s, t1) if online else []
         elapsed = duration_s
         offline_tps = counter_delta(samples, "num_offline_output_tokens_total", start_s, t1) / elapsed
@@ -320,6 +323,7 @@ class Simulation:
             "throttle_reaction_ms": [],
             "timeseries": _fleet_series(samples, start_s),
             "sim_wall_s": time.monotonic() - wall0,
+            "simulated_s": cluster.now_s,
             "num_replicas": o.num_replicas,
             "controller_tick_ms": _spread(cluster.tick_wall_ms),
             "max_router_queue": cluster.max_router_queue,
