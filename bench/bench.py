@@ -100,14 +100,15 @@ def counter_delta(samples: list[dict[str, Any]], key: str, t0: float, t1: float)
     return total
 
 
-def _met(row: dict[str, Any], slo: dict[str, float]) -> list[bool]:
+def met_flags(row: dict[str, Any], slo: dict[str, float]) -> list[bool]:
+    """Per online request of a run's row: did it succeed and meet both targets."""
     return [bool(ok and ttft is not None and ttft <= slo["ttft_p99_ms"] and (tpot is None or tpot <= slo["tpot_p99_ms"]))
             for ttft, tpot, ok in row.get("requests") or []]
 
 
 def attainment(row: dict[str, Any], slo: dict[str, float]) -> float | None:
     """Share of online requests that succeeded and met both targets."""
-    met = _met(row, slo)
+    met = met_flags(row, slo)
     return float(np.mean(met)) if met else None
 
 
@@ -374,7 +375,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], sweep: list[dict[str, Any]]
             "offline_tokens_per_s", "offline_prompt_tokens_per_s", "total_tokens_per_s", "engine_busy_fraction",
             "offline_preempted")}
         table[name]["num_runs"] = len(rows)
-        met = [m for r in rows for m in _met(r, slo)]
+        met = [m for r in rows for m in met_flags(r, slo)]
         if met:
             table[name]["slo_attainment_ci95"] = list(wilson_interval(sum(met), len(met)))
             table[name]["num_online_requests"] = len(met)

@@ -76,7 +76,7 @@ def _with(config, seqs: int, chunk: int, share: float):
 
 
 def evaluate(config, opts: PlanOptions, seqs: int, chunk: int, share: float, out_dir: Path) -> Candidate:
-    from bench.bench import attainment
+    from bench.bench import attainment, met_flags
     from bench.simulate import SimOptions, Simulation
 
     sim_opts = SimOptions(duration_s=opts.duration_s, rate_per_s=opts.rate_per_s, online_trace=opts.online_trace,
@@ -89,8 +89,7 @@ def evaluate(config, opts: PlanOptions, seqs: int, chunk: int, share: float, out
     sim.slo = {**opts.slo, "source": "given"}
     sim._write_slo(sim.slo)
     row = sim.run_policy("colocate", None, online=True, offline=True)
-    met = [bool(ok and t is not None and t <= opts.slo["ttft_p99_ms"] and (p is None or p <= opts.slo["tpot_p99_ms"]))
-           for t, p, ok in row["requests"]]
+    met = met_flags(row, opts.slo)
     return Candidate(seqs, chunk, share, attainment(row, opts.slo), wilson_interval(sum(met), len(met))[0] if met else None,
                      len(met), row["offline_tokens_per_s"], row.get("ttft_p99_ms"), row.get("tpot_p99_ms"),
                      time.monotonic() - started)

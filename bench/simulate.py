@@ -16,16 +16,23 @@ trained CPU model as prior, refit on live steps when `learn_online`), or the ste
 from __future__ import annotations
 
 import json
-import math
 import resource
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.bench import UNLIMITED_BUDGET, chat_metrics, counter_delta, format_table, plot, summarize
+from bench.bench import (
+    UNLIMITED_BUDGET,
+    attainment,
+    backlog_dry_s,
+    chat_metrics,
+    counter_delta,
+    format_table,
+    plot,
+    summarize,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_PROFILE = ROOT / "profiler" / "data" / "cpu-bench-profile.parquet"
@@ -245,25 +252,15 @@ class Simulation:
         self.slo_file.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     def controller(self, clock):
-        from orchestrator.control.controller import ControllerCore
+        from orchestrator.control.controller import ControllerCore, MemoryCheckpoint
 
         c = self.config.controller
-
-        class _Store:
-            def __init__(self):
-                self.data = None
-
-            def get(self):
-                return self.data
-
-            def put(self, data):
-                self.data = data
 
         core = ControllerCore(model_id=self.config.model.id, slo_path=str(self.slo_file), period_s=c.period_s,
                               silence_timeout_s=c.silence_timeout_s,
                               model_path=None if self.opts.controller_model == "oracle" else self.prior_path,
                               profile_path=None, policy=c.policy.model_dump(mode="json"), clock=clock,
-                              store=_Store(), metrics=False, admission=lambda total: None,
+                              store=MemoryCheckpoint(), metrics=False, admission=lambda total: None,
                               learn_online=False, refit_period_s=c.refit_period_s)
         if self.opts.controller_model == "oracle":
             core.latency_model = self.step_model
@@ -287,7 +284,7 @@ class Simulation:
         fallback = OfflineBudget.flat(c.fallback_offline_seqs, c.fallback_offline_tokens)
         order = self.config.order
         engines = [SimEngine(f"replica-{i}", self.engine_cfg, self.step_model, fallback=fallback,
-                             silence_timeout_s=c.silence_timeout_s, offline_policy=order.offline_policy, order=order)
+                             offline_policy=order.offline_policy, order=order)
                    for i in range(o.num_replicas)]
         timings = ClusterTimings(report_period_s=c.report_period_s, client_overhead_ms=o.client_overhead_ms)
         cluster = SimCluster(engines, core, timings, seed=o.seed, refit=o.refit, job_policy=order.job_policy,
@@ -317,7 +314,7 @@ class Simulation:
             "offline_tokens_per_s": offline_tps,
             "offline_prompt_tokens_per_s": counter_delta(samples, "num_offline_prompt_tokens_total", start_s, t1) / elapsed,
             "online_tokens_per_s": counter_delta(samples, "num_online_tokens_total", start_s, t1) / elapsed,
-            "backlog_dry_s": 0.0 if not offline else _dry_s(samples, start_s, t1),
+            "backlog_dry_s": 0.0 if not offline else backlog_dry_s(samples, start_s, t1),
             "engine_busy_fraction": counter_delta(samples, "step_time_s_total", start_s, t1) / elapsed / o.num_replicas,
             "offline_preempted": counter_delta(samples, "num_offline_preempted_total", start_s, t1),
             "throttle_reaction_ms": [],
@@ -376,7 +373,7 @@ class Simulation:
                         "tpot_p99_ms": ref["tpot_p99_ms"] * (1 + o.slo_tolerance),
                         "source": f"online-only p99 x {1 + o.slo_tolerance:g} (simulated)"}
             self._write_slo(self.slo)
-            ref["slo_attainment"] = _attain(ref, self.slo)
+            ref["slo_attainment"] = attainment(ref, self.slo)
         else:
             from orchestrator.control.slo import load_slo
 
@@ -392,7 +389,7 @@ class Simulation:
                 if name not in runs:
                     runs[name] = [self.run_policy(name, {"max_offline_seqs": [0], "max_offline_tokens": [0]},
                                                   online=True, offline=False)]
-                    runs[name][0]["slo_attainment"] = _attain(runs[name][0], self.slo)
+                    runs[name][0]["slo_attainment"] = attainment(runs[name][0], self.slo)
             elif name == "offline-only":
                 runs[name] = [self.run_policy(name, UNLIMITED_BUDGET, online=False, offline=True)]
             elif name == "colocate":
@@ -431,18 +428,6 @@ def _spread(values: list[float]) -> dict[str, float | None]:
     return {"median": percentile(values, 50), "p99": percentile(values, 99), "max": max(values), "count": len(values)}
 
 
-def _attain(row: dict[str, Any], slo: dict[str, float]) -> float | None:
-    from bench.bench import attainment
-
-    return attainment(row, slo)
-
-
-def _dry_s(samples: list[dict[str, Any]], t0: float, t1: float) -> float:
-    from bench.bench import backlog_dry_s
-
-    return backlog_dry_s(samples, t0, t1)
-
-
 def _fleet_series(samples: list[dict[str, Any]], t0: float) -> list[dict[str, Any]]:
     """The bench's time-series rows, summed over replicas (one row per sample time)."""
     by_t: dict[float, dict[str, Any]] = {}
@@ -457,9 +442,4 @@ def _fleet_series(samples: list[dict[str, Any]], t0: float) -> list[dict[str, An
         row["num_offline_tokens_total"] += s["num_offline_tokens_total"]
         row["offline_budget_seqs"] += s["offline_budget_seqs"]
     return [by_t[t] for t in sorted(by_t)]
-
-
-def median(values):
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return statistics.median(values) if values else None
 

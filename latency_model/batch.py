@@ -39,3 +39,20 @@ def emits_token(context: int, num_tokens: int, num_held: int) -> bool:
     """A request yields a token when this step's tokens reach the end of what it holds (prompt
     plus tokens generated so far): a decode, or the chunk that completes a (re)computed prompt."""
     return context + num_tokens >= num_held
+
+
+def offline_counts(requests: Iterable[tuple[int, int, int, int, bool]]) -> dict[str, int]:
+    """The offline class's share of a step from (context before the step, tokens scheduled,
+    prompt tokens, tokens held before a token is sampled, offline?) per scheduled request:
+    requests, tokens, prompt tokens among them, and output tokens (`emits_token`). One rule for
+    the engine's telemetry and the simulator, whose counters the bench reads alike."""
+    num_reqs = num_tokens = num_prompt_tokens = num_output = 0
+    for context, n, num_prompt, num_held, offline in requests:
+        if not offline:
+            continue
+        num_reqs += 1
+        num_tokens += n
+        num_prompt_tokens += max(0, min(n, num_prompt - context))
+        num_output += 1 if emits_token(context, n, num_held) else 0
+    return {"num_offline_reqs": num_reqs, "num_offline_tokens": num_tokens,
+            "num_offline_prompt_tokens": num_prompt_tokens, "num_offline_output_tokens": num_output}

@@ -120,6 +120,20 @@ class GcsCheckpoint:
         kv_put(CHECKPOINT_KEY, data, NAMESPACE)
 
 
+class MemoryCheckpoint:
+    """A checkpoint store in this process's memory: a controller that need not survive itself
+    (the simulator's)."""
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+
+    def get(self) -> bytes | None:
+        return self.data
+
+    def put(self, data: bytes) -> None:
+        self.data = data
+
+
 class ControllerCore:
     """The controller's logic; `Controller` is this as a Ray actor. The clock and the checkpoint
     store are injected, so unit tests run it without Ray."""

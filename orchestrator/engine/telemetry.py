@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from latency_model.batch import step_aggregates
+from latency_model.batch import offline_counts, step_aggregates
 from latency_model.schema import STEP_SCHEMA
 from orchestrator.compat.vllm_api import Scheduler, SchedulerAccess
 from orchestrator.engine.channel import RING_COLUMNS, EngineChannel
@@ -43,30 +43,22 @@ _OFFLINE_PRIORITY = vllm_priority(RequestClass.OFFLINE)
 def step_record(access: SchedulerAccess, scheduler_output) -> dict[str, Any]:
     """Aggregates of one scheduled step. Called after `schedule()`, which has already advanced
     each request's num_computed_tokens by its scheduled tokens."""
-    num_offline = offline_tokens = offline_prompt_tokens = offline_output_tokens = 0
     scheduled = access.scheduled_tokens(scheduler_output)
     batch = []
     for req_id, num_tokens in scheduled.items():
         req = access.request(req_id)
         if req is None:
             continue
-        context = access.context_tokens(req) - num_tokens
         num_prompt = access.num_prompt_tokens(req)
-        batch.append((context, num_tokens, num_prompt))
-        if access.priority(req) >= _OFFLINE_PRIORITY:
-            num_offline += 1
-            offline_tokens += num_tokens
-            offline_prompt_tokens += max(0, min(num_tokens, num_prompt - context))
-            # A decode step yields one token; so does the prefill chunk that completes the prompt.
-            offline_output_tokens += 1 if context + num_tokens >= num_prompt else 0
+        # A decode step yields one token; so does the prefill chunk that completes the prompt.
+        batch.append((access.context_tokens(req) - num_tokens, num_tokens, num_prompt, num_prompt,
+                      access.priority(req) >= _OFFLINE_PRIORITY))
+    offline = offline_counts(batch)
     return {
-        **step_aggregates(batch),
-        "num_offline_reqs": num_offline,
-        "num_online_reqs": len(scheduled) - num_offline,
-        "num_offline_tokens": offline_tokens,
-        "num_offline_prompt_tokens": offline_prompt_tokens,
-        "num_offline_output_tokens": offline_output_tokens,
-        "num_online_tokens": access.total_scheduled_tokens(scheduler_output) - offline_tokens,
+        **step_aggregates(b[:3] for b in batch),
+        **offline,
+        "num_online_reqs": len(scheduled) - offline["num_offline_reqs"],
+        "num_online_tokens": access.total_scheduled_tokens(scheduler_output) - offline["num_offline_tokens"],
         "kv_cache_usage": access.kv_cache_usage(),
     }
 

@@ -28,7 +28,6 @@ from typing import Any
 
 from orchestrator.control.reply import remaining_validity_s, reply_budget
 from orchestrator.control.sharing import allowance
-from orchestrator.engine.budget import OfflineBudget
 from orchestrator.names import MAX_ONGOING_REQUESTS
 from orchestrator.request_class import RequestClass, vllm_priority
 from orchestrator.sim.engine import SimEngine, SimRequest
@@ -321,6 +320,3 @@ class SimCluster:
             out.append(ChatOutcome(req.client_arrival_s, ttft, tpot, req.num_output_tokens, ok, req.replica_id))
         return out
 
-
-def budget_of(table: dict[str, list[int]] | None) -> OfflineBudget | None:
-    return None if table is None else OfflineBudget(tuple(table["max_offline_seqs"]), tuple(table["max_offline_tokens"]))

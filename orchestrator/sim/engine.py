@@ -23,17 +23,17 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from latency_model.batch import step_aggregates
+from latency_model.batch import offline_counts, step_aggregates
 from latency_model.features import featurize
 from orchestrator.config import OrderConfig
 from orchestrator.engine.budget import OfflineBudget
 from orchestrator.engine.enforce import OFFLINE_PRIORITY, BudgetEnforcer, counts_as_counters
-from orchestrator.engine.load import LoadWindow
+from orchestrator.engine.load import CALIBRATION_COLUMNS, LoadWindow
 from orchestrator.engine.order import WaitingGuard
 
 
@@ -94,7 +94,6 @@ class _Step:
 
     scheduled: dict[SimRequest, int]
     record: dict[str, Any]
-    start_s: float
     end_s: float
 
 
@@ -109,7 +108,6 @@ class EngineCounters:
     num_offline_preempted_total: float = 0.0
     num_throttled_steps: float = 0.0
     num_fallback_steps: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class SimEngine:
@@ -118,7 +116,7 @@ class SimEngine:
     returned end time; `report(now)` is what the replica sends the controller."""
 
     def __init__(self, replica_id: str, cfg: SimEngineConfig, step_model, *, controlled: bool = True,
-                 fallback: OfflineBudget = OfflineBudget.flat(1, 64), silence_timeout_s: float = 2.0,
+                 fallback: OfflineBudget = OfflineBudget.flat(1, 64),
                  offline_policy: str = "fcfs", on_finish: Callable[[SimRequest], None] | None = None,
                  order: OrderConfig | None = None) -> None:
         self.replica_id = replica_id
@@ -126,7 +124,6 @@ class SimEngine:
         self.step_model = step_model
         self.controlled = controlled
         self.fallback = fallback
-        self.silence_timeout_s = silence_timeout_s
         self.on_finish = on_finish
         self.now_s = 0.0
         self.current_step = 0
@@ -387,28 +384,21 @@ class SimEngine:
                 undo()
         if not scheduled:
             return None
-        batch, offline = [], [0, 0, 0, 0]
-        for r, n in scheduled.items():
-            context = r.num_computed_tokens - n
-            # What must be computed before a token is sampled: the prompt, and after a
-            # preemption the outputs so far too (vLLM recomputes them as prefill).
-            held = max(r.num_prompt_tokens, r.num_tokens - 1)
-            batch.append((context, n, held))
-            if r.is_offline:
-                offline[0] += 1
-                offline[1] += n
-                offline[2] += max(0, min(n, r.num_prompt_tokens - context))
-                offline[3] += 1 if context + n >= r.num_tokens else 0
-        record = {**step_aggregates(batch), "num_offline_reqs": offline[0],
-                  "num_online_reqs": len(scheduled) - offline[0], "num_offline_tokens": offline[1],
-                  "num_offline_prompt_tokens": offline[2], "num_offline_output_tokens": offline[3],
-                  "num_online_tokens": sum(scheduled.values()) - offline[1],
+        # After a preemption vLLM recomputes prompt and outputs as prefill, and samples only once
+        # all of them are back: the prefill runs to max(prompt, tokens - 1), the token comes at
+        # the request's whole length.
+        batch = [(r.num_computed_tokens - n, n, r.num_prompt_tokens, r.num_tokens, r.is_offline)
+                 for r, n in scheduled.items()]
+        offline = offline_counts(batch)
+        record = {**step_aggregates((c, n, max(p, held - 1)) for c, n, p, held, _ in batch), **offline,
+                  "num_online_reqs": len(scheduled) - offline["num_offline_reqs"],
+                  "num_online_tokens": sum(scheduled.values()) - offline["num_offline_tokens"],
                   "kv_cache_usage": 1.0 - self._free_blocks / self.cfg.num_gpu_blocks}
         median, _ = self.step_model.predict_ms(featurize({k: np.asarray([v], dtype=np.float64)
                                                          for k, v in record.items()}))
         step_ms = float(median[0]) + self.cfg.host_overhead_ms
         record["step_latency_ms"] = step_ms
-        self.in_flight = _Step(scheduled, record, now_s, now_s + step_ms / 1000.0)
+        self.in_flight = _Step(scheduled, record, now_s + step_ms / 1000.0)
         return self.in_flight.end_s
 
     def finish_step(self) -> list[SimRequest]:
@@ -462,8 +452,6 @@ class SimEngine:
         """What a Serve replica's `load_snapshot()` sends the controller."""
         rows, self._step_rows = self._step_rows, []
         events, self._latency_events = self._latency_events, []
-        from orchestrator.engine.load import CALIBRATION_COLUMNS
-
         cols = (*CALIBRATION_COLUMNS, "end_time_s", "num_online_reqs", "kv_cache_usage")
         steps = {c: np.asarray([r[c] for r in rows], dtype=np.float64) for c in dict.fromkeys(cols)}
         lat = {"time_s": [e[0] for e in events], "ttft_ms": [e[1] for e in events], "tpot_ms": [e[2] for e in events]}

@@ -156,23 +156,14 @@ def test_steps_are_timed_by_the_model_and_time_advances_by_them():
 
 def test_the_production_controller_runs_on_simulated_time(tmp_path):
     from orchestrator.config import EmulationConfig
-    from orchestrator.control.controller import ControllerCore
+    from orchestrator.control.controller import ControllerCore, MemoryCheckpoint
 
     slo = tmp_path / "slo.yaml"
     slo.write_text("models:\n  m:\n    ttft_p99_ms: 500\n    tpot_p99_ms: 30\n")
 
-    class Store:
-        data = None
-
-        def get(self):
-            return self.data
-
-        def put(self, data):
-            self.data = data
-
     roofline = EmulationConfig().roofline()
     engines = [SimEngine(f"r{i}", SimEngineConfig(max_num_seqs=64, num_gpu_blocks=20_000), roofline) for i in range(2)]
-    core = ControllerCore(model_id="m", slo_path=str(slo), store=Store(), metrics=False, admission=lambda t: None)
+    core = ControllerCore(model_id="m", slo_path=str(slo), store=MemoryCheckpoint(), metrics=False, admission=lambda t: None)
     core.latency_model = roofline
     cluster = SimCluster(engines, core, seed=3)
     core.clock = lambda: cluster.now_s
