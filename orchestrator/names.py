@@ -16,10 +16,10 @@ ADMISSION_NAME = "colocate-offline-admission"
 CHECKPOINT_KEY = b"colocate/controller/checkpoint"
 """The controller's policy state and last good SLO, in the GCS key-value store."""
 LLM_DEPLOYMENT_PREFIX = "ColocateLLMServer:"
+"""Ray Serve LLM names each model's deployment "<server class name>:<model id>"."""
 MAX_ONGOING_REQUESTS = 256
 """Serve's per-replica cap on requests in flight (both classes): beyond it, requests wait at
 the router in arrival order, whatever their class."""
-"""Ray Serve LLM names each model's deployment "<server class name>:<model id>"."""
 
 # --- environment: replica -> engine process -------------------------------------------------
 ENV_ENGINE_CHANNEL = "COLOCATE_ENGINE_CHANNEL"

@@ -43,6 +43,7 @@ from orchestrator.control.profile import load_profile
 from orchestrator.control.reply import make_reply
 from orchestrator.control.sharing import admission_total
 from orchestrator.control.snapshot import replica_load
+from orchestrator.metrics import CONTROLLER_DECISIONS, CONTROLLER_ROW_METRICS, MODEL_METRICS, make_metric
 from orchestrator.names import CHECKPOINT_KEY, CONTROLLER_NAME, NAMESPACE
 
 STALE_REPORT_S = 2.0
@@ -52,38 +53,10 @@ log = logging.getLogger(__name__)
 
 class _Metrics:
     def __init__(self) -> None:
-        from ray.util.metrics import Counter, Gauge
-
-        tags = ("replica",)
-        self.gauges = {
-            name: Gauge(f"colocate_{name}", description=desc, tag_keys=tags)
-            for name, desc in [
-                ("online_requests", "Online requests running or waiting in the engine"),
-                ("offline_budget_seqs", "Offline sequences allowed at the current online load"),
-                ("offline_budget_tokens", "Offline tokens per step allowed at the current online load"),
-                ("offline_running", "Offline sequences in the engine (running or paused)"),
-                ("observed_ttft_p99_ms", "Observed online p99 time to first token"),
-                ("observed_tpot_p99_ms", "Observed online p99 time per output token"),
-                ("predicted_step_ms", "Predicted step latency of the current batch (the head its budget was chosen with)"),
-                ("throttle_scale", "Share of the model budget granted (1 = open)"),
-                ("model_calibration", "Observed / predicted step latency on recent steps"),
-                ("slo_ttft_p99_ms", "TTFT p99 target"),
-                ("slo_tpot_p99_ms", "TPOT p99 target"),
-                ("headroom", "Share of the TPOT target kept free of predicted step time (measured or set)"),
-                ("probe_tpot", "Multiplier of the per-step target beyond the model in rows with chat (>= 1)"),
-                ("probe_ttft", "Multiplier of the idle row's per-step target beyond the model (>= 1)"),
-            ]
-        }
-        self.model_gauges = {
-            name: Gauge(f"colocate_model_{name}", description=desc)
-            for name, desc in [
-                ("age_s", "Seconds since the latency model in force was fit"),
-                ("live_mape", "Median-head error of the model in force on steps seen after its fit"),
-                ("live_steps", "Live engine steps the model was fit on"),
-                ("speed_vs_prior", "Observed / prior-predicted step latency (this host's speed vs the prior's)"),
-            ]
-        }
-        self.decisions = Counter("colocate_controller_decisions", description="Controller decisions made")
+        prefix = len("colocate_")
+        self.gauges = {spec.name[prefix:]: make_metric(spec) for spec in CONTROLLER_ROW_METRICS}
+        self.model_gauges = {spec.name[len("colocate_model_"):]: make_metric(spec) for spec in MODEL_METRICS}
+        self.decisions = make_metric(CONTROLLER_DECISIONS)
 
     def record_model(self, model: dict[str, Any]) -> None:
         for name, gauge in self.model_gauges.items():
@@ -275,6 +248,9 @@ class ControllerCore:
 
     def receive(self, snapshot: dict[str, Any]) -> dict[str, Any] | None:
         """`report` without the loop start (the simulator calls it on its own clock)."""
+        # Freshness is judged on this clock alone: a replica on another node stamps its report
+        # with that host's wall clock, and two hosts' clocks need not agree.
+        snapshot["received_at_s"] = self.clock()
         if self.fitter is not None:
             self.fitter.add(snapshot.pop("new_steps", None))
         if snapshot.get("recent_steps"):
@@ -306,7 +282,7 @@ class ControllerCore:
         # observe
         self._poll_slo()
         now = self.clock()
-        fresh = {rid: r for rid, r in self.reports.items() if now - r["reported_at_s"] <= STALE_REPORT_S}
+        fresh = {rid: r for rid, r in self.reports.items() if now - r["received_at_s"] <= STALE_REPORT_S}
         targets = self.slo.targets(self.model_id)
         if targets is None:
             return None  # no valid SLO yet: replicas stay on their safe fallback budget
@@ -427,7 +403,7 @@ class ControllerCore:
             now = self.clock()
             for rid, d in self.last_decision.replicas.items():
                 report = self.reports.get(rid)
-                if report is None or now - report["reported_at_s"] > STALE_REPORT_S:
+                if report is None or now - report["received_at_s"] > STALE_REPORT_S:
                     continue
                 rows.append(self._status_row_with_counters(report, d, targets))
         return {

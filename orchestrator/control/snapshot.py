@@ -149,7 +149,7 @@ def replica_load(report: dict[str, Any]) -> ReplicaLoad:
         step_p99_ms=report.get("step_p99_ms"),
         step_p50_ms=report.get("step_p50_ms"),
         kv_cache_usage=report.get("kv_cache_usage"),
-        reported_at_s=float(report["reported_at_s"]),
+        reported_at_s=float(report.get("received_at_s", report["reported_at_s"])),
         recent_steps=report.get("recent_steps"),
         max_num_seqs=int(report["max_num_seqs"]) if report.get("max_num_seqs") else None,
     )

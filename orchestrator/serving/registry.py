@@ -18,12 +18,13 @@ class ReplicaRegistry:
         self._reports: dict[str, dict[str, Any]] = {}
 
     def report(self, stats: dict[str, Any]) -> None:
-        self._reports[stats["replica_id"]] = stats
+        # Aged on this actor's clock: the replica's own stamp is another host's wall clock.
+        self._reports[stats["replica_id"]] = {**stats, "received_at_s": time.time()}
 
     def snapshot(self, max_age_s: float = STALE_AFTER_S) -> list[dict[str, Any]]:
         """Reports younger than `max_age_s`; older ones belong to replicas that went away."""
         now_s = time.time()
-        return [r for r in self._reports.values() if now_s - r["reported_at_s"] <= max_age_s]
+        return [r for r in self._reports.values() if now_s - r["received_at_s"] <= max_age_s]
 
 
 def get_or_create_registry():

@@ -41,7 +41,7 @@ class Clock:
 
 
 def report(clock, rid="r1", **kw):
-    base = dict(replica_id=rid, reported_at_s=clock(), num_online_running=0, num_online_waiting=0,
+    base = dict(replica_id=rid, reported_at_s=clock(), received_at_s=clock(), num_online_running=0, num_online_waiting=0,
                 num_offline_running=0, num_offline_paused=0, num_offline_waiting=0)
     base.update(kw)
     return base
@@ -65,7 +65,7 @@ def test_tick_decides_a_budget_per_fresh_replica_and_replies_with_it(setup):
     make, _, clock, _ = setup
     c = make()
     c.reports["r1"] = report(clock)
-    c.reports["old"] = report(clock, rid="old", reported_at_s=clock() - 10)
+    c.reports["old"] = report(clock, rid="old", received_at_s=clock() - 10)
     decision = c.tick()
     assert set(decision.replicas) == {"r1"}
     reply = asyncio.run(c.report(report(clock)))
@@ -214,7 +214,7 @@ def test_the_policy_state_does_not_move_while_an_override_pins_the_budget(setup)
     c.set_override({"max_offline_seqs": [0], "max_offline_tokens": [0]})
     for _ in range(40):
         clock.t += 0.25
-        c.reports["r1"]["reported_at_s"] = clock()
+        c.reports["r1"]["received_at_s"] = clock()
         c.tick()
     assert "r1" not in c.state
     c.set_override(None)

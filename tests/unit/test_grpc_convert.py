@@ -4,6 +4,7 @@ error mapping and access checks (no Ray cluster, no vLLM)."""
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from unittest.mock import Mock
 
@@ -38,8 +39,14 @@ def test_checked_in_stubs_match_the_proto(tmp_path):
 
     for name, path in codegen.generate(tmp_path).items():
         checked_in = codegen.PACKAGE_DIR / name
-        assert checked_in.read_text() == path.read_text(), (
+        # The stub names the grpcio-tools release that wrote it as the lowest grpcio it runs on;
+        # a newer tools release changes only that line, and the older floor is the one to keep.
+        assert _without_tools_version(checked_in.read_text()) == _without_tools_version(path.read_text()), (
             f"{checked_in} does not match chat.proto: run python -m orchestrator.serving.grpc_api.codegen")
+
+
+def _without_tools_version(text: str) -> str:
+    return re.sub(r"^GRPC_GENERATED_VERSION = .*$", "GRPC_GENERATED_VERSION = ...", text, flags=re.M)
 
 
 def test_service_shape():
