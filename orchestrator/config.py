@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator.names import MAX_ONGOING_REQUESTS
+
 CONFIG_KIND = "ColocateConfig"
 CONFIG_VERSION = 1
 
@@ -83,6 +85,12 @@ class ReplicaConfig(_Strict):
     """GPUs per replica (tensor parallel size) when accelerator is gpu; ignored on cpu."""
     num_cpus_per_replica: float = Field(1.0, gt=0)
     """Logical CPUs reserved for each replica's engine bundle."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each replica's engine bundle asks for: places replicas on the nodes
+    that offer them (e.g. a node type started with `ray start --resources`)."""
+    max_ongoing_requests: int = Field(MAX_ONGOING_REQUESTS, ge=1)
+    """Serve's per-replica cap on requests in flight, both classes together; beyond it requests
+    wait at Serve's router in arrival order (chat then waits behind offline work there)."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to vLLM's AsyncEngineArgs unchanged (max_model_len, max_num_seqs, ...)."""
     env: dict[str, str] = Field(default_factory=dict)
@@ -102,6 +110,13 @@ class ReplicaConfig(_Strict):
             raise ValueError(
                 f"engine_kwargs may not set {clash}: Colocate sets them from model/replicas"
             )
+        reserved = sorted(k for k in self.resources if k in ("CPU", "GPU", "memory", "object_store_memory")
+                          or k.startswith("node:"))
+        if reserved:
+            raise ValueError(f"resources may not name {reserved}: set num_cpus_per_replica / "
+                             "num_gpus_per_replica (Ray's node resources are not for placement here)")
+        if any(v <= 0 for v in self.resources.values()):
+            raise ValueError("resources: every amount must be > 0")
         if self.engine == "emulated" and self.accelerator != "cpu":
             raise ValueError("engine: emulated runs on the CPU build (accelerator: cpu); it models a GPU")
         return self

@@ -18,8 +18,9 @@ CHECKPOINT_KEY = b"colocate/controller/checkpoint"
 LLM_DEPLOYMENT_PREFIX = "ColocateLLMServer:"
 """Ray Serve LLM names each model's deployment "<server class name>:<model id>"."""
 MAX_ONGOING_REQUESTS = 256
-"""Serve's per-replica cap on requests in flight (both classes): beyond it, requests wait at
-the router in arrival order, whatever their class."""
+"""Serve's per-replica cap on requests in flight (both classes), by default
+(`replicas.max_ongoing_requests`): beyond it, requests wait at the router in arrival order,
+whatever their class."""
 
 # --- environment: replica -> engine process -------------------------------------------------
 ENV_ENGINE_CHANNEL = "COLOCATE_ENGINE_CHANNEL"

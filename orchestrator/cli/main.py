@@ -80,7 +80,7 @@ def up(
 
 
 @app.command()
-def down() -> None:
+def down(keep_logs: bool = typer.Option(False, "--keep-logs", help="Keep the temp dir (Ray's logs) of a cluster `up` started.")) -> None:
     """Remove what `colocate up` created; stops a cluster only if `up` started it."""
     from orchestrator.cluster import lifecycle as cluster
 
@@ -88,7 +88,7 @@ def down() -> None:
     if state is None:
         typer.echo("nothing to stop: no stack was started from this directory")
         return
-    for line in cluster.teardown(state):
+    for line in cluster.teardown(state, keep_logs=keep_logs):
         typer.echo(line)
 
 
@@ -112,12 +112,17 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     for dep in report["deployments"]:
         typer.echo(f"  {dep['name']}: {dep['status']} {dep['replica_states']}")
     typer.echo(f"{'replica':<12} {'state':<10} {'model':<20} {'running':>7} {'waiting':>7} {'kv_used':>7} "
-               f"{'online':>6} {'offline':>7}")
+               f"{'online':>6} {'offline':>7} {'controller':>11}")
     for r in report["replicas"]:
         typer.echo(f"{r['replica_id']:<12} {r['state']:<10} {r.get('model', '-'):<20} "
                    f"{r.get('num_running_reqs', '-'):>7} {r.get('num_waiting_reqs', '-'):>7} "
                    f"{r.get('kv_cache_usage', 0.0):>7.1%} "
-                   f"{r.get('num_inflight', {}).get('online', '-'):>6} {r.get('num_inflight', {}).get('offline', '-'):>7}")
+                   f"{r.get('num_inflight', {}).get('online', '-'):>6} {r.get('num_inflight', {}).get('offline', '-'):>7} "
+                   f"{r.get('controller', '-'):>11}")
+    for r in report["replicas"]:
+        if r.get("controller") in ("missing", "unreachable"):
+            typer.echo(f"  replica {r['replica_id']} has no controller ({r['controller']}): it runs its "
+                       "fallback offline budget; see its log")
     ctl = report.get("controller")
     if ctl is None:
         typer.echo("controller:  not running (offline work limited only by vLLM priorities)")
@@ -201,26 +206,38 @@ def _slo_context(config_path: str | None):
 @slo_app.command("show")
 def slo_show(
     config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster whose controller to ask "
+                                       "(default: the stack `colocate up` recorded here, if any)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """The SLO file, and the targets the running controller has in force (with any rejection)."""
-    from orchestrator.control.slo import SloError, dump_slo, load_slo
+    """The SLO file (the controller's own, when one runs), and the targets it has in force."""
+    import ray
 
-    cfg, path = _slo_context(config)
-    try:
-        text = dump_slo(load_slo(path, {cfg.model.id}))
-        file_error = None
-    except SloError as err:
-        text, file_error = None, str(err)
+    from orchestrator.control.slo import SloError, dump_slo, load_slo, parse_slo
+
+    handle = _running_controller(address)
     in_force = None
-    from orchestrator.cluster import lifecycle as cluster
-
-    state = cluster.StackState.load()
-    if state is not None:
-        cluster.connect(state.address)
+    if handle is not None:
         in_force = controller_status()
+        shown = ray.get(handle.slo_text.remote(), timeout=30)
+        path, text, file_error = shown["path"], shown.get("text"), shown.get("error")
+        if text is not None:
+            try:
+                text = dump_slo(parse_slo(text, path))
+            except SloError as err:
+                text, file_error = None, str(err)
+    elif address:
+        _echo(f"error: no Colocate controller answers on the Ray cluster at {address}")
+        raise typer.Exit(1)
+    else:
+        cfg, local = _slo_context(config)
+        path = str(local)
+        try:
+            text, file_error = dump_slo(load_slo(local, {cfg.model.id})), None
+        except SloError as err:
+            text, file_error = None, str(err)
     if as_json:
-        typer.echo(json.dumps({"path": str(path), "file_error": file_error, "controller": in_force}, indent=2))
+        typer.echo(json.dumps({"path": path, "file_error": file_error, "controller": in_force}, indent=2))
         return
     typer.echo(f"# {path}")
     typer.echo(text if text is not None else f"# invalid: {file_error}")
@@ -234,10 +251,31 @@ def slo_show(
 def slo_set(
     assignments: list[str] = typer.Argument(..., help="MODEL.FIELD=VALUE or FIELD=VALUE (one served model)."),
     config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster whose controller to change "
+                                       "(default: the stack `colocate up` recorded here, if any)."),
 ) -> None:
-    """Change targets: validated first, then written; the controller applies them within 2 s."""
+    """Change targets: validated first, then written; in force at once.
+
+    With a running controller (the recorded stack, or `--address`) the controller edits the file
+    it reads itself, on its node: the one that counts, wherever the CLI runs. Without one, the
+    config's SLO file is edited here, and a controller started later reads it."""
     from orchestrator.control.slo import SloError, apply_setting, diff, load_slo, write_slo_atomically
 
+    handle = _running_controller(address)
+    if handle is not None:
+        import ray
+
+        result = ray.get(handle.edit_slo.remote(list(assignments)), timeout=30)
+        if "error" in result:
+            _echo(f"error: {result['error']} (the controller's file {result['path']} is unchanged)")
+            raise typer.Exit(2)
+        typer.echo(f"# {result['path']} (the controller's file), in force now")
+        for change in result["changes"]:
+            typer.echo(change)
+        return
+    if address:
+        _echo(f"error: no Colocate controller answers on the Ray cluster at {address}")
+        raise typer.Exit(1)
     cfg, path = _slo_context(config)
     try:
         old = load_slo(path, {cfg.model.id})
@@ -248,8 +286,30 @@ def slo_set(
         _echo(f"error: {err}")
         raise typer.Exit(2) from None
     write_slo_atomically(path, new)
+    typer.echo(f"# {path} (no controller is running; one reads this file when it starts)")
     for change in diff(old, new) or ["no change"]:
         typer.echo(change)
+
+
+def _running_controller(address: str | None):
+    """The controller of `address`, or of the stack recorded here; None when neither answers."""
+    import ray
+
+    from orchestrator.cluster import lifecycle as cluster
+    from orchestrator.control.controller import get_controller
+
+    if address is None:
+        state = cluster.StackState.load()
+        if state is None:
+            return None
+        address = state.address
+    try:
+        cluster.connect(address)
+        handle = get_controller()
+        ray.get(handle.ready.remote(), timeout=10)
+        return handle
+    except (ValueError, ConnectionError, ray.exceptions.RayError):
+        return None
 
 
 def _stack_with_job_api():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,6 +43,8 @@ class StackState:
     started_cluster: bool
     ray_start_pid: int | None = None
     temp_dir: str | None = None
+    created_temp_dir: bool = False
+    """`up` made `temp_dir` (so `down` removes it, logs included, unless told to keep it)."""
     metrics_url: str | None = None
     """Prometheus endpoint of the head node's metrics agent (Colocate's metrics included)."""
     grpc_endpoint: str | None = None
@@ -93,6 +96,7 @@ def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackSta
         if port_in_use(cfg.node_ip, port):
             raise RuntimeError(f"{name} {port} is already in use on {cfg.node_ip}; choose another port")
     temp_dir = cfg.temp_dir or f"/tmp/colocate-{cfg.gcs_port}"
+    created_temp_dir = not Path(temp_dir).exists()
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     metrics_port = free_port()
     cmd = [
@@ -145,6 +149,7 @@ def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackSta
         started_cluster=True,
         ray_start_pid=proc.pid,
         temp_dir=temp_dir,
+        created_temp_dir=created_temp_dir,
         metrics_url=f"http://{cfg.node_ip}:{metrics_port}/metrics",
     )
 
@@ -161,7 +166,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _kill_group(pid: int, grace_s: float = 12.0) -> None:
+def _kill_group(pid: int, grace_s: float = 12.0) -> list[str]:
     """Stop the `ray start` process led by `pid` and every process it spawned (ours alone).
 
     Ray's workers are started by the raylet in sessions of their own, so a process-group signal
@@ -169,14 +174,20 @@ def _kill_group(pid: int, grace_s: float = 12.0) -> None:
     Measured on a stack here: the raylet, workers and engines exit within ~11 s of SIGTERM, while
     `ray start --block`, the GCS and Serve's controller and proxy actors were all still there at
     30 s, so a longer grace only delays the SIGKILL that ends them.
+
+    Returns the shared-memory segments those processes mapped and left behind (now removed):
+    vLLM unlinks its own only on a clean shutdown (engine.shm).
     """
     import psutil
+
+    from orchestrator.engine import shm
 
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return
+        return []
+    segments = shm.mapped_segments(p.pid for p in procs)
     for proc in procs:
         try:
             proc.terminate()
@@ -188,7 +199,10 @@ def _kill_group(pid: int, grace_s: float = 12.0) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    _wait_gone(alive, 5.0)
+    still = _wait_gone(alive, 5.0)
+    if still:
+        return []  # something survived SIGKILL: leave what it may still map
+    return shm.unlink_segments(segments)
 
 
 def _wait_gone(procs, timeout_s: float):
@@ -285,12 +299,24 @@ def _grpc_listening(config: ColocateConfig) -> bool:
     return port_in_use(host, grpc.port)
 
 
-def teardown(state: StackState) -> list[str]:
-    """Remove what `up` created. Returns what was done, for the CLI to print."""
+def teardown(state: StackState, keep_logs: bool = False) -> list[str]:
+    """Remove what `up` created: the cluster it started (or its application and controller on a
+    cluster it joined), the engines' shared memory, and the temp dir it made (unless
+    `keep_logs`). Returns what was done, for the CLI to print."""
+    from orchestrator.engine import shm
+
     done = []
     if state.started_cluster and state.ray_start_pid:
-        _kill_group(state.ray_start_pid)
+        segments = _kill_group(state.ray_start_pid)
         done.append(f"stopped the local Ray cluster (process group {state.ray_start_pid})")
+        if segments:
+            done.append(f"removed {len(segments)} shared-memory segment(s) its engines left")
+        if state.temp_dir and state.created_temp_dir:
+            if keep_logs:
+                done.append(f"kept its temp dir and logs: {state.temp_dir}")
+            else:
+                shutil.rmtree(state.temp_dir, ignore_errors=True)
+                done.append(f"removed its temp dir {state.temp_dir} (`down --keep-logs` keeps it)")
     else:
         from ray import serve
 
@@ -305,6 +331,8 @@ def teardown(state: StackState) -> list[str]:
 
     if removed := sweep_stale_channels():
         done.append(f"removed {len(removed)} engine channel file(s) of stopped replicas")
+    if removed := shm.sweep():
+        done.append(f"removed {len(removed)} shared-memory segment(s) of stopped engines")
     StackState.clear()
     return done
 

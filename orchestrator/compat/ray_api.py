@@ -40,6 +40,14 @@ check_version(RAY_VERSION, allow_untested=os.environ.get(ENV_ALLOW_UNTESTED) == 
 
 # --- Ray Serve LLM ------------------------------------------------------------------------------
 
+def head_node_resource() -> str:
+    """The resource only the head node has (Ray's own name for it): an actor that asks for a
+    sliver of it is placed on the head, where the operator's files are."""
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    return HEAD_NODE_RESOURCE_NAME
+
+
 def openai_ingress_base() -> type:
     """Ray Serve LLM's OpenAI ingress class (the base of `orchestrator.serving.ingress`)."""
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress

@@ -319,6 +319,31 @@ class ControllerCore:
         self._checkpoint()
         return decision
 
+    def edit_slo(self, assignments: list[str]) -> dict[str, Any]:
+        """`colocate slo set` through the controller: the file it reads is edited where it lives
+        (its node, the head), validated before it is written, and in force on return. Returns
+        {"path", "changes"} or {"path", "error"} (the file is then untouched)."""
+        from orchestrator.control.slo import SloError, apply_setting, diff, load_slo, write_slo_atomically
+
+        models = {self.model_id}
+        try:
+            old = load_slo(self.slo.path, models)
+            new = old
+            for assignment in assignments:
+                new = apply_setting(new, assignment, models)
+        except SloError as err:
+            return {"path": str(self.slo.path), "error": str(err)}
+        write_slo_atomically(self.slo.path, new)
+        self._poll_slo()
+        return {"path": str(self.slo.path), "changes": diff(old, new) or ["no change"]}
+
+    def slo_text(self) -> dict[str, Any]:
+        """The SLO file as the controller's node has it (`colocate slo show`)."""
+        try:
+            return {"path": str(self.slo.path), "text": self.slo.path.read_text()}
+        except OSError as err:
+            return {"path": str(self.slo.path), "error": f"cannot read: {err.strerror or err}"}
+
     def set_override(self, budget: dict[str, Any] | None) -> None:
         """Fix every replica's budget (`max_offline_seqs` / `max_offline_tokens` tables), bypassing
         the policy: static caps for the interference profiler and the benchmark's baselines.
@@ -440,7 +465,14 @@ Controller = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Contro
 
 
 def start_controller(config, cwd: Path | None = None):
-    """Create (or find) the controller for a ColocateConfig; paths resolve against `cwd`."""
+    """Create (or find) the controller for a ColocateConfig; paths resolve against `cwd`.
+
+    It runs on the head node: the SLO file, latency model and profile are read there (a relative
+    path in the config means a path on the head), and it survives worker nodes coming and going.
+    An existing controller is kept as it is (a redeploy of the application does not reset it;
+    `colocate down` stops it)."""
+    from orchestrator.compat.ray_api import head_node_resource
+
     base = cwd or Path.cwd()
 
     def resolve(p: str | None) -> str | None:
@@ -448,7 +480,7 @@ def start_controller(config, cwd: Path | None = None):
 
     c = config.controller
     handle = Controller.options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached",
-                                get_if_exists=True).remote(
+                                get_if_exists=True, resources={head_node_resource(): 0.001}).remote(
         model_id=config.model.id, slo_path=resolve(c.slo_path), period_s=c.period_s,
         silence_timeout_s=c.silence_timeout_s, model_path=resolve(c.model_path),
         profile_path=resolve(c.profile_path), policy=c.policy.model_dump(mode="json"),

@@ -7,7 +7,7 @@ from typing import Any
 
 from orchestrator.config import ColocateConfig
 from orchestrator.models.tiny import build_tiny_model, is_model_dir
-from orchestrator.names import EMULATED_EXECUTOR, ENV_EMULATION, MAX_ONGOING_REQUESTS
+from orchestrator.names import EMULATED_EXECUTOR, ENV_EMULATION
 
 SERVER_CLS = "orchestrator.serving.server:ColocateLLMServer"
 SCHEDULER_CLS = "orchestrator.engine.scheduler.ColocateScheduler"
@@ -96,7 +96,7 @@ def build_llm_config(config: ColocateConfig, model_source: str):
         "deployment_config": {
             "num_replicas": replicas.num_replicas,
             # A replica holds no other requests while its engine starts; keep the queue generous.
-            "max_ongoing_requests": MAX_ONGOING_REQUESTS,
+            "max_ongoing_requests": replicas.max_ongoing_requests,
         },
         "runtime_env": {"env_vars": env},
         "server_cls": SERVER_CLS,
@@ -107,7 +107,13 @@ def build_llm_config(config: ColocateConfig, model_source: str):
     }
     if replicas.accelerator == "cpu":
         kwargs["accelerator_config"] = {"kind": "cpu"}
-        kwargs["placement_group_config"] = {"bundles": [{"CPU": replicas.num_cpus_per_replica}]}
+        kwargs["placement_group_config"] = {"bundles": [{"CPU": replicas.num_cpus_per_replica, **replicas.resources}]}
+    elif replicas.resources:
+        # The first bundle holds the replica and its first GPU worker (Serve LLM's layout);
+        # the custom resources place it. Not run on a GPU cluster here.
+        first = {"CPU": replicas.num_cpus_per_replica, "GPU": 1, **replicas.resources}
+        kwargs["placement_group_config"] = {
+            "bundles": [first, *({"GPU": 1} for _ in range(replicas.num_gpus_per_replica - 1))]}
     return LLMConfig(**kwargs)
 
 
@@ -145,25 +151,49 @@ def build_app(config: ColocateConfig, model_source: str | None = None):
     )
 
 
-def config_from_args(args: dict[str, Any]) -> ColocateConfig:
-    """The ColocateConfig named by Serve application args (see `build_from_args`)."""
+def config_from_args(args: dict[str, Any]) -> tuple[ColocateConfig, Path]:
+    """The ColocateConfig named by Serve application args (see `build_from_args`), and the
+    directory its relative paths resolve against."""
     from orchestrator.config import load_config, parse_config
 
-    unknown = set(args) - {"config_path", "config"}
+    unknown = set(args) - {"config_path", "config", "base_dir"}
     if unknown:
-        raise ValueError(f"unknown application args {sorted(unknown)}; expected config_path and/or config")
-    config = load_config(args.get("config_path"))
+        raise ValueError(f"unknown application args {sorted(unknown)}; expected config_path, config and/or base_dir")
+    base = Path(args.get("base_dir") or Path.cwd()).expanduser().resolve()
+    config_path = args.get("config_path")
+    config = load_config(None if config_path is None else base / config_path)
     if args.get("config"):
         merged = {**config.model_dump(mode="json"), **args["config"]}
         config = parse_config(merged, "application args")
-    return config
+    return config, base
+
+
+def _rebased_model_source(source: str, base: Path) -> str:
+    """A relative local model directory under `base`; a hub id or an absolute path as given."""
+    path = Path(source).expanduser()
+    if path.is_absolute() or not (source.startswith(".") or (base / path).exists()):
+        return source
+    return str(base / path)
 
 
 def build_from_args(args: dict[str, Any]):
     """Ray Serve application builder for `serve run` / `serve deploy` / KubeRay serveConfigV2.
 
-    args: `config_path` (a ColocateConfig YAML; relative paths resolve against the working
-    directory of the process that builds the app) and/or `config` (an inline ColocateConfig
-    mapping, overriding the file's top-level sections).
+    args: `config_path` (a ColocateConfig YAML) and/or `config` (an inline ColocateConfig
+    mapping, overriding the file's top-level sections); `base_dir`, the directory relative paths
+    (the config file, and in it the SLO file, latency model, profile and model) resolve against:
+    by default the working directory of the process that builds the app, which for `serve
+    deploy` is Serve's controller, not your shell.
+
+    With `controller.enabled` (the default) the builder also starts the Colocate controller on
+    the head node, or keeps the one running: without it every replica would sit on its one-
+    sequence fallback budget, so every deployment path gets one, not only `colocate up`.
     """
-    return build_app(config_from_args(args))
+    config, base = config_from_args(args)
+    source = _rebased_model_source(config.model.source, base)
+    config = config.model_copy(update={"model": config.model.model_copy(update={"source": source})})
+    if config.controller.enabled:
+        from orchestrator.control.controller import start_controller
+
+        start_controller(config, cwd=base)
+    return build_app(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -20,9 +21,11 @@ from ray.serve.llm import LLMServer
 
 from orchestrator.compat import ray_api
 from orchestrator.control.reply import remaining_validity_s, reply_budget
+from orchestrator.engine import shm
 from orchestrator.engine.budget import UNLIMITED, OfflineBudget
 from orchestrator.engine.channel import EngineChannel, latency_rows_to_columns, rows_to_columns
 from orchestrator.engine.load import LoadWindow
+from orchestrator.metrics import REPLICA_CONTROLLER_CONNECTED, make_metric
 from orchestrator.names import (
     CONTROLLER_NAME,
     EMULATED_EXECUTOR,
@@ -44,6 +47,8 @@ from orchestrator.serving.length_order import LengthOrdering, prompt_text
 from orchestrator.serving.registry import get_or_create_registry
 
 REPORT_PERIOD_S = 1.0
+SHM_RECORD_PERIOD_S = 10.0
+CONTROLLER_MISSING_WARN_EVERY_S = 300.0
 
 log = logging.getLogger("ray.serve")
 
@@ -148,9 +153,19 @@ class ColocateLLMServer(LLMServer):
         start_s = time.monotonic()
         await super().start()
         self._engine_start_s = time.monotonic() - start_s
+        self._shm_recorded: set[str] = set()
         self._report_task = asyncio.create_task(self._report_loop())
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        self._connected_gauge = make_metric(REPLICA_CONTROLLER_CONNECTED)
+        self._controller_warned_s = -math.inf
         if os.environ.get(ENV_CONTROLLER_ENABLED, "0") == "1":
+            self._controller_state = "starting"
             self._controller_task = asyncio.create_task(self._controller_loop())
+        else:
+            self._controller_state = "off"
+            self._connected_gauge.set(0.0, tags={"replica": self._replica_id})
+            log.warning("colocate: co-location control is off (controller.enabled false): offline "
+                        "work is limited only by vLLM's priorities")
 
     def __del__(self):
         chan = getattr(self, "_channel", None)
@@ -235,6 +250,7 @@ class ColocateLLMServer(LLMServer):
             "reported_at_s": time.time(),
             "engine": self._channel.counters(),
             "budget": self._budget,
+            "controller": self._controller_state,
         }
 
     def load_snapshot(self) -> dict[str, Any]:
@@ -300,20 +316,49 @@ class ColocateLLMServer(LLMServer):
                     controller = await asyncio.to_thread(ray.get_actor, CONTROLLER_NAME, namespace=NAMESPACE)
                 sent_s = time.monotonic()
                 reply = await controller.report.remote(self.load_snapshot())
+                self._controller_seen("connected")
                 if reply is not None:
                     self._budget = reply
                     valid_for_s = remaining_validity_s(reply, time.monotonic() - sent_s)
                     if valid_for_s > 0:
                         self._channel.write_budget(reply_budget(reply), valid_for_s=valid_for_s)
+            except ValueError:  # ray.get_actor: no such actor
+                self._controller_seen("missing")
+                await asyncio.sleep(1.0)
             except Exception as err:  # noqa: BLE001 - the engine falls back on its own when we go quiet
                 if controller is not None:
                     log.warning("colocate: controller report failed: %s", err)
+                self._controller_seen("unreachable")
                 controller = None
                 await asyncio.sleep(1.0)
             await asyncio.sleep(period_s)
 
+    def _controller_seen(self, state: str) -> None:
+        """Record whether this replica's reports reach a controller: in `colocate status` (the
+        registry report), a metric, and a log line on every change (and every few minutes while
+        none is found, since an engine without one runs its fallback budget forever)."""
+        now_s = time.monotonic()
+        changed = state != self._controller_state
+        self._controller_state = state
+        if self._connected_gauge is not None:
+            self._connected_gauge.set(1.0 if state == "connected" else 0.0, tags={"replica": self._replica_id})
+        if state == "connected":
+            if changed:
+                log.info("colocate: controller found; offline budgets now come from it")
+            return
+        if changed or now_s - self._controller_warned_s >= CONTROLLER_MISSING_WARN_EVERY_S:
+            self._controller_warned_s = now_s
+            seqs, tokens = os.environ.get(ENV_FALLBACK_BUDGET, "1,64").split(",")
+            log.warning(
+                "colocate: no controller (actor %r in namespace %r is %s): this replica runs its "
+                "fallback offline budget (%s sequences, %s tokens per step) until one answers. "
+                "`colocate up` starts one; so does the Serve builder "
+                "orchestrator.serving.app:build_from_args (serve run / serve deploy / KubeRay).",
+                CONTROLLER_NAME, NAMESPACE, state, seqs, tokens)
+
     async def _report_loop(self) -> None:
         registry = None
+        next_shm_record_s = 0.0
         while True:
             try:
                 if registry is None:
@@ -321,7 +366,26 @@ class ColocateLLMServer(LLMServer):
                 await registry.report.remote(self.replica_stats())
             except Exception:  # noqa: BLE001 - reporting must never take a replica down
                 registry = None
+            if time.monotonic() >= next_shm_record_s:
+                next_shm_record_s = time.monotonic() + SHM_RECORD_PERIOD_S
+                await asyncio.to_thread(self._record_engine_segments)
             await asyncio.sleep(REPORT_PERIOD_S)
+
+    def _record_engine_segments(self) -> None:
+        """Note which shared-memory segments this replica's engine processes map, so that they
+        can be removed if the engine is killed (engine.shm); stale records of engines already
+        gone are swept on the way."""
+        import psutil
+
+        try:
+            shm.sweep()
+            pids = [p.pid for p in psutil.Process().children(recursive=True)]
+            segments = shm.mapped_segments(pids)
+            if segments and segments != self._shm_recorded:
+                shm.write_record(os.getpid(), pids, segments)
+                self._shm_recorded = segments
+        except Exception as err:  # noqa: BLE001 - bookkeeping must never take a replica down
+            log.debug("colocate: shared-memory record failed: %s", err)
 
 
 ray_api.use_engine_class(ColocateLLMServer, ColocateVLLMEngine)

@@ -45,6 +45,7 @@ def start_stack(work: Path, *, model: dict, engine_kwargs: dict, controller: dic
     config_path = work / "colocate.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, **(env or {}), "COLOCATE_STATE_DIR": str(work / "state")}
+    shm_before = shm_segments()
     try:
         up = subprocess.run(colocate_cmd("up", "-c", str(config_path)), cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
@@ -71,6 +72,28 @@ def start_stack(work: Path, *, model: dict, engine_kwargs: dict, controller: dic
     finally:
         _disconnect_from(info["gcs_address"])
         subprocess.run(colocate_cmd("down"), cwd=ROOT, env=env, timeout=120)
+    assert_nothing_left(shm_before, config["cluster"]["temp_dir"])
+
+
+def shm_segments() -> set[str]:
+    """vLLM's shared-memory segments now on this machine (POSIX shm, /dev/shm/psm_*)."""
+    shm_dir = Path("/dev/shm")
+    return {p.name for p in shm_dir.glob("psm_*")} if shm_dir.is_dir() else set()
+
+
+def assert_nothing_left(shm_before: set[str], temp_dir: str) -> None:
+    """A stopped stack leaves no shared memory and no temp dir behind (issue 14). Segments that
+    appeared meanwhile and are still mapped by a live process are another user's."""
+    from orchestrator.engine import shm
+
+    leaked = shm_segments() - shm_before
+    if leaked:
+        import psutil
+
+        live = shm.mapped_segments(p.pid for p in psutil.process_iter())
+        leaked -= live
+    assert not leaked, f"the stopped stack left shared-memory segments: {sorted(leaked)}"
+    assert not Path(temp_dir).exists(), f"the stopped stack left its temp dir {temp_dir}"
 
 
 def _disconnect_from(gcs_address: str) -> None:

@@ -37,12 +37,28 @@ def test_serve_config_manifest_builds_our_application(monkeypatch):
     [app_cfg] = serve_cfg["applications"]
     assert app_cfg["import_path"] == "orchestrator.serving.app:build_from_args"
     assert serve_cfg["http_options"]["host"] == "127.0.0.1"
-    config = config_from_args({**app_cfg["args"], "config": {"model": {"source": "org/model", "build_tiny": None}}})
+    config, base = config_from_args({**app_cfg["args"], "config": {"model": {"source": "org/model", "build_tiny": None}}})
     assert config.replicas == load_config(ROOT / "manifests" / "colocate.yaml").replicas
+    assert base == ROOT  # no base_dir: the builder's working directory
     assert SERVER_CLS == "orchestrator.serving.server:ColocateLLMServer"
     assert INGRESS_CLS == "orchestrator.serving.ingress:ColocateIngress"
     with pytest.raises(ValueError, match="unknown application args"):
         config_from_args({"config_file": "x"})
+
+
+def test_application_args_resolve_against_base_dir(tmp_path, monkeypatch):
+    """`serve deploy` builds the app in Serve's controller, whose working directory is not the
+    project: `base_dir` says where the config and the paths in it are."""
+    from orchestrator.serving.app import _rebased_model_source, config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    config, base = config_from_args({"config_path": "manifests/colocate.yaml", "base_dir": str(ROOT)})
+    assert base == ROOT and config.model.id == load_config(ROOT / "manifests" / "colocate.yaml").model.id
+    assert _rebased_model_source(".colocate/models/tiny", ROOT) == str(ROOT / ".colocate/models/tiny")
+    assert _rebased_model_source("org/model", ROOT) == "org/model"  # a hub id stays one
+    assert _rebased_model_source("/abs/model", ROOT) == "/abs/model"
+    with pytest.raises(ConfigError, match="cannot read"):
+        config_from_args({"config_path": "manifests/colocate.yaml"})  # not under tmp_path
 
 
 def test_rayservice_manifest_points_at_the_gpu_config():

@@ -1,0 +1,98 @@
+"""Shared-memory segments of engine processes, removed once those processes are gone.
+
+vLLM's engine core and its worker share message queues through POSIX shared memory
+(`/dev/shm/psm_*`, created with `multiprocessing.shared_memory`). They are unlinked only on a
+clean shutdown; an engine killed with its replica or cluster leaves each of its segments behind
+(a sparse 160 MB each with the CPU build: 41 of them after a day of runs here). So whoever may
+see an engine die records what it maps: a replica writes, for its engine's processes, a record
+file next to the segments, and anyone may later sweep records whose processes have all exited;
+the teardown of a stack collects the segments its processes map before it stops them. Only
+segments that processes of ours mapped are ever unlinked, and only after those processes exited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+RECORD_PREFIX = "colocate-shm-"
+_OURS = ("colocate-",)  # our own files there (engine channels, these records) have their own cleanup
+
+
+def mapped_segments(pids: Iterable[int], directory: Path = SHM_DIR) -> set[str]:
+    """Names of the live (not yet unlinked) files under `directory` that these processes map;
+    semaphores and our own files excluded. Processes that are gone or unreadable are skipped."""
+    prefix = f"{directory}/"
+    names: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                lines = f.readlines()
+        except OSError:
+            continue
+        for line in lines:
+            at = line.find(prefix)
+            if at < 0 or line.rstrip().endswith("(deleted)"):
+                continue
+            name = line[at + len(prefix):].strip()
+            if "/" in name or name.startswith(("sem.", *_OURS)):
+                continue
+            names.add(name)
+    return names
+
+
+def write_record(owner_pid: int, pids: Iterable[int], segments: Iterable[str], directory: Path = SHM_DIR) -> Path:
+    """Record (atomically) that `pids` map `segments`, under the owner's name."""
+    path = directory / f"{RECORD_PREFIX}{owner_pid}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pids": sorted(set(pids)), "segments": sorted(set(segments))}))
+    tmp.replace(path)
+    return path
+
+
+def unlink_segments(names: Iterable[str], directory: Path = SHM_DIR) -> list[str]:
+    removed = []
+    for name in sorted(set(names)):
+        try:
+            (directory / name).unlink()
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # not ours to remove after all (another user's file of the same name)
+    return removed
+
+
+def sweep(directory: Path = SHM_DIR) -> list[str]:
+    """Unlink the segments of every record whose processes have all exited; drop the record.
+    Returns the segments removed."""
+    removed: list[str] = []
+    for path in directory.glob(f"{RECORD_PREFIX}*.json"):
+        try:
+            record = json.loads(path.read_text())
+            pids, segments = [int(p) for p in record["pids"]], list(record["segments"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written, or not ours to judge
+        if any(_alive(pid) for pid in pids):
+            continue
+        removed += unlink_segments(segments, directory)
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited: its mappings are gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
