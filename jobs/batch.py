@@ -160,6 +160,9 @@ async def _send(client, item: BatchItem, model: str | None, progress: Progress,
             raw = await client.post(path, body=body, cast_to=object, options={"headers": {}})
             return output_record(item, 200, raw, None, (raw or {}).get("id"))
         except openai.APIStatusError as err:
+            if err.status_code in (401, 403) and isinstance(err.body, dict) \
+                    and err.body.get("code") in ("invalid_api_key", "permission_denied"):
+                raise AccessRefused(f"{item.custom_id}: {err.message}") from None
             if err.status_code not in RETRYABLE_STATUS or attempt == max_attempts:
                 err_body = err.body if isinstance(err.body, dict) else {"message": str(err.message)}
                 return output_record(item, err.status_code, {"error": err_body}, None, None)
@@ -173,10 +176,22 @@ async def _send(client, item: BatchItem, model: str | None, progress: Progress,
     raise AssertionError("unreachable")
 
 
+class AccessRefused(RuntimeError):
+    """The endpoint refused the job's API key (401/403): every request would fail alike, so
+    the job stops with what it has written, and a resubmit with the right key carries on."""
+
+
 async def _resolve_model(client, model: str | None) -> str | None:
+    """The model to send (the one served, when not given); listing also checks the API key."""
+    import openai
+
+    try:
+        models = await client.models.list()
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+        raise AccessRefused(f"the endpoint refused this job's API key ({err.status_code}): set it in "
+                            "the variable --api-key-env names") from None
     if model:
         return model
-    models = await client.models.list()
     ids = [m.id for m in models.data]
     return ids[0] if len(ids) == 1 else None
 
@@ -302,7 +317,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     use_ray = not args.no_ray and _connect_ray()
     admission = Admission(key, args.weight, args.concurrency, use_ray=use_ray, max_cap=args.max_in_flight)
     job_id = ray_status.submission_id() if use_ray else None
-    client = AsyncOpenAI(base_url=args.endpoint, api_key="unused", max_retries=0, timeout=args.request_timeout_s)
+    api_key = os.environ.get(args.api_key_env) or "unused"  # "unused": an endpoint without keys
+    client = AsyncOpenAI(base_url=args.endpoint, api_key=api_key, max_retries=0, timeout=args.request_timeout_s)
     model = await _resolve_model(client, args.model)
 
     inflight: set[asyncio.Task] = set()
@@ -349,6 +365,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="model for every request (default: each body's, else the served one)")
     p.add_argument("--weight", type=float, default=1.0, help="share of offline capacity relative to other jobs")
     p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="OpenAI base URL of the chat service")
+    p.add_argument("--api-key-env", default="COLOCATE_API_KEY",
+                   help="environment variable holding the endpoint's API key (serve.auth), if it has keys; "
+                        "ship it with `ray job submit --runtime-env-json '{\"env_vars\": {...}}'`")
     p.add_argument("--concurrency", type=int, default=4,
                    help="offline requests in flight when no controller sets the budget (with one, the "
                         "job gets its weighted share of the controller's total instead)")
@@ -376,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         asyncio.run(run(args))
-    except OutputRefused as err:
+    except (OutputRefused, AccessRefused) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0

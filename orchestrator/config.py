@@ -142,6 +142,24 @@ class GrpcConfig(_Strict):
     API keys)."""
 
 
+class AuthConfig(_Strict):
+    """API keys of the OpenAI endpoint (orchestrator.serving.auth). Without any, it serves
+    loopback clients only."""
+
+    keys_file: str | None = Field(None, min_length=1)
+    """A YAML file `keys: [{name, key_sha256 | key_env, classes}]`; relative to the working
+    directory (the Serve builder's `base_dir`). `colocate auth new-key` writes an entry."""
+    keys_env: str | None = Field(None, min_length=1)
+    """An environment variable holding the same document (e.g. from a Kubernetes Secret)."""
+    allow_remote_without_keys: bool = False
+    """Serve clients on other hosts without keys: only where the network in front does the
+    checking (a mesh with mTLS, an authenticating gateway)."""
+
+    @property
+    def keyed(self) -> bool:
+        return self.keys_file is not None or self.keys_env is not None
+
+
 class ServeConfig(_Strict):
     """The OpenAI-compatible HTTP surface (and the gRPC one, `grpc`)."""
 
@@ -154,6 +172,21 @@ class ServeConfig(_Strict):
     health_timeout_s: float = Field(600.0, gt=0)
     """How long `colocate up` waits for the application to become healthy."""
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    @model_validator(mode="after")
+    def _remote_needs_keys(self) -> ServeConfig:
+        from orchestrator.serving.auth import is_loopback_host
+
+        if self.auth.allow_remote_without_keys:
+            return self
+        if not is_loopback_host(self.host) and not self.auth.keyed:
+            raise ValueError(f"host {self.host!r} serves other hosts: configure API keys (auth.keys_file or "
+                             "auth.keys_env) or set auth.allow_remote_without_keys")
+        if self.grpc.enabled and not is_loopback_host(self.grpc.host) and not (self.auth.keyed or self.grpc.api_keys_env):
+            raise ValueError(f"grpc.host {self.grpc.host!r} serves other hosts: configure API keys (auth, or "
+                             "grpc.api_keys_env) or set auth.allow_remote_without_keys")
+        return self
 
 
 class ClusterConfig(_Strict):
@@ -167,6 +200,9 @@ class ClusterConfig(_Strict):
     gcs_port: int = Field(6390, ge=1, le=65535)
     dashboard_port: int = Field(8265, ge=1, le=65535)
     node_ip: str = "127.0.0.1"
+    dashboard_host: str = "127.0.0.1"
+    """Where the dashboard and job API of a cluster `up` starts listen: loopback, unless you want
+    `ray job submit` from other hosts (then put it behind something that authenticates)."""
     temp_dir: str | None = None
     """Ray's session directory for a local cluster; None uses /tmp/colocate-<gcs_port>."""
     object_store_memory_bytes: int = Field(512 * 1024**2, ge=78_643_200)

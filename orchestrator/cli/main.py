@@ -17,6 +17,8 @@ app.add_typer(model_app, name="model")
 slo_app = typer.Typer(help="Operators' SLO targets (manifests/slo.yaml), applied without a restart.",
                       no_args_is_help=True)
 app.add_typer(slo_app, name="slo")
+auth_app = typer.Typer(help="API keys of the OpenAI endpoint (serve.auth).", no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
 
 DEFAULT_CONFIG = "manifests/colocate.yaml"
 
@@ -38,6 +40,45 @@ def _load(config_path: str | None, address: str | None = None) -> ColocateConfig
     if address:
         config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"address": address})})
     return config
+
+
+@auth_app.command("new-key")
+def auth_new_key(
+    name: str = typer.Option(..., "--name", help="A name for the key (shown in refusals and logs)."),
+    classes: list[str] = typer.Option(["online"], "--class",
+                                      help="Request class the key may send (repeat; the first is its default)."),
+    keys_file: Path | None = typer.Option(None, "--append-to", help="Add the entry to this keys file."),
+) -> None:
+    """Make a random API key: the key is printed once (stdout); the keys-file entry holds only
+    its SHA-256."""
+    import yaml
+
+    from orchestrator.request_class import parse_request_class
+    from orchestrator.serving.auth import AuthError, new_key_entry, parse_keys
+
+    try:
+        parsed = [parse_request_class(c) for c in classes]
+    except ValueError as err:
+        _echo(f"error: --class: {err}")
+        raise typer.Exit(2) from None
+    key, entry = new_key_entry(name, parsed)
+    if keys_file is not None:
+        existing = yaml.safe_load(keys_file.read_text()) if keys_file.exists() else None
+        merged = {"keys": [*((existing or {}).get("keys") or []), *yaml.safe_load(entry)["keys"]]}
+        text = yaml.safe_dump(merged, sort_keys=False)
+        try:
+            parse_keys(text, str(keys_file), environ={})  # names unique, entries valid (key_env aside)
+        except AuthError as err:
+            if "is not set" not in str(err):
+                _echo(f"error: {err}")
+                raise typer.Exit(2) from None
+        tmp = keys_file.with_suffix(keys_file.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(keys_file)
+        _echo(f"added key {name!r} to {keys_file}")
+    else:
+        _echo(entry.rstrip())
+    typer.echo(key)
 
 
 @model_app.command("tiny")

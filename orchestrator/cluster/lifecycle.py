@@ -24,8 +24,21 @@ from orchestrator.config import ClusterConfig, ColocateConfig
 from orchestrator.names import ENV_STATE_DIR, LLM_DEPLOYMENT_PREFIX, NAMESPACE
 
 # Local clusters are single-user and loopback-only; token auth would make every CLI call
-# (including `ray job submit`) carry a token for no gain.
+# (including `ray job submit`) carry a token for no gain. Only for those: a cluster joined by
+# address keeps whatever auth it has (see `client_env`).
 CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def client_env(address: str) -> dict[str, str]:
+    """What a client of the cluster at `address` sets before connecting: auth switched off only
+    for a cluster on this host's loopback (the kind `colocate up` starts); a remote cluster's
+    token auth stays on (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH as Ray reads them)."""
+    from orchestrator.serving.auth import is_loopback_host
+
+    host = address.removeprefix("ray://").rsplit(":", 1)[0] if ":" in address else address
+    if address == "auto" or not is_loopback_host(host):
+        return {"RAY_USAGE_STATS_ENABLED": "0"}
+    return dict(CLUSTER_ENV)
 
 
 def state_dir() -> Path:
@@ -90,15 +103,9 @@ def _ray_executable() -> str:
     return str(candidate) if candidate.exists() else "ray"
 
 
-def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackState:
-    """Start `ray start --head --block` on loopback with our own ports and temp dir."""
-    for name, port in (("cluster.gcs_port", cfg.gcs_port), ("cluster.dashboard_port", cfg.dashboard_port)):
-        if port_in_use(cfg.node_ip, port):
-            raise RuntimeError(f"{name} {port} is already in use on {cfg.node_ip}; choose another port")
-    temp_dir = cfg.temp_dir or f"/tmp/colocate-{cfg.gcs_port}"
-    created_temp_dir = not Path(temp_dir).exists()
-    Path(temp_dir).mkdir(parents=True, exist_ok=True)
-    metrics_port = free_port()
+def ray_start_command(cfg: ClusterConfig, temp_dir: str, metrics_port: int) -> list[str]:
+    """`ray start --head --block` for a local cluster: the GCS on `node_ip`, the dashboard and
+    job API on `dashboard_host` (loopback unless configured), every other port free."""
     cmd = [
         _ray_executable(), "start", "--head", "--block",
         f"--port={cfg.gcs_port}",
@@ -107,7 +114,7 @@ def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackSta
         "--num-gpus=0" if not _has_gpu() else "",
         f"--temp-dir={temp_dir}",
         "--include-dashboard=true",
-        f"--dashboard-host={cfg.node_ip}",
+        f"--dashboard-host={cfg.dashboard_host}",
         f"--dashboard-port={cfg.dashboard_port}",
         # Every port Ray would otherwise take at a fixed default is chosen free, so clusters of
         # other users on the same machine are never disturbed.
@@ -119,7 +126,19 @@ def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackSta
         f"--object-store-memory={cfg.object_store_memory_bytes}",
         "--disable-usage-stats",
     ]
-    cmd = [c for c in cmd if c]
+    return [c for c in cmd if c]
+
+
+def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackState:
+    """Start `ray start --head --block` on loopback with our own ports and temp dir."""
+    for name, port in (("cluster.gcs_port", cfg.gcs_port), ("cluster.dashboard_port", cfg.dashboard_port)):
+        if port_in_use(cfg.node_ip, port):
+            raise RuntimeError(f"{name} {port} is already in use on {cfg.node_ip}; choose another port")
+    temp_dir = cfg.temp_dir or f"/tmp/colocate-{cfg.gcs_port}"
+    created_temp_dir = not Path(temp_dir).exists()
+    Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    metrics_port = free_port()
+    cmd = ray_start_command(cfg, temp_dir, metrics_port)
     log = open(Path(temp_dir) / "colocate-ray-start.log", "ab")
     # Job entrypoints (`python -m jobs.batch`) run with the head node's PATH: make it ours.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -128,7 +147,8 @@ def start_local_cluster(cfg: ClusterConfig, timeout_s: float = 90.0) -> StackSta
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True, env=env,
     )
-    dashboard_url = f"http://{cfg.node_ip}:{cfg.dashboard_port}"
+    dashboard_host = "127.0.0.1" if cfg.dashboard_host in ("0.0.0.0", "::") else cfg.dashboard_host
+    dashboard_url = f"http://{dashboard_host}:{cfg.dashboard_port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -187,7 +207,8 @@ def _kill_group(pid: int, grace_s: float = 12.0) -> list[str]:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
-    segments = shm.mapped_segments(p.pid for p in procs)
+    pids = [p.pid for p in procs]
+    segments = shm.mapped_segments(pids)
     for proc in procs:
         try:
             proc.terminate()
@@ -202,7 +223,7 @@ def _kill_group(pid: int, grace_s: float = 12.0) -> list[str]:
     still = _wait_gone(alive, 5.0)
     if still:
         return []  # something survived SIGKILL: leave what it may still map
-    return shm.unlink_segments(segments)
+    return shm.unlink_segments(segments | shm.created_by(pids))
 
 
 def _wait_gone(procs, timeout_s: float):
@@ -226,7 +247,7 @@ def _wait_gone(procs, timeout_s: float):
 def connect(address: str) -> None:
     import ray
 
-    for k, v in CLUSTER_ENV.items():
+    for k, v in client_env(address).items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
         if address in ("auto", ray.get_runtime_context().gcs_address):
@@ -383,7 +404,7 @@ def bring_up(config: ColocateConfig, on_progress: Callable[[str], None] = lambda
     except (FileNotFoundError, ValueError) as err:
         raise StackError(str(err), exit_code=2) from None
     try:
-        ingress_kwargs(config)  # serve.grpc.api_keys_env is read now, before anything starts
+        ingress_kwargs(config)  # API keys (serve.auth, serve.grpc) are read now, before anything starts
     except ValueError as err:
         raise StackError(str(err), exit_code=2) from None
     grpc = config.serve.grpc

@@ -181,13 +181,14 @@ def publish_job_message(job_id: str, message: str) -> bool:
     return True
 
 
-def add_ingress_error_handlers(handlers: dict) -> None:
+def add_ingress_error_handlers(handlers: dict, middleware: tuple = ()) -> None:
     """Every FastAPI app Ray Serve LLM builds for an OpenAI ingress (`ingress.init()`, called by
     `make_fastapi_ingress` in the process that builds the application) also gets `handlers`
     (exception class -> handler), replacing Ray's for the same class. Ray's validation handler
     puts the offending input in its reply, so a body that is not JSON (bytes) made the reply
     itself fail (500); FastAPI's own HTTPException (a body it cannot decode) answers
-    `{"detail": ...}`, not OpenAI's `{"error": ...}`. Idempotent."""
+    `{"detail": ...}`, not OpenAI's `{"error": ...}`. `middleware` (ASGI middleware classes)
+    wraps the same app. Idempotent."""
     from ray.llm._internal.serve.core.ingress import ingress as ray_ingress
 
     if getattr(ray_ingress.init, "_colocate_handlers", None) is not None:
@@ -198,6 +199,8 @@ def add_ingress_error_handlers(handlers: dict) -> None:
         app = original()
         for exc_class, handler in handlers.items():
             app.add_exception_handler(exc_class, handler)
+        for cls in middleware:
+            app.add_middleware(cls)
         return app
 
     init._colocate_handlers = handlers  # type: ignore[attr-defined]

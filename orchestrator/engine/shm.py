@@ -23,8 +23,9 @@ _OURS = ("colocate-",)  # our own files there (engine channels, these records) h
 
 
 def mapped_segments(pids: Iterable[int], directory: Path = SHM_DIR) -> set[str]:
-    """Names of the live (not yet unlinked) files under `directory` that these processes map;
-    semaphores and our own files excluded. Processes that are gone or unreadable are skipped."""
+    """Names of the live (not yet unlinked) files under `directory` that these processes map
+    (segments, and named semaphores such as joblib/loky's `sem.loky-*`); our own files
+    excluded. Processes that are gone or unreadable are skipped."""
     prefix = f"{directory}/"
     names: set[str] = set()
     for pid in pids:
@@ -38,9 +39,19 @@ def mapped_segments(pids: Iterable[int], directory: Path = SHM_DIR) -> set[str]:
             if at < 0 or line.rstrip().endswith("(deleted)"):
                 continue
             name = line[at + len(prefix):].strip()
-            if "/" in name or name.startswith(("sem.", *_OURS)):
+            if "/" in name or name.startswith(_OURS):
                 continue
             names.add(name)
+    return names
+
+
+def created_by(pids: Iterable[int], directory: Path = SHM_DIR) -> set[str]:
+    """Files whose name says which process made them: joblib/loky's semaphores
+    (`sem.loky-<pid>-*`), which its resource tracker unlinks only if it outlives their maker,
+    and which need not be mapped by anyone any more when the maker is killed."""
+    names: set[str] = set()
+    for pid in set(pids):
+        names.update(p.name for p in directory.glob(f"sem.loky-{pid}-*"))
     return names
 
 
@@ -78,7 +89,7 @@ def sweep(directory: Path = SHM_DIR) -> list[str]:
             continue  # being written, or not ours to judge
         if any(_alive(pid) for pid in pids):
             continue
-        removed += unlink_segments(segments, directory)
+        removed += unlink_segments({*segments, *created_by(pids, directory)}, directory)
         path.unlink(missing_ok=True)
     return removed
 

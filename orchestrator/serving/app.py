@@ -117,12 +117,15 @@ def build_llm_config(config: ColocateConfig, model_source: str):
     return LLMConfig(**kwargs)
 
 
-def ingress_kwargs(config: ColocateConfig) -> dict[str, Any]:
-    """What the ingress is built with beyond Ray's own arguments: who may call it over gRPC
-    (API keys as SHA-256 digests only, read from `serve.grpc.api_keys_env` here)."""
+def ingress_kwargs(config: ColocateConfig, base_dir: Path | None = None) -> dict[str, Any]:
+    """What the ingress is built with beyond Ray's own arguments: who may call it over HTTP
+    (`serve.auth`) and over gRPC (`serve.grpc.api_keys_env`), API keys as SHA-256 digests only,
+    read here (in the process that builds the application)."""
+    from orchestrator.serving.auth import HttpAccess
     from orchestrator.serving.grpc_api.convert import GrpcAccess
 
-    return {"grpc_access": GrpcAccess.from_config(config.serve.grpc).to_kwargs()}
+    return {"grpc_access": GrpcAccess.from_config(config.serve.grpc).to_kwargs(),
+            "http_access": HttpAccess.from_config(config.serve.auth, base_dir).to_kwargs()}
 
 
 def grpc_options(config: ColocateConfig):
@@ -138,7 +141,7 @@ def grpc_options(config: ColocateConfig):
                        enable_reflection=True)
 
 
-def build_app(config: ColocateConfig, model_source: str | None = None):
+def build_app(config: ColocateConfig, model_source: str | None = None, base_dir: Path | None = None):
     """The Serve application: OpenAI ingress in front of `num_replicas` ColocateLLMServer replicas."""
     from ray.serve.llm import build_openai_app
 
@@ -146,7 +149,8 @@ def build_app(config: ColocateConfig, model_source: str | None = None):
     return build_openai_app(
         {
             "llm_configs": [build_llm_config(config, source)],
-            "ingress_cls_config": {"ingress_cls": INGRESS_CLS, "ingress_extra_kwargs": ingress_kwargs(config)},
+            "ingress_cls_config": {"ingress_cls": INGRESS_CLS,
+                                   "ingress_extra_kwargs": ingress_kwargs(config, base_dir)},
         }
     )
 
@@ -196,4 +200,4 @@ def build_from_args(args: dict[str, Any]):
         from orchestrator.control.controller import start_controller
 
         start_controller(config, cwd=base)
-    return build_app(config)
+    return build_app(config, base_dir=base)

@@ -76,9 +76,10 @@ def start_stack(work: Path, *, model: dict, engine_kwargs: dict, controller: dic
 
 
 def shm_segments() -> set[str]:
-    """vLLM's shared-memory segments now on this machine (POSIX shm, /dev/shm/psm_*)."""
+    """POSIX shared memory and named semaphores now on this machine (/dev/shm): vLLM's
+    `psm_*` segments, joblib's `sem.loky-*`, our engine channels."""
     shm_dir = Path("/dev/shm")
-    return {p.name for p in shm_dir.glob("psm_*")} if shm_dir.is_dir() else set()
+    return {p.name for p in shm_dir.iterdir()} if shm_dir.is_dir() else set()
 
 
 def assert_nothing_left(shm_before: set[str], temp_dir: str) -> None:

@@ -23,13 +23,23 @@ import yaml
 
 from orchestrator.cluster import lifecycle
 from orchestrator.config import ClusterConfig
+from orchestrator.serving.auth import key_digest
 from tests.integration.conftest import MODEL_CACHE, ROOT, assert_nothing_left, colocate_cmd, shm_segments
 from tests.integration.test_batch_jobs import RAY, records, write_input
 
 pytestmark = pytest.mark.integration
 
 WORKER_RESOURCE = "colocate_test_worker"
+CHAT_KEY, BATCH_KEY = "chat-key-for-tests", "batch-key-for-tests"
 SERVE = str(Path(RAY).parent / "serve")
+
+
+def _completed(ray) -> dict[str, int]:
+    """Requests the replica has completed, per class (its registry report)."""
+    from orchestrator.serving.registry import get_or_create_registry
+
+    (report,) = ray.get(get_or_create_registry().snapshot.remote())
+    return report["num_completed"]
 
 
 def wait_for(predicate, timeout_s: float, period_s: float = 0.5):
@@ -87,6 +97,9 @@ def deploy(two_nodes) -> dict:
     """Write a ColocateConfig and a Serve config next to each other and `serve deploy` them."""
     work = two_nodes["work"]
     (work / "slo.yaml").write_text((ROOT / "manifests" / "slo.yaml").read_text())
+    keys = {"keys": [{"name": "chat", "key_sha256": key_digest(CHAT_KEY), "classes": ["online"]},
+                     {"name": "batch", "key_sha256": key_digest(BATCH_KEY), "classes": ["offline"]}]}
+    (work / "keys.yaml").write_text(yaml.safe_dump(keys))
     port = lifecycle.free_port()
     colocate = {
         "model": {"id": "colocate-tiny", "source": str(MODEL_CACHE), "build_tiny": "test"},
@@ -94,6 +107,7 @@ def deploy(two_nodes) -> dict:
                      "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": 32}},
         # Relative: resolved against base_dir by the builder, which runs in Serve's controller.
         "controller": {"slo_path": "slo.yaml"},
+        "serve": {"auth": {"keys_file": "keys.yaml"}},
     }
     (work / "colocate.yaml").write_text(yaml.safe_dump(colocate))
     serve_config = {
@@ -109,10 +123,22 @@ def deploy(two_nodes) -> dict:
                          cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     endpoint = f"http://127.0.0.1:{port}/v1"
-    assert wait_for(lambda: lifecycle._http_ok(f"{endpoint}/models"), timeout_s=480, period_s=2), \
+    assert wait_for(lambda: _answers(f"{endpoint}/models"), timeout_s=480, period_s=2), \
         subprocess.run([SERVE, "status", "-a", two_nodes["dashboard_url"]], capture_output=True, text=True,
                        env=env).stdout
     return {"endpoint": endpoint, "slo_path": work / "slo.yaml", "env": env}
+
+
+def _answers(url: str) -> bool:
+    """The application is up: it lists the model to a caller with a key."""
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {CHAT_KEY}"})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def test_serve_deploy_on_two_nodes_brings_its_controller_and_follows_the_slo_file(two_nodes, tmp_path):
@@ -132,9 +158,12 @@ def test_serve_deploy_on_two_nodes_brings_its_controller_and_follows_the_slo_fil
 
     # Placement: the controller (started by the Serve builder, not by `colocate up`) on the head,
     # the replica on the worker.
-    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
-    (controller,) = [a for a in actors if a.name == CONTROLLER_NAME]
-    (replica,) = [a for a in actors if (a.name or "").startswith("SERVE_REPLICA::colocate#" + LLM_DEPLOYMENT_PREFIX)]
+    def alive():
+        actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+        controllers = [a for a in actors if a.name == CONTROLLER_NAME]
+        replicas = [a for a in actors if (a.name or "").startswith("SERVE_REPLICA::colocate#" + LLM_DEPLOYMENT_PREFIX)]
+        return (controllers, replicas) if controllers and replicas else None
+    (controller,), (replica,) = wait_for(alive, timeout_s=60)
     assert controller.node_id == head_id and replica.node_id == worker_id
 
     # The replica's reports reach the controller, which decides its budget.
@@ -145,19 +174,33 @@ def test_serve_deploy_on_two_nodes_brings_its_controller_and_follows_the_slo_fil
     status = wait_for(lambda: (s := ray.get(get_controller().status.remote())) and s["replicas"] and s, timeout_s=30)
     assert status["slo_path"] == str(app["slo_path"])  # base_dir resolved the relative path
 
-    # Chat and a batch job, through the real clients.
-    client = openai.OpenAI(base_url=app["endpoint"], api_key="unused")
-    reply = client.chat.completions.create(model="colocate-tiny", max_tokens=8,
-                                           messages=[{"role": "user", "content": "hello"}])
+    # API keys (serve.auth, a keys file resolved against base_dir): none or a wrong one is a 401,
+    # a batch key claiming chat a 403, each OpenAI-shaped, and the server keeps serving.
+    hello = {"model": "colocate-tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
+    for key in ("unused", "wrong"):
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=app["endpoint"], api_key=key, max_retries=0).chat.completions.create(**hello)
+    batch_client = openai.OpenAI(base_url=app["endpoint"], api_key=BATCH_KEY, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError, match="may not send request_class 'online'"):
+        batch_client.chat.completions.create(**hello, extra_body={"request_class": "online"})
+
+    # Chat and a batch job, through the real clients, each with its key.
+    client = openai.OpenAI(base_url=app["endpoint"], api_key=CHAT_KEY, max_retries=0)
+    reply = client.chat.completions.create(**hello)
     assert reply.choices[0].message.content is not None
+    completed_before = _completed(ray)
+    batch_client.chat.completions.create(**hello)  # no class claimed: the batch key's, offline
+    assert wait_for(lambda: _completed(ray)["offline"] == completed_before["offline"] + 1, timeout_s=10)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = write_input(inp, 12, max_tokens=16)
     job = subprocess.run([RAY, "job", "submit", "--address", two_nodes["dashboard_url"], "--working-dir", str(ROOT),
+                          "--runtime-env-json", json.dumps({"env_vars": {"COLOCATE_API_KEY": BATCH_KEY}}),
                           "--", "python", "-m", "jobs.batch", "--input", str(inp), "--output", str(out),
                           "--endpoint", app["endpoint"]], cwd=ROOT, env=app["env"], capture_output=True,
                          text=True, timeout=600)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert sorted(r["custom_id"] for r in records(out)) == ids
+    assert all(r["response"]["status_code"] == 200 for r in records(out))
 
     # `colocate slo set --address` edits the file the controller reads, and it is in force at once.
     cli_env = {**app["env"], "COLOCATE_STATE_DIR": str(tmp_path / "no-state")}

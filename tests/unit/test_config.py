@@ -64,7 +64,8 @@ def test_application_args_resolve_against_base_dir(tmp_path, monkeypatch):
 def test_rayservice_manifest_points_at_the_gpu_config():
     docs = list(yaml.safe_load_all((ROOT / "manifests" / "kuberay-rayservice.yaml").read_text()))
     serve_cfg = yaml.safe_load(docs[0]["spec"]["serveConfigV2"])
-    assert serve_cfg["applications"][0]["args"]["config_path"] == "/app/manifests/colocate-gpu.yaml"
+    args = serve_cfg["applications"][0]["args"]
+    assert (Path(args["base_dir"]) / args["config_path"]) == Path("/app/manifests/colocate-gpu.yaml")
     gpu = load_config(ROOT / "manifests" / "colocate-gpu.yaml")
     assert gpu.replicas.accelerator == "gpu"
 

@@ -262,8 +262,9 @@ def test_grpc_options_and_ingress_kwargs():
     assert opts.port == 9123 and opts.grpc_servicer_functions == [SERVICER_FUNCTION] and opts.enable_reflection
     [func] = opts.grpc_servicer_func_callable  # importable, as Serve's proxy imports it
     assert func is chat_pb2_grpc.add_ChatServiceServicer_to_server
-    assert ingress_kwargs(parse_config({})) == {"grpc_access": {"loopback_only": True, "api_key_sha256": []}}
-    open_cfg = parse_config({"serve": {"grpc": {"host": "0.0.0.0"}}})
+    assert ingress_kwargs(parse_config({})) == {"grpc_access": {"loopback_only": True, "api_key_sha256": []},
+                                                "http_access": {"grants": [], "loopback_only": True}}
+    open_cfg = parse_config({"serve": {"grpc": {"host": "0.0.0.0"}, "auth": {"allow_remote_without_keys": True}}})
     assert ingress_kwargs(open_cfg)["grpc_access"]["loopback_only"] is False
 
 

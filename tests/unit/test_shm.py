@@ -26,24 +26,28 @@ def _dead_pid() -> int:
 def test_mapped_segments_sees_what_a_process_maps_and_nothing_else(tmp_path):
     mapped, unmapped = _segment(tmp_path, "psm_mapped"), _segment(tmp_path, "psm_unmapped")
     ours = _segment(tmp_path, "colocate-engine-1-x.chan")
-    with open(mapped, "r+b") as f, open(ours, "r+b") as g:
-        m, n = mmap.mmap(f.fileno(), 4096), mmap.mmap(g.fileno(), 4096)
-        try:
-            names = shm.mapped_segments([os.getpid(), _dead_pid()], directory=tmp_path)
-        finally:
+    sem = _segment(tmp_path, "sem.loky-1-abc")
+    maps = []
+    for path in (mapped, ours, sem):
+        with open(path, "r+b") as f:
+            maps.append(mmap.mmap(f.fileno(), 4096))
+    try:
+        names = shm.mapped_segments([os.getpid(), _dead_pid()], directory=tmp_path)
+    finally:
+        for m in maps:
             m.close()
-            n.close()
-    assert names == {"psm_mapped"}  # not the unmapped file, not our own channel
+    assert names == {"psm_mapped", "sem.loky-1-abc"}  # not the unmapped file, not our own channel
     assert unmapped.exists()
 
 
 def test_sweep_removes_segments_only_once_every_recorded_process_has_exited(tmp_path):
-    for name in ("psm_a", "psm_b", "psm_c"):
-        _segment(tmp_path, name)
     dead = _dead_pid()
+    for name in ("psm_a", "psm_b", "psm_c", f"sem.loky-{dead}-xyz"):
+        _segment(tmp_path, name)
     shm.write_record(dead, [dead], ["psm_a", "psm_gone"], directory=tmp_path)
     live = shm.write_record(os.getpid(), [dead, os.getpid()], ["psm_b"], directory=tmp_path)
-    assert shm.sweep(directory=tmp_path) == ["psm_a"]
+    # the recorded segment, and the semaphore the dead process's name says it made
+    assert shm.sweep(directory=tmp_path) == ["psm_a", f"sem.loky-{dead}-xyz"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["psm_b", "psm_c", live.name])
     (tmp_path / "colocate-shm-9.json").write_text("{not json")  # half-written: left alone
     assert shm.sweep(directory=tmp_path) == []
