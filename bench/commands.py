@@ -124,6 +124,8 @@ def register(app: typer.Typer) -> None:
                                           "context) instead of the bench's scaling to a small model."),
         host_steps: Path | None = typer.Option(None, "--host-steps", help="Step dataset (`colocate profile`) or "
                                                "trained model of the host to simulate; the controller keeps its own."),
+        offline_routing: str | None = typer.Option(None, "--offline-routing",
+                                                   help="serve or room (default: the config's serve.offline_routing)."),
     ) -> None:
         """Simulate N replicas under the bench's policies with the production decision code;
         results.json, plots and summary.txt as `colocate bench` writes them, labelled simulated."""
@@ -132,6 +134,9 @@ def register(app: typer.Typer) -> None:
 
         if (ttft_p99_ms is None) != (tpot_p99_ms is None):
             _echo("error: give both --ttft-p99-ms and --tpot-p99-ms, or neither")
+            raise typer.Exit(2)
+        if offline_routing not in (None, "serve", "room"):
+            _echo(f"error: --offline-routing must be serve or room, not {offline_routing!r}")
             raise typer.Exit(2)
         if controller_model not in ("config", "oracle"):
             _echo(f"error: --controller-model must be config or oracle, not {controller_model!r}")
@@ -158,7 +163,7 @@ def register(app: typer.Typer) -> None:
                           policies=policies, static_caps=caps, num_offline_requests=num_offline_requests,
                           client_overhead_ms=client_overhead_ms, step_scale=step_scale,
                           controller_model=controller_model, seed=seed, full_lengths=full_lengths,
-                          host_steps=host_steps,
+                          host_steps=host_steps, offline_routing=offline_routing,
                           slo=None if ttft_p99_ms is None else {"ttft_p99_ms": ttft_p99_ms, "tpot_p99_ms": tpot_p99_ms})
         summary = Simulation(cfg, opts, out, on_progress=_echo).run()
         typer.echo(format_table(summary))

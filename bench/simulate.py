@@ -71,6 +71,8 @@ class SimOptions:
     at the rest) instead of the bench's scaling to a small model's context."""
     host_steps: Path | None = None
     """The simulated host's steps: a step dataset or a trained model (None: the controller's model)."""
+    offline_routing: str | None = None
+    """`serve` or `room` (orchestrator.control.routing); None: the config's `serve.offline_routing`."""
     length_error_sigma: float = 0.7
     """With `order.policy: sjf`, a chat request's predicted reply length is its real one times a
     log-normal error of this sigma (0: an oracle): the traces carry lengths, not the prompts a
@@ -287,8 +289,12 @@ class Simulation:
                              offline_policy=order.offline_policy, order=order)
                    for i in range(o.num_replicas)]
         timings = ClusterTimings(report_period_s=c.report_period_s, client_overhead_ms=o.client_overhead_ms)
+        serve_cfg = self.config.serve
         cluster = SimCluster(engines, core, timings, seed=o.seed, refit=o.refit, job_policy=order.job_policy,
-                             chat_priority=self._chat_priority() if order.policy != "fcfs" else None)
+                             chat_priority=self._chat_priority() if order.policy != "fcfs" else None,
+                             max_ongoing_requests=self.config.replicas.effective_max_ongoing_requests,
+                             offline_routing=o.offline_routing or serve_cfg.offline_routing,
+                             routing_stats_period_s=serve_cfg.routing_stats_period_s)
         core.clock = lambda: cluster.now_s
         start_s = o.settle_s if offline else 0.0
         if offline:

@@ -88,9 +88,11 @@ class ReplicaConfig(_Strict):
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources each replica's engine bundle asks for: places replicas on the nodes
     that offer them (e.g. a node type started with `ray start --resources`)."""
-    max_ongoing_requests: int = Field(MAX_ONGOING_REQUESTS, ge=1)
+    max_ongoing_requests: int | None = Field(None, ge=2)
     """Serve's per-replica cap on requests in flight, both classes together; beyond it requests
-    wait at Serve's router in arrival order (chat then waits behind offline work there)."""
+    wait at Serve's router in arrival order. Batch jobs are given no more offline requests than
+    leave `max_num_seqs` of these places to chat (control.sharing.offline_slots), so it must be
+    at least twice `max_num_seqs`. Default: that, and at least 256."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to vLLM's AsyncEngineArgs unchanged (max_model_len, max_num_seqs, ...)."""
     env: dict[str, str] = Field(default_factory=dict)
@@ -100,6 +102,13 @@ class ReplicaConfig(_Strict):
     step time of `emulation` (the model directory still gives the tokenizer and config)."""
     emulation: EmulationConfig = Field(default_factory=EmulationConfig)
     """The emulated engine's latency model; read only when `engine` is `emulated`."""
+
+    @property
+    def effective_max_ongoing_requests(self) -> int:
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        seqs = self.engine_kwargs.get("max_num_seqs")
+        return max(MAX_ONGOING_REQUESTS, 2 * seqs if isinstance(seqs, int) else 0)
 
     @model_validator(mode="after")
     def _engine_kwargs_not_owned_by_us(self) -> ReplicaConfig:
@@ -117,6 +126,10 @@ class ReplicaConfig(_Strict):
                              "num_gpus_per_replica (Ray's node resources are not for placement here)")
         if any(v <= 0 for v in self.resources.values()):
             raise ValueError("resources: every amount must be > 0")
+        seqs = self.engine_kwargs.get("max_num_seqs")
+        if self.max_ongoing_requests is not None and isinstance(seqs, int) and self.max_ongoing_requests < 2 * seqs:
+            raise ValueError(f"max_ongoing_requests {self.max_ongoing_requests} must be at least twice "
+                             f"engine_kwargs.max_num_seqs ({seqs}): chat keeps max_num_seqs places at Serve's router")
         if self.engine == "emulated" and self.accelerator != "cpu":
             raise ValueError("engine: emulated runs on the CPU build (accelerator: cpu); it models a GPU")
         return self
@@ -173,6 +186,12 @@ class ServeConfig(_Strict):
     """How long `colocate up` waits for the application to become healthy."""
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    offline_routing: Literal["serve", "room"] = "serve"
+    """How offline requests pick a replica: Serve's power of two choices on queue length, as
+    chat does (`serve`), or the replica with the most offline room under its budget (`room`,
+    orchestrator.control.routing; chat keeps two choices)."""
+    routing_stats_period_s: float = Field(1.0, gt=0)
+    """How often Serve collects each replica's offline room for the `room` router."""
 
     @model_validator(mode="after")
     def _remote_needs_keys(self) -> ServeConfig:

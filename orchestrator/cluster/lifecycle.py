@@ -190,7 +190,8 @@ def _kill_group(pid: int, grace_s: float = 12.0) -> list[str]:
     """Stop the `ray start` process led by `pid` and every process it spawned (ours alone).
 
     Ray's workers are started by the raylet in sessions of their own, so a process-group signal
-    misses them; the process tree is collected first, then SIGTERM, then SIGKILL after `grace_s`.
+    misses them; the process tree is collected and sent SIGTERM, collected again every half second
+    while they stop (a replica started meanwhile goes too), then SIGKILL after `grace_s`.
     Measured on a stack here: the raylet, workers and engines exit within ~11 s of SIGTERM, while
     `ray start --block`, the GCS and Serve's controller and proxy actors were all still there at
     30 s, so a longer grace only delays the SIGKILL that ends them.
@@ -204,26 +205,43 @@ def _kill_group(pid: int, grace_s: float = 12.0) -> list[str]:
 
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
-    pids = [p.pid for p in procs]
-    segments = shm.mapped_segments(pids)
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    alive = _wait_gone(procs, grace_s)
-    for proc in alive:
+    known: dict[int, psutil.Process] = {}
+    segments: set[str] = set()
+
+    def adopt() -> None:
+        """Every descendant of what we know, and what it maps: while the raylet lives, Serve's
+        controller may have it start a replica in place of one that is stopping, and that
+        process (and its engine channel) must go too."""
+        for proc in [root, *list(known.values())]:
+            try:
+                found = [proc, *proc.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for child in found:
+                if child.pid not in known:
+                    known[child.pid] = child
+                    segments.update(shm.mapped_segments([child.pid]))
+                    try:
+                        child.terminate()
+                    except psutil.NoSuchProcess:
+                        pass
+
+    adopt()
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _wait_gone(list(known.values()), 0.5):
+        adopt()
+    adopt()
+    for proc in _wait_gone(list(known.values()), 0.0):
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    still = _wait_gone(alive, 5.0)
+    still = _wait_gone(list(known.values()), 5.0)
     if still:
         return []  # something survived SIGKILL: leave what it may still map
-    return shm.unlink_segments(segments | shm.created_by(pids))
+    return shm.unlink_segments(segments | shm.created_by(known))
 
 
 def _wait_gone(procs, timeout_s: float):

@@ -358,11 +358,14 @@ class ControllerCore:
         self.override = budget
 
     def _set_admission(self, decision: Decision, snapshot: Snapshot) -> None:
-        """Batch jobs keep enough offline requests in flight to fill every replica's budget at no
-        online load (the engines hold the excess, paused or waiting, at no cost to chat)."""
-        total = admission_total((d.budget.max_offline_seqs[0] for d in decision.replicas.values()),
-                                None if self.override is None else self.override["max_offline_seqs"][0],
-                                len(decision.replicas))
+        """Batch jobs keep as many offline requests in flight as the replicas can usefully hold
+        at no online load (`sharing.offline_slots`): the engines hold the excess over the
+        current budget, paused or waiting, at no cost to chat."""
+        loads = {load.replica_id: load for load in snapshot.replicas}
+        total = admission_total(
+            ((d.budget.max_offline_seqs[0], loads[rid].max_num_seqs if rid in loads else None,
+              loads[rid].max_ongoing_requests if rid in loads else None) for rid, d in decision.replicas.items()),
+            None if self.override is None else self.override["max_offline_seqs"][0])
         if total == self._admission_total:
             return
         try:

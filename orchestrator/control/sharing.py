@@ -86,14 +86,25 @@ def allowance(jobs: dict[str, dict[str, Any]], job_key: str, now_s: float, total
     return allowed if max_cap is None else max(1, min(allowed, max_cap))
 
 
-def admission_total(idle_offline_seqs: Iterable[int], override_idle_seqs: int | None = None,
-                    num_replicas: int = 1) -> int:
-    """The offline concurrency batch jobs share: enough in flight to fill every replica's budget
-    at no online load (the engines hold the excess, paused or waiting, at no cost to chat). A
-    pinned budget (`override_idle_seqs`, its idle row) still keeps jobs' in-flight requests
-    bounded, at 256 per replica."""
-    if override_idle_seqs is not None:
-        total = min(override_idle_seqs, 256) * max(1, num_replicas)
-    else:
-        total = sum(idle_offline_seqs)
+def offline_slots(idle_offline_seqs: int, max_num_seqs: int | None = None,
+                  max_ongoing_requests: int | None = None) -> int:
+    """Offline requests one replica can usefully hold in flight: its budget at no online load,
+    but no more than its engine has sequence slots for (the rest would only wait in the engine),
+    and no more than leaves a full engine's worth of Serve's per-replica places
+    (`max_ongoing_requests`) to chat, so chat never waits at Serve's router behind offline work."""
+    slots = idle_offline_seqs
+    if max_num_seqs:
+        slots = min(slots, max_num_seqs)
+    if max_ongoing_requests:
+        slots = min(slots, max_ongoing_requests - (max_num_seqs or 0))
+    return max(0, slots)
+
+
+def admission_total(replicas: Iterable[tuple[int, int | None, int | None]],
+                    override_idle_seqs: int | None = None) -> int:
+    """The offline concurrency batch jobs share: what every replica can usefully hold
+    (`offline_slots` of its (idle budget, max_num_seqs, max_ongoing_requests)), summed. A
+    pinned budget (`override_idle_seqs`, its idle row) replaces each replica's idle budget."""
+    total = sum(offline_slots(idle if override_idle_seqs is None else override_idle_seqs, seqs, ongoing)
+                for idle, seqs, ongoing in replicas)
     return max(1, total)

@@ -56,6 +56,8 @@ class ReplicaLoad:
     `step_latency_ms`): what the model is calibrated against while serving."""
     max_num_seqs: int | None = None
     """The engine's sequence slots (vLLM's max_num_seqs); None until the engine has started."""
+    max_ongoing_requests: int | None = None
+    """Serve's cap on this replica's requests in flight (`replicas.max_ongoing_requests`)."""
 
 
 @dataclass(frozen=True)
@@ -152,4 +154,5 @@ def replica_load(report: dict[str, Any]) -> ReplicaLoad:
         reported_at_s=float(report.get("received_at_s", report["reported_at_s"])),
         recent_steps=report.get("recent_steps"),
         max_num_seqs=int(report["max_num_seqs"]) if report.get("max_num_seqs") else None,
+        max_ongoing_requests=int(report["max_ongoing_requests"]) if report.get("max_ongoing_requests") else None,
     )

@@ -37,6 +37,7 @@ import numpy as np
 
 from latency_model.schema import STEP_SCHEMA
 from orchestrator.engine.budget import TABLE_SIZE, UNLIMITED, OfflineBudget
+from orchestrator.engine.shm import process_alive
 from orchestrator.names import ENV_ENGINE_CHANNEL
 
 MAGIC = 0xC0C0CA7E
@@ -80,7 +81,7 @@ def sweep_stale_channels(directory: Path | None = None) -> list[Path]:
     removed = []
     for path in (directory or channel_dir()).glob(f"{CHANNEL_PREFIX}*.chan"):
         pid = path.name[len(CHANNEL_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
         try:
             path.unlink()
@@ -88,18 +89,6 @@ def sweep_stale_channels(directory: Path | None = None) -> list[Path]:
         except OSError:
             pass
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 
 
 class EngineChannel:

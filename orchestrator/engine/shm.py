@@ -87,21 +87,22 @@ def sweep(directory: Path = SHM_DIR) -> list[str]:
             pids, segments = [int(p) for p in record["pids"]], list(record["segments"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being written, or not ours to judge
-        if any(_alive(pid) for pid in pids):
+        if any(process_alive(pid) for pid in pids):
             continue
         removed += unlink_segments({*segments, *created_by(pids, directory)}, directory)
         path.unlink(missing_ok=True)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """A process with this pid exists and has not exited (a zombie has: its mappings are gone,
+    and in a container whose init reaps nothing it may stay a zombie for good)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie has exited: its mappings are gone.
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"

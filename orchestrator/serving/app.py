@@ -7,7 +7,7 @@ from typing import Any
 
 from orchestrator.config import ColocateConfig
 from orchestrator.models.tiny import build_tiny_model, is_model_dir
-from orchestrator.names import EMULATED_EXECUTOR, ENV_EMULATION
+from orchestrator.names import EMULATED_EXECUTOR, ENV_EMULATION, ENV_MAX_ONGOING_REQUESTS
 
 SERVER_CLS = "orchestrator.serving.server:ColocateLLMServer"
 SCHEDULER_CLS = "orchestrator.engine.scheduler.ColocateScheduler"
@@ -80,6 +80,7 @@ def replica_env(config: ColocateConfig) -> dict[str, str]:
     env.update(config.replicas.env)
     env.update(controller_env(config.controller))
     env.update(order_env(config.order))
+    env[ENV_MAX_ONGOING_REQUESTS] = str(config.replicas.effective_max_ongoing_requests)
     if config.replicas.engine == "emulated":
         env[ENV_EMULATION] = config.replicas.emulation.model_dump_json()
     return env
@@ -96,7 +97,7 @@ def build_llm_config(config: ColocateConfig, model_source: str):
         "deployment_config": {
             "num_replicas": replicas.num_replicas,
             # A replica holds no other requests while its engine starts; keep the queue generous.
-            "max_ongoing_requests": replicas.max_ongoing_requests,
+            "max_ongoing_requests": replicas.effective_max_ongoing_requests,
         },
         "runtime_env": {"env_vars": env},
         "server_cls": SERVER_CLS,
@@ -105,6 +106,13 @@ def build_llm_config(config: ColocateConfig, model_source: str):
         },
         "log_engine_metrics": True,
     }
+    if config.serve.offline_routing == "room":
+        from orchestrator.serving.router import ROUTER_CLS
+
+        period_s = config.serve.routing_stats_period_s
+        kwargs["deployment_config"]["request_router_config"] = {
+            "request_router_class": ROUTER_CLS, "request_routing_stats_period_s": period_s,
+            "request_routing_stats_timeout_s": max(period_s, 3.0)}
     if replicas.accelerator == "cpu":
         kwargs["accelerator_config"] = {"kind": "cpu"}
         kwargs["placement_group_config"] = {"bundles": [{"CPU": replicas.num_cpus_per_replica, **replicas.resources}]}

@@ -21,6 +21,7 @@ from ray.serve.llm import LLMServer
 
 from orchestrator.compat import ray_api
 from orchestrator.control.reply import remaining_validity_s, reply_budget
+from orchestrator.control.routing import ROUTING_STATS_KEY, ROUTING_STATS_SEQ_KEY, offline_room
 from orchestrator.engine import shm
 from orchestrator.engine.budget import UNLIMITED, OfflineBudget
 from orchestrator.engine.channel import EngineChannel, latency_rows_to_columns, rows_to_columns
@@ -33,6 +34,7 @@ from orchestrator.names import (
     ENV_EMULATION,
     ENV_ENGINE_CHANNEL,
     ENV_FALLBACK_BUDGET,
+    ENV_MAX_ONGOING_REQUESTS,
     ENV_REPORT_PERIOD_S,
     NAMESPACE,
 )
@@ -141,6 +143,7 @@ class ColocateLLMServer(LLMServer):
         self._ordering = LengthOrdering.from_env()
         self._load = LoadWindow()
         self._budget: dict[str, Any] | None = None
+        self._routing_stats_seq = 0
         self._steps_seen = 0
         # Throttle reactions seen in the step ring: (time of the burst, ms until offline work shrank).
         self._reactions: collections.deque[tuple[float, float]] = collections.deque(maxlen=200)
@@ -277,6 +280,7 @@ class ColocateLLMServer(LLMServer):
                                         "step_time_s_total", "max_num_seqs")},
             "num_online_inflight": self._inflight[RequestClass.ONLINE],
             "num_offline_inflight": self._inflight[RequestClass.OFFLINE],
+            "max_ongoing_requests": int(os.environ.get(ENV_MAX_ONGOING_REQUESTS, "0")) or None,
             **window,
             "budget_seq": self._channel.budget_seq(),
             "throttle_reactions": list(self._reactions),
@@ -303,6 +307,17 @@ class ColocateLLMServer(LLMServer):
                     else:
                         self._pending_burst = (prev_end, prev_offline)
             self._last_step = (end, online, offline)
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's routing-stats hook (polled by Serve's controller, read by the request router):
+        Ray's own stats, and this replica's offline room (control.routing)."""
+        stats = dict(await super().record_routing_stats() or {})
+        budget = reply_budget(self._budget) if self._budget is not None else _fallback_budget()
+        seqs, _ = budget.at(self._inflight[RequestClass.ONLINE])
+        self._routing_stats_seq += 1
+        stats[ROUTING_STATS_KEY] = offline_room(seqs, self._inflight[RequestClass.OFFLINE])
+        stats[ROUTING_STATS_SEQ_KEY] = self._routing_stats_seq
+        return stats
 
     async def _controller_loop(self) -> None:
         """Report load to the controller; its reply is this replica's offline budget."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.control.reply import remaining_validity_s, reply_budget
+from orchestrator.control.routing import offline_room, rank_for_offline
 from orchestrator.control.sharing import allowance
 from orchestrator.names import MAX_ONGOING_REQUESTS
 from orchestrator.request_class import RequestClass, vllm_priority
@@ -102,6 +103,11 @@ class SimCluster:
     max_ongoing_requests: int = MAX_ONGOING_REQUESTS
     """Serve's per-replica cap on requests in flight; the rest wait at the router, in arrival
     order whatever their class (a chat request behind a batch job's excess waits there)."""
+    offline_routing: str = "serve"
+    """`serve`: offline requests routed like chat; `room`: to the replica with the most offline
+    room, from stats published every `routing_stats_period_s` (control.routing, as
+    orchestrator.serving.router does)."""
+    routing_stats_period_s: float = 1.0
     on_progress: Callable[[float], None] | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +140,10 @@ class SimCluster:
                 self._refit_period_s = self.controller.refit_period_s
                 self._push(self._refit_period_s, "refit", None)
         self._push(0.0, "sample", None)
+        self._room: dict[str, int] = {}
+        self._sent_since: collections.Counter[str] = collections.Counter()
+        if self.offline_routing == "room":
+            self._push(0.0, "routing_stats", None)
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -170,10 +180,15 @@ class SimCluster:
             if end is not None:
                 self._push(end, "step_end", e)
 
-    def _route(self) -> SimEngine | None:
+    def _route(self, req: SimRequest) -> SimEngine | None:
         """Serve's default routing: two replicas at random among those under
-        `max_ongoing_requests`, the one with fewer ongoing requests; None when all are full."""
+        `max_ongoing_requests`, the one with fewer ongoing requests; None when all are full. With
+        `offline_routing: room`, an offline request goes to the free replica with the most room."""
         free = [e for e in self.engines if e.num_requests < self.max_ongoing_requests]
+        if req.is_offline and self.offline_routing == "room" and free:
+            [top], *_ = rank_for_offline([e.replica_id for e in free], self._room, self._sent_since, self._rng)
+            self._sent_since[top] += 1
+            return self._by_id[top]
         if len(free) <= 1:
             return free[0] if free else None
         a, b = self._rng.sample(free, 2)
@@ -181,7 +196,7 @@ class SimCluster:
 
     def _submit(self, req: SimRequest) -> SimEngine | None:
         """Hand a request to a replica now, or queue it at the router (FIFO)."""
-        e = None if self._router_queue else self._route()
+        e = None if self._router_queue else self._route(req)
         if e is None:
             self._router_queue.append(req)
             self.max_router_queue = max(self.max_router_queue, len(self._router_queue))
@@ -192,7 +207,7 @@ class SimCluster:
 
     def _drain_router(self) -> None:
         while self._router_queue:
-            e = self._route()
+            e = self._route(self._router_queue[0])
             if e is None:
                 return
             req = self._router_queue.popleft()
@@ -224,7 +239,7 @@ class SimCluster:
 
     def _on_report(self, e: SimEngine) -> None:
         c = self.controller
-        reply = c.receive(e.report(self.now_s))
+        reply = c.receive({**e.report(self.now_s), "max_ongoing_requests": self.max_ongoing_requests})
         if reply is not None:
             valid_for_s = remaining_validity_s(reply, 0.0)
             if valid_for_s > 0:
@@ -237,6 +252,15 @@ class SimCluster:
         self.controller.tick()
         self.tick_wall_ms.append((time.perf_counter() - started) * 1000.0)
         self._push(self.now_s + self.controller.period_s, "tick", None)
+
+    def _on_routing_stats(self, _: Any) -> None:
+        """Every replica publishes its offline room (Serve's routing stats); the router's own
+        counts since the last publication start again."""
+        for e in self.engines:
+            seqs, _ = e.budget_in_force(e.num_ongoing(offline=False), self.now_s)
+            self._room[e.replica_id] = offline_room(seqs, e.num_ongoing(offline=True))
+        self._sent_since.clear()
+        self._push(self.now_s + self.routing_stats_period_s, "routing_stats", None)
 
     def _on_refit(self, _: Any) -> None:
         # The production loop refits in a worker thread while ticks go on; here a refit is

@@ -124,3 +124,27 @@ def test_the_job_policy_is_typed_config():
     assert OrderConfig(job_policy="shortest_remaining_first").job_policy == "shortest_remaining_first"
     with pytest.raises(ValidationError, match="job_policy"):
         OrderConfig(job_policy="lottery")
+
+
+def test_admission_total_is_what_replicas_can_hold_and_leaves_chat_its_places_at_the_router():
+    from orchestrator.control.sharing import admission_total, offline_slots
+
+    assert offline_slots(64, max_num_seqs=32, max_ongoing_requests=256) == 32  # no more than the slots
+    assert offline_slots(8, max_num_seqs=32, max_ongoing_requests=256) == 8
+    # Serve's per-replica cap 48 with 32 slots: 16 offline, so 32 places stay for chat.
+    assert offline_slots(64, max_num_seqs=32, max_ongoing_requests=48) == 16
+    assert offline_slots(64) == 64  # an engine not yet started: its budget alone
+    # Two replicas whose idle budgets (64) exceed their 32 slots: 64 in all, not 128.
+    assert admission_total([(64, 32, 256), (64, 32, 256)]) == 64
+    assert admission_total([(64, 32, 256), (64, 32, 256)], override_idle_seqs=4) == 8
+    assert admission_total([]) == 1 and admission_total([(0, 32, 256)]) == 1
+
+
+def test_max_ongoing_requests_defaults_to_twice_the_slots_and_refuses_less():
+    from orchestrator.config import ConfigError, parse_config
+
+    cfg = parse_config({"replicas": {"engine_kwargs": {"max_num_seqs": 256}}}, "x")
+    assert cfg.replicas.effective_max_ongoing_requests == 512
+    assert parse_config({}, "x").replicas.effective_max_ongoing_requests == 256
+    with pytest.raises(ConfigError, match="at least twice"):
+        parse_config({"replicas": {"max_ongoing_requests": 300, "engine_kwargs": {"max_num_seqs": 256}}}, "x")

@@ -282,3 +282,22 @@ def test_a_preempted_request_recomputes_before_it_emits_again():
     assert r.num_output_tokens == 10 and r.finished_s is not None
     assert e.counters.num_steps_total == 5 + 2 + 4
     assert e.counters.num_offline_output_tokens_total == 10
+
+
+@pytest.mark.parametrize("routing", ["serve", "room"])
+def test_offline_routing_by_room_sends_a_burst_where_the_budget_is(routing):
+    # Two replicas, one whose budget leaves 1 offline slot and one with 8: a job's 9 requests go
+    # by room to the roomy one (8 of 9) with `room`, and about evenly by queue length with `serve`.
+    engines = [SimEngine(name, SimEngineConfig(max_num_seqs=16, num_gpu_blocks=1000), FixedStep(10.0))
+               for name in ("tight", "roomy")]
+    for e, seqs in zip(engines, (1, 8), strict=True):
+        e.set_budget(OfflineBudget.flat(seqs, 512), valid_until_s=float("inf"))
+    cluster = SimCluster(engines, controller=None, offline_routing=routing, seed=2)
+    cluster.add_job(SimJob("job", [(16, 200)] * 9, default_cap=9), at_s=0.5)
+    cluster.run(0.6)
+    held = {e.replica_id: e.num_ongoing(offline=True) for e in engines}
+    assert sum(held.values()) == 9
+    if routing == "room":
+        assert held == {"tight": 1, "roomy": 8}
+    else:
+        assert 2 <= held["tight"] <= 7

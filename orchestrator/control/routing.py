@@ -1,0 +1,52 @@
+"""Where an offline request goes: the replica with the most offline room, as data.
+
+Serve routes every request to a replica by power of two choices on queue length, which knows
+nothing of classes: a batch job's requests land as often on a replica whose chat leaves no
+offline budget (they wait there, paused) as on an idle one. The offline class is routed by room
+instead: each replica publishes, through Serve's routing stats, its offline budget at its current
+online load minus the offline requests it already holds; between two publications the router
+counts what it has sent each replica itself, so a burst of a job's requests does not all go to
+the replica that looked emptiest a second ago. Chat keeps Serve's own power of two choices.
+
+Pure: `orchestrator.serving.router` is the Serve request router that calls it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable, Mapping, Sequence
+
+ROUTING_STATS_KEY = "colocate_offline_room"
+"""The routing-stats entry a replica publishes (`ColocateLLMServer.record_routing_stats`)."""
+ROUTING_STATS_SEQ_KEY = "colocate_stats_seq"
+"""Changes with every publication: the router's own counts since the last one start again."""
+
+
+def offline_room(budget_seqs: int, num_offline_held: int) -> int:
+    """Offline requests a replica can still start now: its budget at the current online load
+    less the offline requests it already holds (may be negative: it holds more than it runs)."""
+    return budget_seqs - num_offline_held
+
+
+def rank_for_offline(replica_ids: Sequence[Hashable], room: Mapping[Hashable, float | None],
+                     sent_since: Mapping[Hashable, int], rng: random.Random) -> list[list[Hashable]]:
+    """Replicas in the order an offline request should try them, one per rank: most room first
+    (published room less what was sent since), ties in random order. A replica that has
+    published nothing yet (None) ranks as having no room, after those that have some, so it is
+    used but not flooded before its engine reports."""
+    def key(rid):
+        published = room.get(rid)
+        left = (0.0 if published is None else float(published)) - sent_since.get(rid, 0)
+        return (-left, rng.random())
+
+    return [[rid] for rid in sorted(replica_ids, key=key)]
+
+
+def two_choices(replica_ids: Sequence[Hashable], rng: random.Random) -> list[list[Hashable]]:
+    """Serve's power of two choices for chat: two distinct random replicas, one rank (the
+    router then takes the one with the shorter queue that accepts)."""
+    if len(replica_ids) <= 2:
+        ids = list(replica_ids)
+        rng.shuffle(ids)
+        return [ids] if ids else []
+    return [rng.sample(list(replica_ids), 2)]

@@ -1,0 +1,54 @@
+"""Offline routing by room (orchestrator.control.routing): the pure ranking the Serve request
+router calls, and how it reads a request's class."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from types import SimpleNamespace
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.control.routing import offline_room, rank_for_offline, two_choices
+from orchestrator.request_class import RequestClass
+
+
+def test_offline_goes_to_the_replica_with_room_and_spreads_a_burst():
+    rng = random.Random(0)
+    room = {"busy": 0, "idle": 6, "half": 3}
+    assert [r[0] for r in rank_for_offline(["busy", "idle", "half"], room, {}, rng)] == ["idle", "half", "busy"]
+    # What the router sent since the last publication counts against the room it published.
+    sent: Counter = Counter()
+    for _ in range(9):
+        top = rank_for_offline(["busy", "idle", "half"], room, sent, rng)[0][0]
+        sent[top] += 1
+    assert sent == {"idle": 6, "half": 3}  # greedy on room left: the burst fills both, busy gets none
+    # A replica that has not published yet ranks as having none: after any with room.
+    assert rank_for_offline(["new", "idle"], {"new": None, "idle": 1}, {}, rng)[0] == ["idle"]
+    assert offline_room(8, 3) == 5 and offline_room(2, 5) == -3
+
+
+def test_ties_are_broken_at_random_and_chat_gets_two_choices():
+    rng = random.Random(1)
+    firsts = Counter(rank_for_offline(["a", "b"], {"a": 2, "b": 2}, {}, rng)[0][0] for _ in range(200))
+    assert 60 < firsts["a"] < 140
+    (pair,) = two_choices(["a", "b", "c", "d"], rng)
+    assert len(set(pair)) == 2 and set(pair) <= {"a", "b", "c", "d"}
+    assert sorted(two_choices(["a", "b"], rng)[0]) == ["a", "b"] and two_choices([], rng) == []
+
+
+def test_the_router_reads_the_class_the_body_claims():
+    from orchestrator.serving.router import request_class_of
+
+    class Body(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        messages: list = []
+
+    def pending(body):
+        return SimpleNamespace(args=[body, None])
+
+    assert request_class_of(pending(Body(request_class="offline"))) is RequestClass.OFFLINE
+    assert request_class_of(pending(Body())) is RequestClass.ONLINE
+    assert request_class_of(pending(Body(request_class="vip"))) is RequestClass.ONLINE  # the replica 400s it
+    assert request_class_of(pending({"request_class": "offline"})) is RequestClass.OFFLINE
+    assert request_class_of(None) is RequestClass.ONLINE
