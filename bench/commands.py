@@ -99,6 +99,38 @@ def register(app: typer.Typer) -> None:
 
 
     @app.command()
+    def faults(
+        config: str | None = typer.Option("manifests/colocate-faults.yaml", "--config", "-c",
+                                          help="Stack config (two replicas, a small KV cache)."),
+        out: Path = typer.Option(..., "--out", help="Results directory (must not hold a results.json)."),
+        rate: float = typer.Option(0.8, "--rate", min=0.01, help="Chat requests per second (Poisson)."),
+        warmup_s: float = typer.Option(30.0, "--warmup-s", min=0.0),
+        phase_s: float = typer.Option(45.0, "--phase-s", min=5.0, help="Seconds watched after each fault."),
+        num_batch: int = typer.Option(1000, "--num-batch", min=1, help="Requests in the batch job."),
+        faults_list: str = typer.Option("driver,replica,controller,kv", "--faults",
+                                        help="Comma-separated, in order, from: driver, replica, controller, kv."),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """Kill a replica, the controller and the job driver and fill the KV cache under chat and
+        a batch job; report what each did to chat and that the job ends with one result per input."""
+        from bench.faults import FAULTS, FaultsOptions, format_report, run_faults
+
+        kinds = tuple(k.strip() for k in faults_list.split(",") if k.strip())
+        unknown = sorted(set(kinds) - set(FAULTS))
+        if unknown or not kinds:
+            _echo(f"error: --faults: unknown {unknown or 'none given'}; choose from {', '.join(FAULTS)}")
+            raise typer.Exit(2)
+        if (out / "results.json").exists():
+            _echo(f"error: {out / 'results.json'} exists; choose another --out")
+            raise typer.Exit(2)
+        cfg = _load(config)
+        opts = FaultsOptions(rate_per_s=rate, warmup_s=warmup_s, phase_s=phase_s, num_batch=num_batch,
+                             faults=kinds, seed=seed)
+        result = run_faults(cfg, opts, out, on_progress=_echo)
+        typer.echo(format_report(result))
+        typer.echo(f"results: {out / 'results.json'}  plot: {result['plot']}")
+
+    @app.command()
     def simulate(
         out: Path = typer.Option(..., "--out", help="Results directory (must not hold a results.json)."),
         config: str | None = typer.Option("manifests/colocate-bench.yaml", "--config", "-c",

@@ -122,3 +122,13 @@ def test_empty_file_gives_defaults(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(empty) == ColocateConfig()
+
+
+def test_every_manifest_model_has_slo_targets_in_the_file_it_names():
+    """A stack whose model has no entry in its SLO file runs at the fallback budget forever."""
+    from orchestrator.control.slo import load_slo
+
+    for manifest in sorted((ROOT / "manifests").glob("colocate*.yaml")) + [ROOT / "manifests" / "whatif-llama2-7b-a100.yaml"]:
+        cfg = load_config(manifest)
+        slo_path = ROOT / cfg.controller.slo_path
+        assert cfg.model.id in load_slo(slo_path).models, f"{manifest.name}: {cfg.model.id} not in {slo_path.name}"

@@ -1,9 +1,13 @@
-"""Budget-aware offline routing (`serve.offline_routing: room`) on two real replicas.
+"""Two real replicas: budget-aware offline routing, then faults under load.
 
-One replica is busy with chat, so its offline budget at that online load is smaller than the
-idle replica's; Serve's own power of two choices would split a burst of offline requests about
-evenly between them, the `room` router sends most of it to the idle one. Chat still goes by two
-choices.
+Routing (`serve.offline_routing: room`): one replica is busy with chat, so its offline budget at
+that online load is smaller than the idle replica's; Serve's own power of two choices would split
+a burst of offline requests about evenly between them, the `room` router sends most of it to the
+idle one. Chat still goes by two choices.
+
+Faults (bench.faults, the code behind `colocate faults`): chat at a steady rate and a batch job
+while a replica, the controller and the job's driver are killed and the KV cache is filled. Runs
+last in the module (it kills a replica) and named to run after the session stack's tests.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ def two_replicas(tmp_path_factory):
     yield from start_stack(
         tmp_path_factory.mktemp("routing"),
         model={"id": "colocate-tiny", "source": str(MODEL_CACHE), "build_tiny": "test"},
-        engine_kwargs={"max_model_len": 2048, "max_num_seqs": 32},
+        # A small KV cache (4,096 tokens per replica): the fault test fills it with a few requests.
+        engine_kwargs={"max_model_len": 2048, "max_num_seqs": 32, "num_gpu_blocks_override": 256},
         replicas={"num_replicas": 2},
         serve={"offline_routing": "room", "routing_stats_period_s": 0.5},
     )
@@ -98,3 +103,30 @@ def test_offline_work_goes_to_the_replica_chat_leaves_room_on(two_replicas):
     # on queue length would give the idle one about half.
     assert placed[idle] >= NUM_OFFLINE - budgets[busy][1], (placed, budgets)
     assert placed[idle] >= 6, (placed, budgets)
+
+
+def test_faults_under_load_lose_no_batch_result_and_leave_no_chat_hanging(two_replicas, tmp_path):
+    from bench.faults import FaultRun, FaultsOptions, Stack, format_report
+
+    stack = two_replicas
+    # The driver first (the default order), so it is killed while its job runs on any host.
+    opts = FaultsOptions(rate_per_s=2.0, warmup_s=10.0, phase_s=25.0, num_batch=150, chat_output_tokens=64,
+                         kv_fill_requests=8, request_timeout_s=60.0, job_timeout_s=400.0)
+    slo = {"ttft_p99_ms": 1000.0, "tpot_p99_ms": 200.0}  # loose: invariants, not latency, are tested
+    run = FaultRun(Stack(endpoint=stack["endpoint"], model=stack["model"], gcs_address=stack["gcs_address"],
+                         dashboard_url=stack["dashboard_url"]), opts, tmp_path / "faults", slo, on_progress=print)
+    result = run.run()
+    report = format_report(result)
+    # The batch job: exactly one result per input, after a replica and its own driver were killed.
+    assert result["job"]["status"] == "SUCCEEDED", report
+    assert result["job"]["exactly_once"], report
+    assert result["faults"][0]["fault"] == "driver" and result["faults"][0]["job_running"], report
+    assert "resubmitted" in result["faults"][0]["detail"], report
+    assert all(f["job_running"] for f in result["faults"]), report  # each fault met a running job
+    # Chat: nothing hangs; what was in flight at each fault completed or failed, and after each
+    # fault new chat is served within the watch.
+    assert result["chat"]["hung"] == 0, report
+    for fault in result["faults"]:
+        assert fault["in_flight_hung"] == 0, report
+        assert fault["new_chat_served_after_s"] is not None, report
+    assert (tmp_path / "faults" / "faults.png").exists()
