@@ -220,3 +220,17 @@ def test_the_policy_state_does_not_move_while_an_override_pins_the_budget(setup)
     c.set_override(None)
     c.tick()
     assert c.state["r1"].throttle == "throttled"  # the policy's own reading of the same signal
+
+
+def test_a_report_is_fresh_by_when_it_arrived_not_by_its_senders_clock(setup):
+    """A replica on another node stamps its report with that host's wall clock; two hosts'
+    clocks need not agree, so freshness is judged on the controller's own clock."""
+    make, _, clock, _ = setup
+    c = make()
+    skewed = report(clock, rid="far", reported_at_s=clock() - 3600.0)  # an hour behind
+    del skewed["received_at_s"]
+    c.receive(skewed)
+    assert c.reports["far"]["received_at_s"] == clock()
+    assert set(c.tick().replicas) == {"far"}
+    clock.t += 10.0  # no report for 10 s: stale, whatever the sender's clock said
+    assert c.tick().replicas == {}
