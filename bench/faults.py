@@ -55,6 +55,8 @@ class FaultsOptions:
     kv_output_tokens: int = 200
     slo_run: int = 10
     job_timeout_s: float = 900.0
+    driver_ready_timeout_s: float = 120.0
+    """How long the driver fault waits for the job's driver to register and write a result."""
     seed: int = 0
 
 
@@ -106,7 +108,10 @@ def fault_report(records: list[ChatRecord], fault_s: float, until_s: float, slo:
 
 
 def engine_report(samples: list[dict[str, Any]], fault_s: float, until_s: float) -> dict[str, Any]:
-    """The engines between this fault and the next: peak KV use, offline preemptions."""
+    """The engines between this fault and the next: peak KV use, offline preemptions, and the
+    most requests (both classes) one replica held: Serve's router queues a request only when
+    every replica holds `max_ongoing_requests`, so a peak below it means chat never waited
+    there behind offline work (sampled once a second)."""
     window = [s for s in samples if fault_s <= s["t_s"] < until_s]
     kv = [s["kv_cache_usage"] for s in window if s.get("kv_cache_usage") is not None]
     preempted = 0
@@ -115,7 +120,9 @@ def engine_report(samples: list[dict[str, Any]], fault_s: float, until_s: float)
                   if s["replica"] == replica and s.get("num_offline_preempted_total") is not None]
         if counts:
             preempted += max(counts) - min(counts)
-    return {"kv_cache_usage_max": max(kv) if kv else None, "num_offline_preempted": preempted}
+    ongoing = [s["num_ongoing"] for s in window if s.get("num_ongoing") is not None]
+    return {"kv_cache_usage_max": max(kv) if kv else None, "num_offline_preempted": preempted,
+            "num_ongoing_max": max(ongoing) if ongoing else None}
 
 
 def job_count(output: Path, ids: list[str]) -> dict[str, Any]:
@@ -216,6 +223,8 @@ class Stack:
     dashboard_url: str
     app_name: str = "colocate"
     env: dict[str, str] = field(default_factory=dict)
+    max_ongoing_requests: int | None = None
+    """Serve's per-replica cap on requests in flight, for the report (None: not known)."""
 
 
 class FaultRun:
@@ -256,12 +265,16 @@ class FaultRun:
                 # The job finished (a fast host): a fresh one, so every fault meets a running job.
                 self._new_part()
                 time.sleep(3.0)
+            if (ready := getattr(self, f"_ready_{kind}", None)) is not None:
+                ready()
             at_s = chat.now_s()
             running = self.client.get_job_status(self.job_ids[-1]).value == "RUNNING"
             detail = getattr(self, f"_inject_{kind}")()
             injected.append({"fault": kind, "at_s": at_s, "detail": detail, "job_running": running})
             self.say(f"[faults] {at_s:6.1f} s: {kind} ({detail}); watching {o.phase_s:.0f} s")
             time.sleep(o.phase_s)
+            if (after := getattr(self, f"_after_{kind}", None)) is not None:
+                after()
         chat.stop()
         sampling.set()
         sampler.join(10)
@@ -280,7 +293,7 @@ class FaultRun:
         records = chat.records
         result = {
             "options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(o).items()},
-            "slo": self.slo, "faults": reports, "job": {**self._job_totals(), "status": status,
+            "slo": self.slo, "faults": reports, "max_ongoing_requests": self.stack.max_ongoing_requests, "job": {**self._job_totals(), "status": status,
                                                         "submissions": self.job_ids},
             "chat": {"num": len(records), **{k: sum(r.outcome == k for r in records)
                                             for k in ("ok", "clean_error", "error", "hung")},
@@ -305,7 +318,9 @@ class FaultRun:
                 continue
             t = chat.now_s()
             for r in reports:
+                inflight = r.get("num_inflight") or {}
                 self.samples.append({"t_s": t, "replica": r["replica_id"], "kv_cache_usage": r.get("kv_cache_usage"),
+                                     "num_ongoing": sum(int(v) for v in inflight.values()),
                                      "num_offline_preempted_total": (r.get("engine") or {}).get("num_offline_preempted_total")})
 
     # --- faults -------------------------------------------------------------------------------
@@ -374,13 +389,29 @@ class FaultRun:
         ray.kill(get_controller(), no_restart=False)
         return "killed; Ray restarts it from its checkpoint"
 
+    def _ready_driver(self) -> None:
+        """A job is RUNNING from the moment its entrypoint starts, but its driver registers with
+        Ray (and so has a pid to kill) only once it has imported and joined the cluster, which
+        takes seconds on a loaded host: wait for that and for its first results, so that the
+        kill meets a driver with work both done and still to do."""
+        from ray.job_submission import JobStatus
+
+        deadline = time.monotonic() + self.opts.driver_ready_timeout_s
+        while time.monotonic() < deadline:
+            info = self.client.get_job_info(self.job_ids[-1])
+            written = self.batch_out.exists() and self.batch_out.stat().st_size > 0
+            if info.status != JobStatus.RUNNING or (info.driver_info is not None and written):
+                return
+            time.sleep(0.5)
+
     def _inject_driver(self) -> str:
         from ray.job_submission import JobStatus
 
         job_id = self.job_ids[-1]
         info = self.client.get_job_info(job_id)
         if info.status != JobStatus.RUNNING or info.driver_info is None:
-            return f"job {job_id} not running ({info.status.value}); nothing to kill"
+            return f"job {job_id} not running ({info.status.value}, driver registered: " \
+                   f"{info.driver_info is not None}); nothing to kill"
         os.kill(int(info.driver_info.pid), signal.SIGKILL)
         deadline = time.monotonic() + 60
         while self.client.get_job_status(job_id) == JobStatus.RUNNING and time.monotonic() < deadline:
@@ -390,12 +421,20 @@ class FaultRun:
         return f"SIGKILL to driver pid {info.driver_info.pid} ({done} results written); resubmitted"
 
     def _inject_kv(self) -> str:
-        """Offline requests with long prompts straight to the endpoint (no batch admission)."""
+        """Fill the KV cache: long offline requests straight to the endpoint (no batch
+        admission), with the offline budget pinned wide open for the phase, as a misconfigured
+        cap would leave it (under the controller's own budget they would not fill it: a few run,
+        the rest wait without KV). Chat arriving then must preempt them to be served."""
         import openai
+        import ray
 
+        from orchestrator.control.controller import get_controller
         from profiler.workload import make_prompt
 
         o = self.opts
+        seqs = max(o.kv_fill_requests, 1)
+        ray.get(get_controller().set_override.remote({"max_offline_seqs": [seqs], "max_offline_tokens": [2048]}),
+                timeout=30)
 
         def one(i: int) -> None:
             try:
@@ -410,7 +449,15 @@ class FaultRun:
         self.kv_threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(o.kv_fill_requests)]
         for t in self.kv_threads:
             t.start()
-        return f"{o.kv_fill_requests} offline requests of {o.kv_prompt_tokens}+{o.kv_output_tokens} tokens"
+        return (f"{o.kv_fill_requests} offline requests of {o.kv_prompt_tokens}+{o.kv_output_tokens} tokens, "
+                f"offline budget pinned at {seqs} sequences for the phase")
+
+    def _after_kv(self) -> None:
+        import ray
+
+        from orchestrator.control.controller import get_controller
+
+        ray.get(get_controller().set_override.remote(None), timeout=30)
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -458,7 +505,7 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{s(f['slo_holds_again_after_s']):>11} "
                      f"{'-' if f['attainment_after'] is None else format(f['attainment_after'], '.2f'):>12} "
                      f"{'-' if f.get('kv_cache_usage_max') is None else format(f['kv_cache_usage_max'], '.0%'):>6} "
-                     f"{f.get('num_offline_preempted', 0):>7}")
+                     f"{int(f.get('num_offline_preempted') or 0):>7}")
         for e in f["errors"]:
             lines.append(f"{'':<11} error: {e}")
     j, c = result["job"], result["chat"]
@@ -467,6 +514,12 @@ def format_report(result: dict[str, Any]) -> str:
                  f"final status {j['status']}: exactly once = {j['exactly_once']}")
     lines.append(f"chat: {c['num']} requests: {c['ok']} ok, {c['clean_error']} clean errors, {c['error']} other "
                  f"errors, {c['hung']} hung; SLO met by {0 if c['attainment'] is None else c['attainment']:.1%}")
+    peaks = [f["num_ongoing_max"] for f in result["faults"] if f.get("num_ongoing_max") is not None]
+    if peaks:
+        cap = result.get("max_ongoing_requests")
+        verdict = "" if cap is None else (f" of Serve's max_ongoing_requests {cap}: " + (
+            "chat never queued at the router" if max(peaks) < cap else "a replica was full; chat may have queued"))
+        lines.append(f"Serve's router: at most {max(peaks)} requests held by one replica (sampled each second){verdict}")
     return "\n".join(lines)
 
 
@@ -482,7 +535,8 @@ def run_faults(config, opts: FaultsOptions, out_dir: Path, on_progress: Callable
     state = cluster.bring_up(config, on_progress=on_progress)
     try:
         stack = Stack(endpoint=state.endpoint, model=config.model.id, gcs_address=state.address,
-                      dashboard_url=state.dashboard_url, app_name=config.serve.app_name)
+                      dashboard_url=state.dashboard_url, app_name=config.serve.app_name,
+                      max_ongoing_requests=config.replicas.effective_max_ongoing_requests)
         return FaultRun(stack, opts, out_dir, slo, on_progress).run()
     finally:
         import ray

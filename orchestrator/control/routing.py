@@ -6,18 +6,24 @@ offline budget (they wait there, paused) as on an idle one. The offline class is
 instead: each replica publishes, through Serve's routing stats, its offline budget at its current
 online load minus the offline requests it already holds; between two publications the router
 counts what it has sent each replica itself, so a burst of a job's requests does not all go to
-the replica that looked emptiest a second ago. Chat keeps Serve's own power of two choices.
+the replica that looked emptiest a second ago. Once no replica has room left, a request goes
+where it waits the fewest rounds of the offline work that replica runs (requests beyond its
+budget over its budget): a replica whose chat leaves it no offline budget would hold the request
+until its chat ends, however short its queue. Chat keeps Serve's own power of two choices.
 
 Pure: `orchestrator.serving.router` is the Serve request router that calls it.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Hashable, Mapping, Sequence
 
 ROUTING_STATS_KEY = "colocate_offline_room"
 """The routing-stats entry a replica publishes (`ColocateLLMServer.record_routing_stats`)."""
+ROUTING_STATS_BUDGET_KEY = "colocate_offline_budget"
+"""The offline sequences the replica runs at its current online load (the room's budget)."""
 ROUTING_STATS_SEQ_KEY = "colocate_stats_seq"
 """Changes with every publication: the router's own counts since the last one start again."""
 
@@ -29,15 +35,24 @@ def offline_room(budget_seqs: int, num_offline_held: int) -> int:
 
 
 def rank_for_offline(replica_ids: Sequence[Hashable], room: Mapping[Hashable, float | None],
-                     sent_since: Mapping[Hashable, int], rng: random.Random) -> list[list[Hashable]]:
-    """Replicas in the order an offline request should try them, one per rank: most room first
-    (published room less what was sent since), ties in random order. A replica that has
-    published nothing yet (None) ranks as having no room, after those that have some, so it is
-    used but not flooded before its engine reports."""
+                     sent_since: Mapping[Hashable, int], rng: random.Random,
+                     budget: Mapping[Hashable, float | None] | None = None) -> list[list[Hashable]]:
+    """Replicas in the order an offline request should try them, one per rank, ties in random
+    order. Those with room left (published room less what was sent since) come first, most room
+    first; then the rest by the rounds the request would wait there: how many requests would be
+    ahead of it beyond the replica's budget, over that budget. A replica with no budget at its
+    online load (its chat leaves none), or that has published nothing yet (None), waits without
+    bound: last, used only when every replica is so."""
+    budget = budget or {}
+
     def key(rid):
         published = room.get(rid)
         left = (0.0 if published is None else float(published)) - sent_since.get(rid, 0)
-        return (-left, rng.random())
+        if left > 0:
+            return (0, -left, rng.random())
+        seqs = budget.get(rid)
+        rounds = (1.0 - left) / float(seqs) if seqs else math.inf
+        return (1, rounds, rng.random())
 
     return [[rid] for rid in sorted(replica_ids, key=key)]
 

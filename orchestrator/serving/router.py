@@ -19,6 +19,7 @@ from ray.serve.request_router import (
 )
 
 from orchestrator.control.routing import (
+    ROUTING_STATS_BUDGET_KEY,
     ROUTING_STATS_KEY,
     ROUTING_STATS_SEQ_KEY,
     rank_for_offline,
@@ -52,13 +53,15 @@ class OfflineRoomRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             return [[self._replicas[i] for i in rank] for rank in two_choices(ids, self._rng)]
         by_id = {r.replica_id: r for r in candidate_replicas}
         room: dict[Any, float | None] = {}
+        budget: dict[Any, float | None] = {}
         for rid, replica in by_id.items():
             stats = replica.routing_stats or {}
             if stats.get(ROUTING_STATS_SEQ_KEY) != self._stats_seq.get(rid):
                 self._stats_seq[rid] = stats.get(ROUTING_STATS_SEQ_KEY)
                 self._sent_since[rid] = 0  # a fresh publication already counts what we sent
             room[rid] = stats.get(ROUTING_STATS_KEY)
-        ranks = rank_for_offline(sorted(by_id, key=str), room, self._sent_since, self._rng)
+            budget[rid] = stats.get(ROUTING_STATS_BUDGET_KEY)
+        ranks = rank_for_offline(sorted(by_id, key=str), room, self._sent_since, self._rng, budget)
         if ranks:
             top = ranks[0][0]
             self._sent_since[top] = self._sent_since.get(top, 0) + 1

@@ -21,7 +21,12 @@ from ray.serve.llm import LLMServer
 
 from orchestrator.compat import ray_api
 from orchestrator.control.reply import remaining_validity_s, reply_budget
-from orchestrator.control.routing import ROUTING_STATS_KEY, ROUTING_STATS_SEQ_KEY, offline_room
+from orchestrator.control.routing import (
+    ROUTING_STATS_BUDGET_KEY,
+    ROUTING_STATS_KEY,
+    ROUTING_STATS_SEQ_KEY,
+    offline_room,
+)
 from orchestrator.engine import shm
 from orchestrator.engine.budget import UNLIMITED, OfflineBudget
 from orchestrator.engine.channel import EngineChannel, latency_rows_to_columns, rows_to_columns
@@ -316,6 +321,7 @@ class ColocateLLMServer(LLMServer):
         seqs, _ = budget.at(self._inflight[RequestClass.ONLINE])
         self._routing_stats_seq += 1
         stats[ROUTING_STATS_KEY] = offline_room(seqs, self._inflight[RequestClass.OFFLINE])
+        stats[ROUTING_STATS_BUDGET_KEY] = seqs
         stats[ROUTING_STATS_SEQ_KEY] = self._routing_stats_seq
         return stats
 

@@ -141,6 +141,7 @@ class SimCluster:
                 self._push(self._refit_period_s, "refit", None)
         self._push(0.0, "sample", None)
         self._room: dict[str, int] = {}
+        self._budget: dict[str, int] = {}
         self._sent_since: collections.Counter[str] = collections.Counter()
         if self.offline_routing == "room":
             self._push(0.0, "routing_stats", None)
@@ -186,7 +187,8 @@ class SimCluster:
         `offline_routing: room`, an offline request goes to the free replica with the most room."""
         free = [e for e in self.engines if e.num_requests < self.max_ongoing_requests]
         if req.is_offline and self.offline_routing == "room" and free:
-            [top], *_ = rank_for_offline([e.replica_id for e in free], self._room, self._sent_since, self._rng)
+            [top], *_ = rank_for_offline([e.replica_id for e in free], self._room, self._sent_since, self._rng,
+                                        self._budget)
             self._sent_since[top] += 1
             return self._by_id[top]
         if len(free) <= 1:
@@ -259,6 +261,7 @@ class SimCluster:
         for e in self.engines:
             seqs, _ = e.budget_in_force(e.num_ongoing(offline=False), self.now_s)
             self._room[e.replica_id] = offline_room(seqs, e.num_ongoing(offline=True))
+            self._budget[e.replica_id] = seqs
         self._sent_since.clear()
         self._push(self.now_s + self.routing_stats_period_s, "routing_stats", None)
 

@@ -51,11 +51,13 @@ def test_job_count_finds_duplicates_and_missing_results(tmp_path):
     assert job_count(tmp_path / "none.jsonl", ["a"])["num_missing"] == 1
 
 
-def test_engine_report_takes_the_peak_kv_and_the_preemptions_in_the_window():
+def test_engine_report_takes_the_peak_kv_the_preemptions_and_the_fullest_replica_in_the_window():
     from bench.faults import engine_report
 
-    samples = [{"t_s": t, "replica": r, "kv_cache_usage": kv, "num_offline_preempted_total": n}
-               for t, r, kv, n in [(1, "a", 0.2, 0), (5, "a", 0.97, 3), (6, "b", 0.5, 1), (7, "b", 0.4, 4),
-                                   (12, "a", 0.99, 9)]]
-    assert engine_report(samples, 4.0, 10.0) == {"kv_cache_usage_max": 0.97, "num_offline_preempted": 3}
-    assert engine_report([], 0.0, 1.0) == {"kv_cache_usage_max": None, "num_offline_preempted": 0}
+    samples = [{"t_s": t, "replica": r, "kv_cache_usage": kv, "num_offline_preempted_total": n, "num_ongoing": q}
+               for t, r, kv, n, q in [(1, "a", 0.2, 0, 40), (5, "a", 0.97, 3, 9), (6, "b", 0.5, 1, 12),
+                                      (7, "b", 0.4, 4, 3), (12, "a", 0.99, 9, 50)]]
+    assert engine_report(samples, 4.0, 10.0) == {"kv_cache_usage_max": 0.97, "num_offline_preempted": 3,
+                                                 "num_ongoing_max": 12}
+    assert engine_report([], 0.0, 1.0) == {"kv_cache_usage_max": None, "num_offline_preempted": 0,
+                                           "num_ongoing_max": None}

@@ -52,3 +52,29 @@ def test_the_router_reads_the_class_the_body_claims():
     assert request_class_of(pending(Body(request_class="vip"))) is RequestClass.ONLINE  # the replica 400s it
     assert request_class_of(pending({"request_class": "offline"})) is RequestClass.OFFLINE
     assert request_class_of(None) is RequestClass.ONLINE
+
+
+def test_without_room_a_request_goes_where_it_waits_the_fewest_rounds():
+    """Past every replica's room, a request waits where the fewest requests are ahead of it per
+    offline sequence run there; a replica whose chat leaves no budget would hold it until its
+    chat ends, so it gets none while another replica runs any offline work at all."""
+    rng = random.Random(2)
+    sent: Counter = Counter()
+    room, budget = {"busy": 0, "idle": 4}, {"busy": 0, "idle": 4}
+    for _ in range(12):
+        top = rank_for_offline(["busy", "idle"], room, sent, rng, budget)[0][0]
+        sent[top] += 1
+    assert sent == {"idle": 12}
+    # Overflow is shared in proportion to the budgets: 4 and 2 sequences, 12 past their room.
+    sent.clear()
+    room, budget = {"a": 0, "b": 0}, {"a": 4, "b": 2}
+    for _ in range(12):
+        top = rank_for_offline(["a", "b"], room, sent, rng, budget)[0][0]
+        sent[top] += 1
+    assert sent == {"a": 8, "b": 4}
+    # Room first, however the overflow would fall.
+    assert rank_for_offline(["a", "b"], {"a": 1, "b": -5}, {}, rng, {"a": 1, "b": 100})[0] == ["a"]
+    # Nobody has a budget: ties at random, as without budgets.
+    firsts = Counter(rank_for_offline(["a", "b"], {"a": 0, "b": 0}, {}, rng, {"a": 0, "b": None})[0][0]
+                     for _ in range(200))
+    assert 60 < firsts["a"] < 140
