@@ -130,12 +130,18 @@ def deploy(two_nodes) -> dict:
 
 
 def _answers(url: str) -> bool:
-    """The application is up: it lists the model to a caller with a key."""
+    """The application serves: a one-token chat reply to a caller with a key. (The model list
+    alone is the ingress's answer, given while the replica's engine may still be starting, and
+    then its reports are a minute away on a loaded host.)"""
     import urllib.request
 
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {CHAT_KEY}"})
+    body = json.dumps({"model": "colocate-tiny", "max_tokens": 1,
+                       "messages": [{"role": "user", "content": "ready?"}]}).encode()
+    request = urllib.request.Request(url.removesuffix("/models") + "/chat/completions", data=body,
+                                     headers={"Authorization": f"Bearer {CHAT_KEY}",
+                                              "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=2) as resp:
+        with urllib.request.urlopen(request, timeout=30) as resp:
             return resp.status == 200
     except OSError:
         return False
@@ -170,7 +176,7 @@ def test_serve_deploy_on_two_nodes_brings_its_controller_and_follows_the_slo_fil
     def connected_report():
         reports = ray.get(get_or_create_registry().snapshot.remote())
         return reports and all(r.get("controller") == "connected" for r in reports) and reports
-    assert wait_for(connected_report, timeout_s=60), ray.get(get_or_create_registry().snapshot.remote())
+    assert wait_for(connected_report, timeout_s=120), ray.get(get_or_create_registry().snapshot.remote())
     status = wait_for(lambda: (s := ray.get(get_controller().status.remote())) and s["replicas"] and s, timeout_s=30)
     assert status["slo_path"] == str(app["slo_path"])  # base_dir resolved the relative path
 
