@@ -1,4 +1,5 @@
-"""Where an offline request goes: the replica with the most offline room, as data.
+"""Where a request goes under `serve.offline_routing: room`, as data: an offline request to the
+replica with the most offline room, a chat request to the one of two with less chat.
 
 Serve routes every request to a replica by power of two choices on queue length, which knows
 nothing of classes: a batch job's requests land as often on a replica whose chat leaves no
@@ -9,7 +10,13 @@ counts what it has sent each replica itself, so a burst of a job's requests does
 the replica that looked emptiest a second ago. Once no replica has room left, a request goes
 where it waits the fewest rounds of the offline work that replica runs (requests beyond its
 budget over its budget): a replica whose chat leaves it no offline budget would hold the request
-until its chat ends, however short its queue. Chat keeps Serve's own power of two choices.
+until its chat ends, however short its queue.
+
+Chat keeps power of two choices, but on chat load rather than queue length: a queue counts the
+offline requests a replica holds, which its budget pauses for chat anyway, so by queue length chat
+avoids exactly the replicas the room rule fills with offline work and piles onto those that
+already serve chat (in the simulator that cost 1-2 points of attainment; by chat load it gained
+them back and more: routing-sim-2026-12-07 in docs/results).
 
 Pure: `orchestrator.serving.router` is the Serve request router that calls it.
 """
@@ -24,6 +31,8 @@ ROUTING_STATS_KEY = "colocate_offline_room"
 """The routing-stats entry a replica publishes (`ColocateLLMServer.record_routing_stats`)."""
 ROUTING_STATS_BUDGET_KEY = "colocate_offline_budget"
 """The offline sequences the replica runs at its current online load (the room's budget)."""
+ROUTING_STATS_ONLINE_KEY = "colocate_online_inflight"
+"""The chat requests the replica holds."""
 ROUTING_STATS_SEQ_KEY = "colocate_stats_seq"
 """Changes with every publication: the router's own counts since the last one start again."""
 
@@ -58,10 +67,26 @@ def rank_for_offline(replica_ids: Sequence[Hashable], room: Mapping[Hashable, fl
 
 
 def two_choices(replica_ids: Sequence[Hashable], rng: random.Random) -> list[list[Hashable]]:
-    """Serve's power of two choices for chat: two distinct random replicas, one rank (the
-    router then takes the one with the shorter queue that accepts)."""
+    """Serve's power of two choices: two distinct random replicas, one rank (the router then
+    takes the one with the shorter queue that accepts)."""
     if len(replica_ids) <= 2:
         ids = list(replica_ids)
         rng.shuffle(ids)
         return [ids] if ids else []
     return [rng.sample(list(replica_ids), 2)]
+
+
+def rank_for_online(replica_ids: Sequence[Hashable], online: Mapping[Hashable, float | None],
+                    sent_since: Mapping[Hashable, int], rng: random.Random) -> list[list[Hashable]]:
+    """Power of two choices on chat load: two distinct random replicas, the one holding fewer
+    chat requests (published count plus what was sent since) first, each its own rank, so the
+    router falls back to the other only if the first is full. While either has published
+    nothing, one rank of both: Serve's own pick by queue length."""
+    (pair,) = two_choices(replica_ids, rng) or [[]]
+    if len(pair) < 2 or any(online.get(rid) is None for rid in pair):
+        return [pair] if pair else []
+
+    def key(rid):
+        return (float(online[rid]) + sent_since.get(rid, 0), rng.random())
+
+    return [[rid] for rid in sorted(pair, key=key)]

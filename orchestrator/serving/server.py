@@ -24,6 +24,7 @@ from orchestrator.control.reply import remaining_validity_s, reply_budget
 from orchestrator.control.routing import (
     ROUTING_STATS_BUDGET_KEY,
     ROUTING_STATS_KEY,
+    ROUTING_STATS_ONLINE_KEY,
     ROUTING_STATS_SEQ_KEY,
     offline_room,
 )
@@ -315,13 +316,14 @@ class ColocateLLMServer(LLMServer):
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Serve's routing-stats hook (polled by Serve's controller, read by the request router):
-        Ray's own stats, and this replica's offline room (control.routing)."""
+        Ray's own stats, and this replica's offline room, budget and chat load (control.routing)."""
         stats = dict(await super().record_routing_stats() or {})
         budget = reply_budget(self._budget) if self._budget is not None else _fallback_budget()
         seqs, _ = budget.at(self._inflight[RequestClass.ONLINE])
         self._routing_stats_seq += 1
         stats[ROUTING_STATS_KEY] = offline_room(seqs, self._inflight[RequestClass.OFFLINE])
         stats[ROUTING_STATS_BUDGET_KEY] = seqs
+        stats[ROUTING_STATS_ONLINE_KEY] = self._inflight[RequestClass.ONLINE]
         stats[ROUTING_STATS_SEQ_KEY] = self._routing_stats_seq
         return stats
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.control.reply import remaining_validity_s, reply_budget
-from orchestrator.control.routing import offline_room, rank_for_offline
+from orchestrator.control.routing import offline_room, rank_for_offline, rank_for_online
 from orchestrator.control.sharing import allowance
 from orchestrator.names import MAX_ONGOING_REQUESTS
 from orchestrator.request_class import RequestClass, vllm_priority
@@ -142,6 +142,8 @@ class SimCluster:
         self._push(0.0, "sample", None)
         self._room: dict[str, int] = {}
         self._budget: dict[str, int] = {}
+        self._online: dict[str, int] = {}
+        self._online_sent_since: collections.Counter[str] = collections.Counter()
         self._sent_since: collections.Counter[str] = collections.Counter()
         if self.offline_routing == "room":
             self._push(0.0, "routing_stats", None)
@@ -184,7 +186,8 @@ class SimCluster:
     def _route(self, req: SimRequest) -> SimEngine | None:
         """Serve's default routing: two replicas at random among those under
         `max_ongoing_requests`, the one with fewer ongoing requests; None when all are full. With
-        `offline_routing: room`, an offline request goes to the free replica with the most room."""
+        `offline_routing: room`, an offline request goes to the free replica with the most room and
+        chat to the one of two with less chat, as the Serve request router does (control.routing)."""
         free = [e for e in self.engines if e.num_requests < self.max_ongoing_requests]
         if req.is_offline and self.offline_routing == "room" and free:
             [top], *_ = rank_for_offline([e.replica_id for e in free], self._room, self._sent_since, self._rng,
@@ -193,7 +196,15 @@ class SimCluster:
             return self._by_id[top]
         if len(free) <= 1:
             return free[0] if free else None
-        a, b = self._rng.sample(free, 2)
+        if self.offline_routing == "room":  # chat: two choices on chat load (control.routing)
+            ranks = rank_for_online([e.replica_id for e in free], self._online, self._online_sent_since, self._rng)
+            if len(ranks) > 1:
+                top = ranks[0][0]
+                self._online_sent_since[top] += 1
+                return self._by_id[top]
+            a, b = (self._by_id[rid] for rid in ranks[0])
+        else:
+            a, b = self._rng.sample(free, 2)
         return a if a.num_requests <= b.num_requests else b
 
     def _submit(self, req: SimRequest) -> SimEngine | None:
@@ -262,7 +273,9 @@ class SimCluster:
             seqs, _ = e.budget_in_force(e.num_ongoing(offline=False), self.now_s)
             self._room[e.replica_id] = offline_room(seqs, e.num_ongoing(offline=True))
             self._budget[e.replica_id] = seqs
+            self._online[e.replica_id] = e.num_ongoing(offline=False)
         self._sent_since.clear()
+        self._online_sent_since.clear()
         self._push(self.now_s + self.routing_stats_period_s, "routing_stats", None)
 
     def _on_refit(self, _: Any) -> None:

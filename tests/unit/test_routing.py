@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.control.routing import offline_room, rank_for_offline, two_choices
+from orchestrator.control.routing import offline_room, rank_for_offline, rank_for_online, two_choices
 from orchestrator.request_class import RequestClass
 
 
@@ -78,3 +78,24 @@ def test_without_room_a_request_goes_where_it_waits_the_fewest_rounds():
     firsts = Counter(rank_for_offline(["a", "b"], {"a": 0, "b": 0}, {}, rng, {"a": 0, "b": None})[0][0]
                      for _ in range(200))
     assert 60 < firsts["a"] < 140
+
+
+def test_chat_goes_to_the_one_of_two_with_less_chat_counting_what_was_sent_since():
+    rng = random.Random(3)
+    online = {"a": 3, "b": 0}
+    for _ in range(20):
+        ranks = rank_for_online(["a", "b"], online, {}, rng)
+        assert ranks == [["b"], ["a"]]  # the other only if the first is full
+    # What the router sent since the last publication counts: a burst alternates.
+    sent: Counter = Counter()
+    for _ in range(7):
+        top = rank_for_online(["a", "b"], online, sent, rng)[0][0]
+        sent[top] += 1
+    assert sent == {"b": 5, "a": 2}  # b up to a's 3, then one each
+    # Two of many, distinct, at random.
+    picks = Counter(tuple(sorted(r[0] for r in rank_for_online(list("abcd"), dict.fromkeys("abcd", 0), {}, rng)))
+                    for _ in range(300))
+    assert len(picks) == 6 and all(a != b for a, b in picks)
+    # Unpublished: one rank of both (Serve's pick by queue length), as before any stats.
+    assert sorted(rank_for_online(["a", "b"], {"a": None, "b": 2}, {}, rng)[0]) == ["a", "b"]
+    assert rank_for_online(["a"], {"a": 0}, {}, rng) == [["a"]] and rank_for_online([], {}, {}, rng) == []
