@@ -15,8 +15,8 @@ until its chat ends, however short its queue.
 Chat keeps power of two choices, but on chat load rather than queue length: a queue counts the
 offline requests a replica holds, which its budget pauses for chat anyway, so by queue length chat
 avoids exactly the replicas the room rule fills with offline work and piles onto those that
-already serve chat (in the simulator that cost 1-2 points of attainment; by chat load it gained
-them back and more: routing-sim-2026-12-07 in docs/results).
+already serve chat (in the simulator that cost up to 1.8 points of attainment; by chat load
+attainment is Serve's again, within the intervals: routing-sim-2026-12-07 in docs/results).
 
 Pure: `orchestrator.serving.router` is the Serve request router that calls it.
 """
