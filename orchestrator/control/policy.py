@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -88,85 +89,151 @@ def context_bucket(tokens: float) -> float:
     9% more context than measured: the conservative side). Replicas whose contexts fall in one
     bucket share one candidate grid, and a grid's prediction is reused across ticks while the
     model stays the same (`GridCache`): at 256 replicas a tick costs milliseconds, not seconds."""
-    if tokens <= 1.0:
-        return max(tokens, 0.0)
-    return float(2.0 ** (math.ceil(math.log2(tokens) * CONTEXT_STEPS_PER_OCTAVE - 1e-9) / CONTEXT_STEPS_PER_OCTAVE))
+    return float(context_buckets(np.array([tokens], dtype=np.float64))[0])
+
+
+def context_buckets(tokens: np.ndarray) -> np.ndarray:
+    """`context_bucket` of every element."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lattice = 2.0 ** (np.ceil(np.log2(tokens) * CONTEXT_STEPS_PER_OCTAVE - 1e-9) / CONTEXT_STEPS_PER_OCTAVE)
+    return np.where(tokens <= 1.0, np.maximum(tokens, 0.0), lattice)
 
 
 def _contexts(load: ReplicaLoad, cfg: PolicyConfig) -> tuple[float, float]:
     """Mean context of the replica's online and offline requests (a default where it has none),
     on the context lattice."""
-    online_ctx = (load.online_context_tokens / load.num_online if load.num_online > 0
-                  else float(cfg.default_online_context_tokens))
-    offline_ctx = (load.offline_context_tokens / load.num_offline_running if load.num_offline_running > 0
-                   else float(cfg.default_online_context_tokens))
-    return context_bucket(online_ctx), context_bucket(offline_ctx)
+    online, offline = _all_contexts([load], cfg)[0]
+    return float(online), float(offline)
+
+
+def _all_contexts(loads: list[ReplicaLoad] | tuple[ReplicaLoad, ...], cfg: PolicyConfig) -> np.ndarray:
+    """(len(loads), 2): `_contexts` of every replica."""
+    raw = np.array([(load.num_online, load.online_context_tokens, load.num_offline_running,
+                     load.offline_context_tokens) for load in loads], dtype=np.float64).reshape(-1, 4)
+    default = float(cfg.default_online_context_tokens)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        online = np.where(raw[:, 0] > 0, raw[:, 1] / raw[:, 0], default)
+        offline = np.where(raw[:, 2] > 0, raw[:, 3] / raw[:, 2], default)
+    return context_buckets(np.stack([online, offline], axis=1))
+
+
+class Envelopes(NamedTuple):
+    """A candidate grid's predictions as the table arithmetic reads them, for n grids: each
+    candidate's prediction in the head it is held to (the p99 head in the idle row, else the
+    median head, or the p99 head for a step-p99 target), as running maxima. The leading run of
+    candidates under a target along an axis is the count of running maxima under it, so a
+    replica's tables cost comparisons over (k, seqs) and (k, chunks), not over the whole grid."""
+
+    decode: np.ndarray
+    """(n, k, seqs): running max along seqs of the decode-only candidates (chunk 0)."""
+    with_chunk: np.ndarray
+    """(n, k, seqs): running max along seqs of the largest prediction over chunks up to the
+    minimal offline chunk (NaN where no chunk candidate reaches it: never fits)."""
+    chunks: np.ndarray
+    """(n, k, seqs, chunks): running max along chunks."""
+
+
+def envelopes(p50: np.ndarray, p99: np.ndarray, cfg: PolicyConfig, tail: bool = False) -> Envelopes:
+    """`Envelopes` of (n, grid) median- and p99-head predictions of candidate grids."""
+    shape = (p50.shape[0], cfg.table_size, len(cfg.seq_candidates), len(cfg.chunk_candidates))
+    held = (p99 if tail else p50).reshape(shape).copy()
+    held[:, 0] = p99.reshape(shape)[:, 0]
+    min_chunk = int(np.searchsorted(np.asarray(cfg.chunk_candidates), cfg.min_offline_chunk_tokens))
+    decode = np.maximum.accumulate(held[..., 0], axis=2)
+    if min_chunk < shape[3]:
+        with_chunk = np.maximum.accumulate(held[..., :min_chunk + 1].max(axis=3), axis=2)
+    else:
+        with_chunk = np.full(decode.shape, np.nan, dtype=held.dtype)
+    return Envelopes(decode, with_chunk, np.maximum.accumulate(held, axis=3))
+
+
+class RowMemo:
+    """Predictions (both heads) of step rows, remembering the last call's: a replica's recent
+    steps are a sliding window and its current batch changes by a request or two, so most rows
+    were asked a tick ago. Rows are recognised by a fingerprint (their dot product with fixed
+    random weights)."""
+
+    def __init__(self) -> None:
+        self.fingerprints = self.p50 = self.p99 = np.empty(0)
+        self._weights: np.ndarray | None = None
+
+    def predict(self, model, rows: np.ndarray, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(p50, p99) of `rows` (n, columns)."""
+        if not len(rows):
+            return np.empty(0), np.empty(0)
+        if self._weights is None or len(self._weights) != rows.shape[1]:
+            self._weights = np.random.default_rng(12345).uniform(0.5, 1.5, rows.shape[1]) * np.pi
+        fingerprints = rows @ self._weights
+        order = np.argsort(fingerprints)
+        ordered = fingerprints[order]
+        p50, p99 = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
+        if len(self.fingerprints):
+            at = np.minimum(np.searchsorted(self.fingerprints, ordered), len(self.fingerprints) - 1)
+            hit = self.fingerprints[at] == ordered
+            p50[order[hit]], p99[order[hit]] = self.p50[at[hit]], self.p99[at[hit]]
+        todo = np.flatnonzero(np.isnan(p50))
+        if len(todo):
+            p50[todo], p99[todo] = model.predict_ms(featurize({c: rows[todo, j] for j, c in enumerate(columns)}))
+        self.fingerprints, self.p50, self.p99 = ordered, p50[order], p99[order]
+        return p50, p99
 
 
 class GridCache:
-    """Predictions of candidate grids by (online, offline) context bucket, for one model: a tick
-    asks the model only about buckets it has not seen since the model last changed. Memoizes a
-    pure function, so `decide` stays one; the controller keeps one across ticks."""
+    """Candidate-grid `Envelopes` by (online, offline) context bucket, for one model: a tick asks
+    the model only about buckets it has not seen since the model last changed. Memoizes a pure
+    function, so `decide` stays one; the controller keeps one across ticks."""
 
     def __init__(self, max_entries: int = 4096) -> None:
         self.model = None
         self.cfg: PolicyConfig | None = None
+        self.tail = False
         self.max_entries = max_entries
         self.index: dict[tuple[float, float], int] = {}
-        self.p50 = self.p99 = np.empty((0, 0), dtype=np.float32)
-        self.steps: tuple[np.ndarray, np.ndarray] = (np.empty(0), np.empty(0))
-        """The last call's step fingerprints (sorted) and their median-head predictions."""
-        self._w: np.ndarray | None = None
+        self.env: Envelopes | None = None
+        """Envelopes of the grids in `index` order, in buffers grown by doubling (rows past
+        `len(index)` are unused)."""
+        self.steps = RowMemo()
+        """Predictions of the replicas' recent steps (calibration)."""
+        self.current = RowMemo()
+        """Predictions of the replicas' current batches."""
 
-    def _check(self, model, cfg: PolicyConfig | None = None) -> None:
+    def _check(self, model, cfg: PolicyConfig | None = None, tail: bool | None = None) -> None:
         if (model is not self.model or len(self.index) >= self.max_entries
-                or (cfg is not None and cfg is not self.cfg and cfg != self.cfg)):
-            self.model, self.index, self.steps = model, {}, (np.empty(0), np.empty(0))
-            self.p50 = self.p99 = np.empty((0, 0), dtype=np.float32)
+                or (cfg is not None and cfg is not self.cfg and cfg != self.cfg)
+                or (tail is not None and tail != self.tail)):
+            self.model, self.index, self.steps, self.current, self.env = model, {}, RowMemo(), RowMemo(), None
             self.cfg = cfg
+            self.tail = bool(tail)
 
-    def step_predictions(self, model, rows: np.ndarray, columns: tuple[str, ...]) -> np.ndarray:
-        """Median-head predictions of step rows (n, columns): rows seen at the last call (a
-        replica's recent steps are a sliding window, so most are) are not asked again. Rows are
-        recognised by a fingerprint (their dot product with fixed random weights)."""
-        if not len(rows):
-            return np.empty(0)
-        fingerprints = rows @ self._weights(rows.shape[1])
-        seen_fp, seen_pred = self.steps
-        pred = np.full(len(rows), np.nan)
-        if len(seen_fp):
-            at = np.minimum(np.searchsorted(seen_fp, fingerprints), len(seen_fp) - 1)
-            hit = seen_fp[at] == fingerprints
-            pred[hit] = seen_pred[at[hit]]
-        todo = np.flatnonzero(np.isnan(pred))
-        if len(todo):
-            fresh, _ = model.predict_ms(featurize({c: rows[todo, j] for j, c in enumerate(columns)}))
-            pred[todo] = fresh
-        order = np.argsort(fingerprints, kind="stable")
-        self.steps = (fingerprints[order], pred[order])
-        return pred
-
-    def _weights(self, n: int) -> np.ndarray:
-        if getattr(self, "_w", None) is None or len(self._w) != n:
-            self._w = np.random.default_rng(12345).uniform(0.5, 1.5, n) * np.pi
-        return self._w
-
-    def lookup(self, model, keys: list[tuple[float, float]], cfg: PolicyConfig) -> tuple[np.ndarray, np.ndarray]:
-        """(p50, p99) grid predictions for each key, as (len(keys), grid) arrays."""
-        self._check(model, cfg)
+    def lookup(self, model, keys: list[tuple[float, float]], cfg: PolicyConfig,
+               tail: bool = False) -> tuple[Envelopes, np.ndarray]:
+        """The cached envelopes and, for each key, its row in them."""
+        self._check(model, cfg, tail)
         missing = [k for k in dict.fromkeys(keys) if k not in self.index]
         if missing:
             ctx = np.asarray(missing, dtype=np.float64)
-            cols = _grids_at(ctx[:, 0], ctx[:, 1], cfg)
-            p50, p99 = model.predict_ms(featurize(cols))
+            p50, p99 = model.predict_ms(featurize(_grids_at(ctx[:, 0], ctx[:, 1], cfg)))
             n = p50.size // len(missing)
+            fresh = envelopes(p50.reshape(-1, n).astype(np.float32), p99.reshape(-1, n).astype(np.float32),
+                              cfg, tail)
+            self._append(fresh, len(missing))
             start = len(self.index)
-            self.p50 = np.concatenate([self.p50.reshape(-1, n), p50.reshape(-1, n).astype(np.float32)])
-            self.p99 = np.concatenate([self.p99.reshape(-1, n), p99.reshape(-1, n).astype(np.float32)])
             for i, key in enumerate(missing):
                 self.index[key] = start + i
         rows = np.fromiter((self.index[k] for k in keys), dtype=np.int64, count=len(keys))
-        return self.p50[rows], self.p99[rows]
+        return self.env, rows
+
+    def _append(self, fresh: Envelopes, count: int) -> None:
+        used = len(self.index)
+        if self.env is None or used + count > len(self.env.decode):
+            capacity = max(16, 2 * (used + count))
+            grown = Envelopes(*(np.empty((capacity, *a.shape[1:]), dtype=a.dtype) for a in fresh))
+            if self.env is not None:
+                for old, new in zip(self.env, grown):
+                    new[:used] = old[:used]
+            self.env = grown
+        for buffer, part in zip(self.env, fresh):
+            buffer[used:used + count] = part
 
 
 def candidate_grid(load: ReplicaLoad, cfg: PolicyConfig) -> dict[str, np.ndarray]:
@@ -241,38 +308,41 @@ def tables_from_predictions(p50: np.ndarray, p99: np.ndarray, target_ms: np.ndar
                             calibration: np.ndarray, cfg: PolicyConfig, tail: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """`model_tables` for R replicas at once: p50/p99 are (R, grid) predictions of each replica's
     candidate grid, the rest (R,). Returns (max offline seqs, max offline tokens), each (R, table_size)."""
-    num = p50.shape[0]
-    k = np.arange(cfg.table_size)
+    env = envelopes(p50, p99, cfg, tail)
+    return tables_from_envelopes(env, np.arange(p50.shape[0]), target_ms, idle_target_ms, calibration, cfg)
+
+
+def tables_from_envelopes(env: Envelopes, rows: np.ndarray, target_ms: np.ndarray, idle_target_ms: np.ndarray,
+                          calibration: np.ndarray, cfg: PolicyConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The tables of R replicas whose candidate grids are `env`'s `rows` (R,), with their
+    targets and calibrations (R,)."""
+    num = len(rows)
     seqs = np.asarray(cfg.seq_candidates, dtype=np.float64)
     chunks = np.asarray(cfg.chunk_candidates, dtype=np.float64)
-    shape = (num, cfg.table_size, len(seqs), len(chunks))
     # Predictions scaled by the calibration are compared as targets divided by it (no scaled
     # copy of the grid). With no chat in the engine (k = 0) no TPOT is at stake; a chat request
     # that arrives waits at most one step before its prefill, so that step is bounded by a share
-    # of the TTFT target, and held to the p99 head.
+    # of the TTFT target (the envelopes hold the idle row to the p99 head).
     factor = np.asarray(calibration, dtype=np.float64)
-    target = np.asarray(target_ms, dtype=np.float64) / factor
-    idle = np.maximum(target_ms, idle_target_ms) / factor
-    p50, p99 = p50.reshape(shape), p99.reshape(shape)
-    fits = (p99 if tail else p50) <= target[:, None, None, None]  # (R, k, seqs, chunks)
-    fits[:, 0] = p99[:, 0] <= idle[:, None, None]
-    # The prediction is not guaranteed monotone; take the prefix of candidates that all fit
-    # (counted as the length of the leading run of fitting candidates).
-    num_decode_fit = _leading_true(fits[..., 0], axis=2)  # (R, k)
+    limit = np.empty((num, cfg.table_size))
+    limit[:] = (np.asarray(target_ms, dtype=np.float64) / factor)[:, None]
+    limit[:, 0] = np.maximum(target_ms, idle_target_ms) / factor
+    under = limit[:, :, None]
+    # The prediction is not guaranteed monotone; each count is the length of the leading run of
+    # candidates that fit (the count of running maxima under the target).
+    num_decode_fit = (env.decode[rows] <= under).sum(axis=2)  # (R, k)
     # Offline requests must prefill to make progress: keep room for a minimal chunk beside the
     # decodes where that costs at most `chunk_min_seq_share` of them (else decodes only).
-    min_chunk = int(np.searchsorted(chunks, cfg.min_offline_chunk_tokens))
-    chunk_fits_at = (fits[..., :min_chunk + 1].all(axis=3) if min_chunk < len(chunks)
-                     else np.zeros(fits.shape[:3], dtype=bool))
     # A prefix along the sequence axis too: the count of fitting candidates is used as an index
     # below, which is only right if every smaller candidate fits as well (a noisy leaf must not
     # make a row take a batch the model itself puts over the target).
-    num_with_chunk = np.minimum(num_decode_fit, _leading_true(chunk_fits_at, axis=2))
+    num_with_chunk = np.minimum(num_decode_fit, (env.with_chunk[rows] <= under).sum(axis=2))
 
     def num_seqs(index: np.ndarray) -> np.ndarray:
         """Sequence counts of candidate indices (-1, where none fits: 0)."""
         return np.where(index >= 0, seqs[np.maximum(index, 0)], 0)
 
+    k = np.arange(cfg.table_size)
     best_decode_only = num_decode_fit - 1  # -1: not even zero offline decodes fit
     best_with_chunk = num_with_chunk - 1
     seqs_with_chunk, seqs_decode_only = num_seqs(best_with_chunk), num_seqs(best_decode_only)
@@ -282,22 +352,24 @@ def tables_from_predictions(p50: np.ndarray, p99: np.ndarray, target_ms: np.ndar
                                            | (seqs_with_chunk >= cfg.chunk_min_seq_share * seqs_decode_only))
     best_s = np.where(keep_chunk, best_with_chunk, best_decode_only)
     max_seqs = np.where(keep_chunk, seqs_with_chunk, seqs_decode_only)
-    at_best = np.take_along_axis(fits, np.maximum(best_s, 0)[:, :, None, None], axis=2)[:, :, 0, :]
-    num_chunks = _leading_true(at_best, axis=2)
+    at_best = env.chunks[rows[:, None], k[None, :], np.maximum(best_s, 0)]  # (R, k, chunks)
+    num_chunks = (at_best <= under).sum(axis=2)
     max_tokens = np.where(best_s >= 0, max_seqs + chunks[np.maximum(num_chunks - 1, 0)], 0.0)
     # More online work never leaves room for more offline work.
     return np.minimum.accumulate(max_seqs, axis=1).astype(np.float64), np.minimum.accumulate(max_tokens, axis=1)
 
 
-def _leading_true(a: np.ndarray, axis: int) -> np.ndarray:
-    """Length of the leading run of True along `axis`."""
-    return np.where(a.all(axis=axis), a.shape[axis], np.argmin(a, axis=axis))
-
-
 def _replace(state: ReplicaState, **changes) -> ReplicaState:
-    """`dataclasses.replace` for the policy state, without its per-call field introspection
-    (one per replica per tick: a tenth of a tick at 256 replicas)."""
-    return ReplicaState(**{**state.__dict__, **changes})
+    """`dataclasses.replace` for the policy state without its per-call field introspection and
+    frozen `__init__` (one per replica per tick: a tenth of a tick at 256 replicas). Copies the
+    instance dict, so every field keeps its validated type; `changes` must name fields."""
+    new = object.__new__(ReplicaState)
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
+_INITIAL_STATE = ReplicaState()
 
 
 def offline_slots(max_num_seqs: int, cfg: PolicyConfig) -> int:
@@ -396,7 +468,7 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
     loads = snapshot.replicas
     pending = []
     for load in loads:
-        prev = state.get(load.replica_id, ReplicaState())
+        prev = state.get(load.replica_id, _INITIAL_STATE)
         measured = derived_headroom(prev.headroom, load, slo.tpot_p99_ms, cfg, snapshot.now_s - prev.headroom_at_s)
         measured_now = load.observed_tpot_p99_ms is not None and bool(load.step_p50_ms)
         headroom = slo.headroom if slo.headroom is not None else (
@@ -410,7 +482,7 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
                          if load.observed_tpot_p99_ms is not None else None)
         ttft_pressure = (load.observed_ttft_p99_ms / slo.ttft_p99_ms
                          if load.observed_ttft_p99_ms is not None else None)
-        pressure = max((p for p in (tpot_pressure, ttft_pressure) if p is not None), default=0.0)
+        pressure = max(tpot_pressure or 0.0, ttft_pressure or 0.0)
         new_state = _next_state(prev, pressure, snapshot.now_s, cfg)
         if model is not None:  # without a model the budget is a fixed default: nothing to probe
             new_state = _probed(new_state, tpot_pressure, ttft_pressure, load, snapshot.now_s, cfg)
@@ -466,41 +538,47 @@ def _model_budgets(model: LatencyModel, pending: list, cfg: PolicyConfig, tail: 
     """The model's tables for every pending replica (fills `factors` with their calibrations)."""
     loads = [p[0] for p in pending]
     num = len(loads)
-    cache._check(model, cfg)
-    contexts = np.array([_contexts(load, cfg) for load in loads], dtype=np.float64).reshape(num, 2)
+    cache._check(model, cfg, tail)
+    contexts = _all_contexts(loads, cfg)
     current = _candidate_columns(np.array([float(load.num_online) for load in loads]), contexts[:, 0],
                                  np.array([float(load.num_offline_running - load.num_offline_paused) for load in loads]),
                                  contexts[:, 1], np.zeros(num))
-    # Calibration: each replica's recent steps; only the steps the cache has not predicted yet
-    # go to the model (a replica's recent steps slide by the few steps since its last report).
     columns = tuple(current)
-    ids, tables = [], []
-    for i, load in enumerate(loads):
-        steps = load.recent_steps
-        if steps and len(steps.get("step_latency_ms", ())) >= cfg.calibration_min_steps:
-            ids.append(i)
-            tables.append(np.asarray([steps[c] for c in (*columns, "step_latency_ms")], dtype=np.float64).T)
-    p50, p99 = model.predict_ms(featurize(current))
-    if ids:
-        lengths = np.array([len(t) for t in tables])
-        stacked = np.concatenate(tables)
-        pred = cache.step_predictions(model, stacked[:, :-1], columns)
-        observed = stacked[:, -1]
-        ok = pred > 0
-        ratio_all = np.where(ok, observed / np.where(ok, pred, 1.0), np.nan)
-        # Into an (replicas, steps) matrix padded with NaN: one median for all replicas.
-        owner = np.repeat(np.arange(len(ids)), lengths)
-        position = np.arange(len(stacked)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        ratio = np.full((len(ids), int(lengths.max())), np.nan)
-        ratio[owner, position] = ratio_all
-        enough = (~np.isnan(ratio)).sum(axis=1) >= cfg.calibration_min_steps
-        with np.errstate(all="ignore"):
-            medians = np.nanmedian(np.where(enough[:, None], ratio, 1.0), axis=1)
-        low, high = cfg.calibration_bounds
-        factors[np.asarray(ids)] = np.where(enough, np.clip(medians, low, high), 1.0)
-    grid50, grid99 = cache.lookup(model, [tuple(c) for c in contexts.tolist()], cfg)
-    seqs, tokens = tables_from_predictions(
-        grid50, grid99,
-        np.array([p[4] for p in pending]), np.array([p[5] for p in pending]), factors, cfg, tail)
+    p50, p99 = cache.current.predict(model, np.column_stack([current[c] for c in columns]), columns)
+    _calibrate(model, loads, columns, cfg, cache, factors)
+    env, rows = cache.lookup(model, [tuple(c) for c in contexts.tolist()], cfg, tail)
+    seqs, tokens = tables_from_envelopes(
+        env, rows, np.array([p[4] for p in pending]), np.array([p[5] for p in pending]), factors, cfg)
     predicted = (p99 if tail else p50) * factors
     return seqs, tokens, predicted.tolist()
+
+
+def _calibrate(model: LatencyModel, loads: list[ReplicaLoad], columns: tuple[str, ...], cfg: PolicyConfig,
+               cache: GridCache, factors: np.ndarray) -> None:
+    """Each replica's calibration (median observed / predicted over its recent steps) into
+    `factors`, for all replicas at once; only the steps the cache has not predicted yet go to the
+    model (a replica's recent steps slide by the few steps since its last report)."""
+    ids = [i for i, load in enumerate(loads)
+           if load.recent_steps and len(load.recent_steps.get("step_latency_ms", ())) >= cfg.calibration_min_steps]
+    if not ids:
+        return
+    recent = [loads[i].recent_steps for i in ids]
+    lengths = np.array([len(steps["step_latency_ms"]) for steps in recent])
+    rows = np.column_stack([np.concatenate([steps[c] for steps in recent]).astype(np.float64) for c in columns])
+    observed = np.concatenate([steps["step_latency_ms"] for steps in recent]).astype(np.float64)
+    pred, _ = cache.steps.predict(model, rows, columns)
+    ok = pred > 0
+    ratio_all = np.where(ok, observed / np.where(ok, pred, 1.0), np.nan)
+    # Into a (replicas, steps) matrix padded with NaN (sorted last): one sort for all medians.
+    owner = np.repeat(np.arange(len(ids)), lengths)
+    position = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    ratio = np.full((len(ids), int(lengths.max())), np.nan)
+    ratio[owner, position] = ratio_all
+    valid = (~np.isnan(ratio)).sum(axis=1)
+    ratio.sort(axis=1)
+    lower = np.take_along_axis(ratio, np.maximum(valid - 1, 0)[:, None] // 2, axis=1)[:, 0]
+    upper = np.take_along_axis(ratio, (valid // 2)[:, None], axis=1)[:, 0]
+    enough = valid >= cfg.calibration_min_steps
+    low, high = cfg.calibration_bounds
+    with np.errstate(invalid="ignore"):
+        factors[np.asarray(ids)] = np.where(enough, np.clip((lower + upper) / 2.0, low, high), 1.0)

@@ -352,3 +352,107 @@ def test_headroom_is_derived_from_the_gap_between_steps_and_observed_tpot():
     assert d.state.headroom_at_s == 0.0
     fixed = decide(snap(0.0, num_online=2, observed_tpot_p99_ms=25.0, step_p50_ms=20.0), {}, LinearModel())
     assert fixed.replicas["r1"].headroom == 0.1  # SLO's override
+
+
+def _leading(flags) -> int:
+    n = 0
+    for f in flags:
+        if not f:
+            break
+        n += 1
+    return n
+
+
+def _reference_tables(p50, p99, target, idle, factor, cfg, tail):
+    """The budget tables as the policy defines them, one replica and one row at a time."""
+    seqs, chunks = list(cfg.seq_candidates), list(cfg.chunk_candidates)
+    shape = (cfg.table_size, len(seqs), len(chunks))
+    min_chunk = int(np.searchsorted(chunks, cfg.min_offline_chunk_tokens))
+    out_seqs, out_tokens = [], []
+    for r in range(p50.shape[0]):
+        g50, g99 = p50[r].reshape(shape), p99[r].reshape(shape)
+        row_seqs, row_tokens = [], []
+        for k in range(cfg.table_size):
+            held = g99 if (k == 0 or tail) else g50
+            limit = (max(target[r], idle[r]) if k == 0 else target[r]) / factor[r]
+            fit = held[k] <= limit
+            decode = _leading(fit[:, 0])
+            with_chunk = min(decode, _leading(fit[:, :min_chunk + 1].all(axis=1))) if min_chunk < len(chunks) else 0
+            s_chunk = seqs[with_chunk - 1] if with_chunk else 0
+            s_decode = seqs[decode - 1] if decode else 0
+            keep = s_chunk >= 1 and (k == 0 or s_chunk >= cfg.chunk_min_seq_share * s_decode)
+            best, num = (with_chunk - 1, s_chunk) if keep else (decode - 1, s_decode)
+            num_chunks = _leading(fit[max(best, 0)])
+            row_seqs.append(num)
+            row_tokens.append(num + chunks[max(num_chunks - 1, 0)] if best >= 0 else 0.0)
+        out_seqs.append(np.minimum.accumulate(row_seqs))
+        out_tokens.append(np.minimum.accumulate(row_tokens))
+    return np.array(out_seqs, dtype=float), np.array(out_tokens, dtype=float)
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_the_batched_tables_equal_the_rule_applied_row_by_row_on_noisy_grids(tail):
+    # Running maxima stand for "the leading run of candidates under the target": checked against
+    # the plain definition on non-monotone predictions (noisy leaves) at random targets.
+    from latency_model.features import featurize
+    from orchestrator.control.policy import _grids_at, tables_from_predictions
+
+    rng = np.random.default_rng(3)
+    num = 12
+    cols = _grids_at(rng.uniform(50, 4000, num), rng.uniform(50, 4000, num), CFG)
+    p50, p99 = LinearModel().predict_ms(featurize(cols))
+    p50 = (p50 * rng.uniform(0.7, 1.3, p50.shape)).reshape(num, -1).astype(np.float32)
+    p99 = np.maximum(p99.reshape(num, -1) * rng.uniform(0.8, 1.5, (num, p50.shape[1])), p50).astype(np.float32)
+    target, idle = rng.uniform(15, 200, num), rng.uniform(10, 400, num)
+    factor = rng.uniform(0.5, 2.0, num)
+    got = tables_from_predictions(p50, p99, target, idle, factor, CFG, tail)
+    want = _reference_tables(p50, p99, target, idle, factor, CFG, tail)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert want[0].max() > 0 and (want[0] < max(CFG.seq_candidates)).any()  # the targets bind somewhere
+
+
+def test_the_grid_cache_changes_no_decision_and_asks_the_model_only_about_new_buckets():
+    from orchestrator.control.policy import GridCache
+
+    class Counting(LinearModel):
+        rows = 0
+
+        def predict_ms(self, x):
+            Counting.rows += len(x)
+            return super().predict_ms(x)
+
+    rng = np.random.default_rng(5)
+    model, cache = Counting(), GridCache()
+    cached_state, fresh_state = {}, {}
+    grid = CFG.table_size * len(CFG.seq_candidates) * len(CFG.chunk_candidates)
+    for tick in range(6):
+        loads = tuple(ReplicaLoad(f"r{i}", num_online=int(rng.integers(0, 6)), online_context_tokens=float(rng.uniform(100, 3000)),
+                                  num_offline_running=int(rng.integers(0, 9)), offline_context_tokens=float(rng.uniform(100, 9000)),
+                                  observed_tpot_p99_ms=30.0, step_p50_ms=20.0,
+                                  recent_steps={c: rng.uniform(1, 50, 40).round() for c in
+                                                ("num_prefill_tokens", "num_prefill_reqs", "prefill_context_tokens",
+                                                 "prefill_attention_tokens2", "num_decode_reqs", "decode_context_tokens",
+                                                 "max_decode_context_tokens", "step_latency_ms")},
+                                  max_num_seqs=64) for i in range(8))
+        s = Snapshot(now_s=tick * 0.25, slo=SLO, replicas=loads)
+        before = Counting.rows
+        with_cache = decide(s, cached_state, model, CFG, cache)
+        asked = Counting.rows - before
+        fresh = decide(s, fresh_state, model, CFG)
+        assert with_cache == fresh
+        cached_state, fresh_state = with_cache.state, fresh.state
+    assert asked > 0
+    # The same snapshot again: every grid, step and current batch is cached.
+    before = Counting.rows
+    assert decide(s, cached_state, model, CFG, cache) == fresh
+    assert Counting.rows == before
+    # One replica's chat grows to a context never seen: one new grid and its current batch.
+    from dataclasses import replace
+
+    moved = replace(s.replicas[0], online_context_tokens=s.replicas[0].num_online * 50_000.0 + 50_000.0,
+                    num_online=s.replicas[0].num_online or 1)
+    s2 = Snapshot(now_s=s.now_s + 0.25, slo=SLO, replicas=(moved, *s.replicas[1:]))
+    before = Counting.rows
+    with_cache = decide(s2, cached_state, model, CFG, cache)
+    assert Counting.rows - before == grid + 1
+    assert with_cache == decide(s2, fresh_state, model, CFG)
