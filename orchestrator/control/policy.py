@@ -523,12 +523,14 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
     # A sequence needs at least one token per step, and tokens without a sequence are no use.
     tokens = np.where(seqs > 0, np.maximum(tokens, seqs), 0)
     size = min(cfg.table_size, TABLE_SIZE)
-    seq_rows = seqs[:, :size].astype(np.int64).tolist()
-    token_rows = tokens[:, :size].astype(np.int64).tolist()
+    # Replicas under like loads get like tables: each distinct table becomes one budget object.
+    tables = np.concatenate([seqs[:, :size], tokens[:, :size]], axis=1).astype(np.int64)
+    distinct, which = np.unique(tables, axis=0, return_inverse=True) if num else (tables, np.zeros(0, int))
+    which = np.asarray(which).reshape(-1)
+    budgets = [OfflineBudget(tuple(row[:size]), tuple(row[size:])) for row in distinct.tolist()]
     out: dict[str, ReplicaDecision] = {}
     for i, (load, new_state, pressure, headroom, target_ms, _) in enumerate(pending):
-        budget = OfflineBudget(tuple(seq_rows[i]), tuple(token_rows[i]))
-        out[load.replica_id] = ReplicaDecision(budget, new_state, target_ms, predicted[i], pressure,
+        out[load.replica_id] = ReplicaDecision(budgets[which[i]], new_state, target_ms, predicted[i], pressure,
                                                float(factors[i]), headroom)
     return Decision(out)
 
