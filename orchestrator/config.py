@@ -387,8 +387,11 @@ class OrderConfig(_Strict):
     shorter predictions first, with a starvation guard. FCFS is the default until the
     length-scheduling bench says otherwise (README)."""
 
-    policy: Literal["fcfs", "sjf"] = "fcfs"
-    """`fcfs`: arrival order (vLLM's own). `sjf`: shortest predicted reply first, with the guard."""
+    policy: Literal["fcfs", "sjf", "srpt"] = "fcfs"
+    """`fcfs`: arrival order (vLLM's own). `sjf`: shortest predicted reply first, with the guard.
+    `srpt`: `sjf`, and a running chat request predicted to run much longer than a waiting one
+    that finds no room is preempted for it, but only early in its run (limited preemption,
+    TRAIL's: `preempt_max_progress`, `preempt_max_kv_share`, `preempt_ratio`)."""
     offline_policy: Literal["fcfs", "short_first_under_chat", "prefix_sharing"] = "fcfs"
     """Which waiting offline requests the budget admits first. `short_first_under_chat`: while
     chat is in the engine, those predicted to finish soonest (they free their slots before the
@@ -412,6 +415,15 @@ class OrderConfig(_Strict):
     """A waiting request is served by arrival once it has waited this long (SSJF's guard)..."""
     wait_factor: float = Field(10.0, gt=0)
     """... or once it has waited this many times its own predicted service time, in engine steps."""
+    preempt_max_progress: float = Field(0.25, ge=0, le=1)
+    """`srpt`: a running chat request may be preempted only while it has produced at most this
+    share of its predicted reply (near completion it is left to finish)."""
+    preempt_max_kv_share: float = Field(0.1, ge=0, le=1)
+    """`srpt`: ... and only while its KV cache holds at most this share of the engine's blocks
+    (its recompute stays cheap)."""
+    preempt_ratio: float = Field(2.0, ge=1)
+    """`srpt`: ... and only for a waiting request predicted this many times shorter than what it
+    has left (a prediction is good to a factor: a near tie is no reason to throw work away)."""
 
     @model_validator(mode="after")
     def _predictor_when_needed(self) -> OrderConfig:

@@ -136,6 +136,9 @@ class SchedulerAccess:
     def num_free_blocks(self) -> int:
         return self._s.kv_cache_manager.block_pool.get_num_free_blocks()
 
+    def num_total_blocks(self) -> int:
+        return self._s.kv_cache_manager.block_pool.num_gpu_blocks
+
     def kv_cache_usage(self) -> float:
         return float(self._s.kv_cache_manager.usage)
 

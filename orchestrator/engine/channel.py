@@ -41,7 +41,7 @@ from orchestrator.engine.shm import process_alive
 from orchestrator.names import ENV_ENGINE_CHANNEL
 
 MAGIC = 0xC0C0CA7E
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 
 RING_COLUMNS: tuple[str, ...] = (*[f.name for f in STEP_SCHEMA], "end_time_s", "num_online_reqs")
 DEFAULT_RING_CAPACITY = 8192
@@ -58,6 +58,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "online_context_tokens", "offline_context_tokens", "num_online_tokens_total", "num_offline_tokens_total",
     "num_steps_total", "step_time_s_total", "max_num_seqs", "online_running_tpot_max_ms",
     "num_offline_prompt_tokens_total", "num_offline_output_tokens_total", "num_guard_promotions",
+    "num_chat_preempted_total",
 )
 _COUNTERS = 8
 _SEQS_TABLE = _COUNTERS + len(COUNTER_NAMES)

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
 
 from orchestrator.config import OrderConfig
 from orchestrator.request_class import NUM_LEVELS, RequestClass, level_of, vllm_priority
@@ -96,6 +98,47 @@ def prefix_sharing_order(prompts: list, arrivals_s: list[float], now_s: float, m
     return stale + fresh
 
 
+@dataclass(frozen=True)
+class RunningChat:
+    """What limited preemption reads of a running chat request."""
+
+    request_id: str
+    predicted_tokens: float
+    """Its predicted reply length at admission (the level it arrived with, decoded)."""
+    generated_tokens: int
+    kv_blocks: int
+
+
+def preemption_victim(waiting_levels: Sequence[int], running: Sequence[RunningChat], *, room: bool,
+                      total_blocks: int, cfg: OrderConfig, preempted_before: Container[str] = ()) -> str | None:
+    """The running chat request to preempt this step for the most urgent waiting one, or None
+    (`srpt`: shortest remaining predicted first with limited preemption, TRAIL's).
+
+    Only when the waiting request finds no room (every slot or the KV cache taken by chat:
+    offline work is preempted first, by the budget's enforcement) and only a victim early in its
+    run: it has produced at most `preempt_max_progress` of its predicted reply and holds at most
+    `preempt_max_kv_share` of the KV blocks, so what is thrown away (its KV, recomputed later)
+    is small; near completion a request is left to finish. The victim is the one with the most
+    predicted tokens left, and only if that is `preempt_ratio` times the waiting request's
+    predicted length. A request is preempted at most once (no ping-pong). Predictions come from
+    levels, which trust scales: at trust 0 every level is 0 and nothing is preempted."""
+    if cfg.policy != "srpt" or room or not waiting_levels:
+        return None
+    wanted = tokens_of_level(min(waiting_levels), cfg)
+    victim, most_left = None, cfg.preempt_ratio * (wanted + 1.0)
+    for r in running:
+        if r.request_id in preempted_before:
+            continue
+        if r.generated_tokens > cfg.preempt_max_progress * r.predicted_tokens:
+            continue
+        if r.kv_blocks > cfg.preempt_max_kv_share * total_blocks:
+            continue
+        left = r.predicted_tokens - r.generated_tokens
+        if left > most_left:
+            victim, most_left = r.request_id, left
+    return victim
+
+
 class WaitingGuard:
     """The per-step pass of length-aware ordering over the waiting queue: waiting chat requests
     age (their level falls as they wait) and those past their guard are promoted to level 0.
@@ -136,3 +179,50 @@ class WaitingGuard:
                 view.set_waiting_priority(r, vllm_priority(RequestClass.ONLINE, aged))
         self.first_waiting_step = seen
         return promoted
+
+
+class LimitedPreemption:
+    """The per-step pass of `srpt` over the engine (`preemption_victim` on what the scheduler
+    holds): remembers each chat request's level at arrival (its prediction; aging and the guard
+    change the level it waits at, not what it was predicted to need) and which were preempted.
+    `view` is the scheduler's (`SchedulerAccess`): `waiting()`, `running()`, `priority(r)`,
+    `request_id(r)`, `arrival_time_s(r)`, `context_tokens(r)`, `num_output_tokens(r)`,
+    `tokens_to_admit(r)`, `block_size`, `max_num_seqs`, `num_free_blocks()`,
+    `num_total_blocks()`, `preempt(r, now_s)`."""
+
+    def __init__(self, cfg: OrderConfig) -> None:
+        self.cfg = cfg
+        self.levels: dict[str, int] = {}
+        self.preempted: set[str] = set()
+
+    def apply(self, view, now_s: float) -> int:
+        """Preempt at most one running chat request; returns how many were (0 or 1)."""
+        offline = vllm_priority(RequestClass.OFFLINE)
+        waiting = [r for r in view.waiting() if view.priority(r) < offline]
+        running = view.running()
+        chat = [r for r in running if view.priority(r) < offline]
+        for r in waiting:
+            self.levels.setdefault(view.request_id(r), level_of(view.priority(r)))
+        live = {view.request_id(r) for r in waiting} | {view.request_id(r) for r in chat}
+        if len(self.levels) > len(live):
+            self.levels = {k: v for k, v in self.levels.items() if k in live}
+        self.preempted &= live
+        if not waiting or not chat:
+            return 0
+        size = view.block_size
+        head = min(waiting, key=lambda r: (view.priority(r), view.arrival_time_s(r)))
+        # Offline work counts as room: the budget's enforcement preempts it for chat first.
+        offline_blocks = sum(-(-view.context_tokens(r) // size) for r in running if view.priority(r) >= offline)
+        room = (view.max_num_seqs - len(chat) >= 1
+                and view.num_free_blocks() + offline_blocks >= -(-view.tokens_to_admit(head) // size) + 1)
+        candidates = [RunningChat(view.request_id(r),
+                                  tokens_of_level(self.levels.get(view.request_id(r), level_of(view.priority(r))), self.cfg),
+                                  view.num_output_tokens(r), -(-view.context_tokens(r) // size)) for r in chat]
+        victim = preemption_victim([level_of(view.priority(r)) for r in waiting], candidates, room=room,
+                                   total_blocks=view.num_total_blocks(), cfg=self.cfg,
+                                   preempted_before=self.preempted)
+        if victim is None:
+            return 0
+        view.preempt(next(r for r in chat if view.request_id(r) == victim), now_s)
+        self.preempted.add(victim)
+        return 1

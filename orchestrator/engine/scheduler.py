@@ -17,7 +17,9 @@ offline budget from the engine channel for the current number of online requests
   both) gets them by preempting offline requests, newest first;
 - waiting offline requests are admitted only up to the budget's free sequences;
 - with length-aware ordering (`orchestrator.engine.order`), a waiting chat request past its
-  starvation guard is moved to the front level (served by arrival among such requests).
+  starvation guard is moved to the front level (served by arrival among such requests); with
+  `srpt`, a chat request early in a long predicted run is preempted for a much shorter waiting
+  one that finds no room.
 
 If the controller stops refreshing the budget, the channel hands out the safe fallback budget.
 Any error in this path is logged, whatever it changed is undone, and the engine runs unplanned
@@ -33,7 +35,7 @@ import time
 from orchestrator.compat.vllm_api import async_scheduler_base, quiet_engine_polling
 from orchestrator.config import OrderConfig
 from orchestrator.engine.enforce import OFFLINE_PRIORITY, BudgetEnforcer, counts_as_counters
-from orchestrator.engine.order import WaitingGuard
+from orchestrator.engine.order import LimitedPreemption, WaitingGuard
 from orchestrator.engine.telemetry import TelemetryScheduler
 from orchestrator.names import ENV_ENGINE_ORDER, ENV_POLL_SLEEP_US
 
@@ -54,6 +56,7 @@ class ColocateScheduler(TelemetryScheduler):
         self._enforcer = BudgetEnforcer(self.access, offline_policy=self._order.offline_policy,
                                         max_wait_s=self._order.max_wait_s)
         self._guard = WaitingGuard(self._order)
+        self._preemption = LimitedPreemption(self._order)
         if self.channel is not None:
             self.channel.set_counters(max_num_seqs=self.access.max_num_seqs)
 
@@ -64,6 +67,7 @@ class ColocateScheduler(TelemetryScheduler):
             except Exception:  # noqa: BLE001 - ordering is an optimisation; never take the engine down
                 self._order = OrderConfig()
                 self._guard = WaitingGuard(self._order)
+                self._preemption = LimitedPreemption(self._order)
                 log.exception("colocate: length-ordering guard failed; serving by arrival from now on")
         undo = None
         if self.channel is not None and not self._plan_failed:
@@ -82,10 +86,17 @@ class ColocateScheduler(TelemetryScheduler):
         return output
 
     def _guard_waiting(self) -> None:
-        """Age waiting chat requests and promote those past their guard (`order.WaitingGuard`)."""
+        """Age waiting chat requests and promote those past their guard (`order.WaitingGuard`);
+        with `srpt`, preempt a long chat request early in its run for a short waiting one
+        (`order.LimitedPreemption`; not undone: the request waits again, as vLLM's own
+        preemption leaves it)."""
         promoted = self._guard.apply(self.access, time.time())
         if promoted and self.channel is not None:
             self.channel.add_counter("num_guard_promotions", promoted)
+        if self._order.policy == "srpt":
+            preempted = self._preemption.apply(self.access, time.monotonic())
+            if preempted and self.channel is not None:
+                self.channel.add_counter("num_chat_preempted_total", preempted)
 
     def _apply_budget(self):
         chan = self.channel

@@ -1,6 +1,8 @@
-"""Drives a real vLLM engine (ColocateScheduler, length-aware ordering on) with one sequence slot:
-requests queued at different ordering levels, then a long-waiting request among a stream of
-short ones. Prints the finish orders and the engine's counters (JSON)."""
+"""Drives a real vLLM engine (ColocateScheduler, length-aware ordering with limited preemption on)
+with one sequence slot: requests queued at different ordering levels, a long-waiting request
+among a stream of short ones, then a short request arriving while a long one has just started
+(preempted for it) and while another is well into its run (left to finish). Prints the finish
+orders and the engine's counters (JSON)."""
 
 import json
 import os
@@ -16,7 +18,7 @@ if __name__ == "__main__":
     os.environ[ENV_ENGINE_CHANNEL] = str(chan.path)
     # wait_factor 1: a request of level 8 (at least 3 predicted tokens) is due after 3 steps waiting.
     # Aging off, so the guard is what moves it (aging is unit-tested on its own).
-    os.environ[ENV_ENGINE_ORDER] = OrderConfig(policy="sjf", predictor_path="unused", wait_factor=1.0,
+    os.environ[ENV_ENGINE_ORDER] = OrderConfig(policy="srpt", predictor_path="unused", wait_factor=1.0,
                                                max_wait_s=3600, aging_octaves_per_service=0).model_dump_json()
     from vllm import LLM, SamplingParams
     llm = LLM(model=sys.argv[1], dtype="bfloat16", enforce_eager=True, max_model_len=2048, max_num_seqs=1,
@@ -57,6 +59,28 @@ if __name__ == "__main__":
                 if out.finished:
                     starve.append(out.request_id)
     drain(starve)
+    # 3. Limited preemption: a request predicted at ~1,000 tokens (level 40) has the slot and
+    # has produced a token or two when one predicted at 1 token (level 4) arrives: preempted for
+    # it. Then one predicted at 31 tokens (level 20) is 12 tokens in (past a quarter of its
+    # prediction) when another short one arrives: left to finish.
+    preempted_before = chan.counters()["num_chat_preempted_total"]
+    srpt = []
+    eng.add_request("early", {"prompt_token_ids": [9] * 20}, SamplingParams(max_tokens=24, ignore_eos=True),
+                    priority=vllm_priority(RequestClass.ONLINE, 40))
+    for _ in range(3):
+        eng.step()
+    eng.add_request("quick", {"prompt_token_ids": [10] * 20}, params, priority=vllm_priority(RequestClass.ONLINE, 4))
+    drain(srpt)
+    early_preempted = chan.counters()["num_chat_preempted_total"] - preempted_before
+    eng.add_request("late", {"prompt_token_ids": [11] * 20}, SamplingParams(max_tokens=24, ignore_eos=True),
+                    priority=vllm_priority(RequestClass.ONLINE, 20))
+    for _ in range(14):
+        eng.step()
+    eng.add_request("quick2", {"prompt_token_ids": [12] * 20}, params, priority=vllm_priority(RequestClass.ONLINE, 4))
+    drain(srpt)
+    print("SRPT", json.dumps({"order": srpt, "early_preempted": early_preempted,
+                              "late_preempted": chan.counters()["num_chat_preempted_total"] - preempted_before
+                              - early_preempted}))
     print("ORDER", json.dumps(order))
     print("STARVE", json.dumps(starve))
     print("PROMOTIONS", chan.counters()["num_guard_promotions"] - promotions_before)

@@ -149,3 +149,89 @@ def test_prefix_sharing_needs_no_predictor_but_short_first_does():
     assert OrderConfig(offline_policy="prefix_sharing").predictor_path is None
     with pytest.raises(ValidationError, match="predictor_path"):
         OrderConfig(offline_policy="short_first_under_chat")
+
+
+SRPT = OrderConfig(policy="srpt", predictor_path="/nowhere")
+
+
+def test_limited_preemption_takes_the_longest_early_request_for_a_much_shorter_one_only_without_room():
+    from orchestrator.engine.order import RunningChat, preemption_victim
+
+    short = priority_level(20, 1.0, SRPT)  # a waiting request predicted ~20 tokens
+    running = [RunningChat("long-early", 800.0, 10, 2), RunningChat("mid-early", 300.0, 5, 2),
+               RunningChat("long-late", 900.0, 400, 2), RunningChat("long-big", 1000.0, 1, 50)]
+    pick = lambda **kw: preemption_victim([short], running, **{"room": False, "total_blocks": 100, "cfg": SRPT, **kw})  # noqa: E731
+    assert pick() == "long-early"  # most left among the early, small ones
+    assert pick(room=True) is None  # it would be admitted anyway
+    assert pick(preempted_before={"long-early"}) == "mid-early"  # at most once each
+    assert pick(cfg=SJF) is None and pick(cfg=OrderConfig()) is None
+    # Near completion (past 25% of its prediction) or holding much KV: left to finish.
+    assert preemption_victim([short], running[2:], room=False, total_blocks=100, cfg=SRPT) is None
+    # A waiting request about as long as what the victim has left is no reason to preempt.
+    assert preemption_victim([priority_level(500, 1.0, SRPT)], running[:1], room=False, total_blocks=100, cfg=SRPT) is None
+    # At trust 0 every level is 0: predicted lengths of 0, nothing preempted.
+    flat = [RunningChat("a", tokens_of_level(0, SRPT), 0, 1)]
+    assert preemption_victim([0], flat, room=False, total_blocks=100, cfg=SRPT) is None
+
+
+class _Engine:
+    """A scheduler view with chat requests as dicts."""
+
+    block_size, max_num_seqs = 16, 2
+
+    def __init__(self, waiting, running, free_blocks):
+        self._waiting, self._running, self.free = waiting, running, free_blocks
+        self.preempted = []
+
+    def waiting(self):
+        return list(self._waiting)
+
+    def running(self):
+        return list(self._running)
+
+    priority = staticmethod(lambda r: r["priority"])
+    request_id = staticmethod(lambda r: r["id"])
+    arrival_time_s = staticmethod(lambda r: r["arrival"])
+    context_tokens = staticmethod(lambda r: r["context"])
+    num_output_tokens = staticmethod(lambda r: r["out"])
+    tokens_to_admit = staticmethod(lambda r: r["context"])
+
+    def num_free_blocks(self):
+        return self.free
+
+    def num_total_blocks(self):
+        return 100
+
+    def preempt(self, r, now_s):
+        self._running.remove(r)
+        self._waiting.append(r)
+        self.preempted.append(r["id"])
+
+
+def _chat(rid, tokens, out=0, context=64, arrival=0.0):
+    return {"id": rid, "priority": vllm_priority(RequestClass.ONLINE, priority_level(tokens, 1.0, SRPT)),
+            "arrival": arrival, "context": context, "out": out}
+
+
+def test_the_engine_pass_preempts_one_long_chat_request_per_step_and_remembers_its_prediction():
+    from orchestrator.engine.order import LimitedPreemption
+
+    long_a, long_b = _chat("a", 1000, out=3), _chat("b", 600, out=2)
+    engine = _Engine([_chat("short", 10, arrival=1.0)], [long_a, long_b], free_blocks=50)
+    lp = LimitedPreemption(SRPT)
+    assert lp.apply(engine, 0.0) == 1 and engine.preempted == ["a"]  # both slots were taken
+    # "a" waits again at its arrival level; the short one now has a slot: nothing more this step.
+    assert lp.apply(engine, 0.0) == 0
+    # Aging lowers the level "a" waits at; what it was predicted to need is remembered.
+    long_a["priority"] = vllm_priority(RequestClass.ONLINE, 0)
+    engine._waiting.remove(long_a)
+    engine._running.append(long_a)
+    assert lp.levels["a"] == priority_level(1000, 1.0, SRPT)
+    engine._waiting.append(_chat("short2", 10, arrival=2.0))
+    engine._running.remove(engine._running[0])  # "b" is replaced by a third long request
+    engine._running.append(_chat("c", 800, out=1))
+    assert lp.apply(engine, 0.0) == 1 and engine.preempted == ["a", "c"]  # "a" only once
+    # Offline work holds the room a waiting chat request needs: its preemption comes first.
+    offline = {"id": "off", "priority": vllm_priority(RequestClass.OFFLINE), "arrival": 0.0, "context": 64, "out": 0}
+    engine2 = _Engine([_chat("short", 10)], [_chat("x", 1000), offline], free_blocks=50)
+    assert LimitedPreemption(SRPT).apply(engine2, 0.0) == 0
