@@ -22,11 +22,12 @@ def register(app: typer.Typer) -> None:
         cv: float = typer.Option(2.0, "--cv", help="Coefficient of variation of inter-arrival times."),
         seed: int = typer.Option(0, "--seed"),
         policies: str | None = typer.Option(None, "--policies", help="Comma-separated subset of "
-                                            "fcfs,sjf,oracle,tau0.3,tau0,adversarial."),
+                                            "fcfs,sjf,oracle,tau0.3,tau0,adversarial,srpt,srpt-oracle."),
         out: Path | None = typer.Option(None, "--out", help="Results directory (default results/length-<time>)."),
     ) -> None:
-        """Chat ordering policies side by side on one engine beside a batch job: FCFS, predicted
-        shortest-first, the oracle and injected-error predictors; results.json and a PNG."""
+        """Chat ordering policies side by side beside a batch job: FCFS, predicted shortest-first,
+        the oracle and injected-error predictors on one engine, shortest-remaining-first with
+        limited preemption (srpt, srpt-oracle) on a second; results.json and a PNG."""
         import time as _time
 
         from bench.length_sched import POLICIES, LengthBenchOptions, format_table, run_length_bench

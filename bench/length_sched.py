@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-POLICIES = ("fcfs", "sjf", "oracle", "tau0.3", "tau0", "adversarial")
+POLICIES = ("fcfs", "sjf", "oracle", "tau0.3", "tau0", "adversarial", "srpt", "srpt-oracle")
+"""`srpt*`: the same predictions with limited preemption of running chat (`order.policy: srpt`),
+on an engine of their own (the engine's order is fixed at its start)."""
 
 
 @dataclass
@@ -83,6 +85,7 @@ class PolicyResult:
     offline_tokens: int = 0
     duration_s: float = 0.0
     num_guard_promotions: int = 0
+    num_chat_preempted: int = 0
     live_tau: float | None = None
     trust: float | None = None
 
@@ -96,12 +99,30 @@ def build_workload(prompts: Sequence[str], true_tokens: Sequence[int], *, rate_p
     n = opts.num_requests
     picks = rng.choice(len(prompts), size=n, replace=len(prompts) < n)
     tokens = np.asarray(true_tokens)[picks]
-    scale = opts.length_scale or max(float(np.median(np.asarray(true_tokens))) / opts.median_tokens, 1e-9)
+    scale = length_scale(true_tokens, opts)
     gaps = gamma_interarrivals_s(n, rate_per_s=rate_per_s, cv=opts.cv, rng=rng)
     gaps[0] = 0.0
     arrivals = np.cumsum(gaps)
     return [ChatRequest(prompts[i], int(t), int(np.clip(round(t / scale), 1, opts.max_tokens)), float(a))
             for i, t, a in zip(picks, tokens, arrivals)]
+
+
+def length_scale(true_tokens: Sequence[int], opts: LengthBenchOptions) -> float:
+    """What real reply lengths are divided by to become `max_tokens`."""
+    return opts.length_scale or max(float(np.median(np.asarray(true_tokens))) / opts.median_tokens, 1e-9)
+
+
+class _ScaledPredictor:
+    """A predictor's lengths divided by the bench's length scale: the engine produces scaled
+    replies, and limited preemption compares a prediction with the tokens produced so far."""
+
+    def __init__(self, predictor, scale: float) -> None:
+        self.predictor, self.scale = predictor, scale
+        self.quantiles = predictor.quantiles
+        self.meta = getattr(predictor, "meta", {})
+
+    def predict(self, prompts):
+        return np.maximum(np.asarray(self.predictor.predict(prompts)) / self.scale, 1.0)
 
 
 class _TablePredictor:
@@ -121,7 +142,7 @@ def predictions_for(policy: str, workload: list[ChatRequest], *, seed: int) -> d
     from latency_model.length.online import degrade
 
     truth = np.asarray([r.max_tokens for r in workload], dtype=np.float64)
-    if policy == "oracle":
+    if policy in ("oracle", "srpt-oracle"):
         values = truth
     elif policy == "adversarial":
         values = degrade(truth, "adversarial")
@@ -144,7 +165,8 @@ def summarize(res: PolicyResult, *, ttft_target_ms: float) -> dict[str, Any]:
         "ttft_mean_ms": float(ttft.mean()), "ttft_p99_ms": percentile(ttft, 99),
         "attainment": met / len(ttft), "attainment_wilson_low": low,
         "offline_output_tok_s": res.offline_tokens / res.duration_s if res.duration_s else 0.0,
-        "num_guard_promotions": res.num_guard_promotions, "live_tau": res.live_tau, "trust": res.trust,
+        "num_guard_promotions": res.num_guard_promotions, "num_chat_preempted": res.num_chat_preempted,
+        "live_tau": res.live_tau, "trust": res.trust,
     }
 
 
@@ -161,7 +183,7 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'policy':12}{'e2e mean':>10}{'p50':>8}{'p99':>8}{'TTFT mean':>11}{'p99':>8}{'attain':>8}"
-            f"{'(low)':>7}{'offline/s':>10}{'mean/FCFS':>10}{'p99/FCFS':>9}{'tau':>7}{'trust':>6}")
+            f"{'(low)':>7}{'offline/s':>10}{'mean/FCFS':>10}{'p99/FCFS':>9}{'tau':>7}{'trust':>6}{'preempt':>8}")
     lines = [head]
     for r in rows:
         tau = "" if r["live_tau"] is None else f"{r['live_tau']:.2f}"
@@ -170,7 +192,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                      f"{r['ttft_mean_ms']:>11.0f}{r['ttft_p99_ms']:>8.0f}{r['attainment']:>8.3f}"
                      f"{r['attainment_wilson_low']:>7.3f}{r['offline_output_tok_s']:>10.1f}"
                      f"{r.get('e2e_mean_vs_fcfs', float('nan')):>10.2f}{r.get('e2e_p99_vs_fcfs', float('nan')):>9.2f}"
-                     f"{tau:>7}{trust:>6}")
+                     f"{tau:>7}{trust:>6}{r.get('num_chat_preempted', 0):>8}")
     return "\n".join(lines)
 
 
@@ -323,44 +345,56 @@ def run_length_bench(config, *, data: Path, predictor_dir: Path, out: Path, opts
     source = resolve_model_source(config)
     predictor = load_predictor(predictor_dir)
     test = load_table(data, tokenizer_counter(source)).splits()["test"]
-    order = OrderConfig(policy="sjf", predictor_path=str(predictor_dir))
-    os.environ[ENV_ENGINE_ORDER] = order.model_dump_json()
+    predictor = _ScaledPredictor(predictor, length_scale(test.tokens, opts))
+    sjf = OrderConfig(policy="sjf", predictor_path=str(predictor_dir))
+    groups = [(order, [p for p in opts.policies if p.startswith("srpt") == (order.policy == "srpt")])
+              for order in (sjf, sjf.model_copy(update={"policy": "srpt"}))]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    channel = EngineChannel.create()  # the guard's promotion counter; its budget stays unlimited
+    channel = EngineChannel.create()  # the guard's and preemption's counters; its budget stays unlimited
     os.environ[ENV_ENGINE_CHANNEL] = str(channel.path)
     kwargs = engine_kwargs(config)
     kwargs.update(max_num_seqs=opts.max_num_seqs, enable_prefix_caching=False)
     kwargs.pop("disable_log_stats", None)
     engine = None
+    results, workload = [], None
     try:
         from vllm import LLM
 
-        on_progress(f"length bench: starting an engine on {source} ({opts.max_num_seqs} slots)")
-        engine = LLM(model=source, **kwargs).llm_engine
-        probe = build_workload(test.prompts, test.tokens, rate_per_s=1.0, opts=opts)
-        capacity, ttft_alone_ms = _capacity_req_s(engine, probe, opts)
-        rate = opts.load * capacity
-        workload = build_workload(test.prompts, test.tokens, rate_per_s=rate, opts=opts)
-        ttft_target_ms = opts.ttft_factor * ttft_alone_ms
-        on_progress(f"length bench: capacity {capacity:.2f} chat req/s, arrivals at {rate:.2f}/s (CV {opts.cv}), "
-                    f"TTFT alone {ttft_alone_ms:.0f} ms -> target {ttft_target_ms:.0f} ms; "
-                    f"{len(workload)} requests per policy")
+        for order, policies in groups:
+            if not policies:
+                continue
+            os.environ[ENV_ENGINE_ORDER] = order.model_dump_json()
+            on_progress(f"length bench: starting an engine on {source} ({opts.max_num_seqs} slots, "
+                        f"order {order.policy})")
+            engine = LLM(model=source, **kwargs).llm_engine
+            if workload is None:
+                probe = build_workload(test.prompts, test.tokens, rate_per_s=1.0, opts=opts)
+                capacity, ttft_alone_ms = _capacity_req_s(engine, probe, opts)
+                rate = opts.load * capacity
+                workload = build_workload(test.prompts, test.tokens, rate_per_s=rate, opts=opts)
+                ttft_target_ms = opts.ttft_factor * ttft_alone_ms
+                on_progress(f"length bench: capacity {capacity:.2f} chat req/s, arrivals at {rate:.2f}/s "
+                            f"(CV {opts.cv}), TTFT alone {ttft_alone_ms:.0f} ms -> target {ttft_target_ms:.0f} ms; "
+                            f"{len(workload)} requests per policy")
 
-        def promotions() -> int:
-            return int(channel.counters().get("num_guard_promotions", 0))
+            def counter(name: str) -> Callable[[], int]:
+                return lambda: int(channel.counters().get(name, 0))
 
-        results = []
-        for policy in opts.policies:
-            if policy == "fcfs":
-                ordering = None
-            elif policy == "sjf":
-                ordering = LengthOrdering(order, predictor)
-            else:
-                ordering = LengthOrdering(order, _TablePredictor(predictions_for(policy, workload, seed=opts.seed)))
-            res = _run_policy(engine, policy, workload, ordering, opts, promotions, on_progress)
-            results.append(summarize(res, ttft_target_ms=ttft_target_ms))
-            on_progress(f"length bench: {policy}: e2e mean {results[-1]['e2e_mean_ms']:.0f} ms, "
-                        f"p99 {results[-1]['e2e_p99_ms']:.0f} ms")
+            for policy in policies:
+                if policy == "fcfs":
+                    ordering = None
+                elif policy in ("sjf", "srpt"):
+                    ordering = LengthOrdering(order, predictor)
+                else:
+                    ordering = LengthOrdering(order, _TablePredictor(predictions_for(policy, workload, seed=opts.seed)))
+                preempted = counter("num_chat_preempted_total")()
+                res = _run_policy(engine, policy, workload, ordering, opts, counter("num_guard_promotions"), on_progress)
+                res.num_chat_preempted = counter("num_chat_preempted_total")() - preempted
+                results.append(summarize(res, ttft_target_ms=ttft_target_ms))
+                on_progress(f"length bench: {policy}: e2e mean {results[-1]['e2e_mean_ms']:.0f} ms, "
+                            f"p99 {results[-1]['e2e_p99_ms']:.0f} ms, {res.num_chat_preempted} chat preemptions")
+            engine.engine_core.shutdown()
+            engine = None
     finally:
         # Also on Ctrl-C: the engine core is a process of its own and would outlive this one.
         if engine is not None:
