@@ -34,7 +34,7 @@ from orchestrator.config import OrderConfig
 from orchestrator.engine.budget import OfflineBudget
 from orchestrator.engine.enforce import OFFLINE_PRIORITY, BudgetEnforcer, counts_as_counters
 from orchestrator.engine.load import CALIBRATION_COLUMNS, LoadWindow
-from orchestrator.engine.order import WaitingGuard
+from orchestrator.engine.order import LimitedPreemption, WaitingGuard
 
 
 @dataclass(eq=False)
@@ -151,6 +151,8 @@ class SimEngine:
         # Length-aware ordering, as the engine's scheduler runs it: the same per-step pass.
         self.guard = WaitingGuard(order) if order is not None and order.policy != "fcfs" else None
         self.num_guard_promotions = 0
+        self.preemption = LimitedPreemption(order) if order is not None and order.policy == "srpt" else None
+        self.num_chat_preempted = 0
 
     # --- the SchedulerView protocol (what BudgetEnforcer sees) --------------------------------
 
@@ -208,6 +210,13 @@ class SimEngine:
 
     def num_free_blocks(self) -> int:
         return self._free_blocks
+
+    def num_total_blocks(self) -> int:
+        return self.cfg.num_gpu_blocks
+
+    @staticmethod
+    def num_output_tokens(request) -> int:
+        return request.num_output_tokens
 
     def preempt(self, request, now_s: float) -> None:
         self._running.remove(request)
@@ -371,6 +380,8 @@ class SimEngine:
             return None
         if self.guard is not None:
             self.num_guard_promotions += self.guard.apply(self, now_s)
+        if self.preemption is not None:
+            self.num_chat_preempted += self.preemption.apply(self, now_s)
         undo = None
         if self.controlled:
             undo, plan, counts = self.enforcer.apply(self.budget_at)

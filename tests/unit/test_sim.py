@@ -264,6 +264,36 @@ def test_length_ordering_runs_the_engines_guard():
     assert sum(1 for r in shorts if r.first_token_s < long.first_token_s) < 200
 
 
+def test_srpt_in_the_simulator_runs_the_engines_limited_preemption():
+    # One slot: a long request has just started when a short one arrives. sjf lets it finish
+    # first; srpt preempts it (the engine's own LimitedPreemption pass), so the short one is
+    # served first and the long one recomputes and finishes after it.
+    from orchestrator.config import OrderConfig
+    from orchestrator.engine.order import priority_level
+    from orchestrator.request_class import RequestClass, vllm_priority
+
+    def run(policy):
+        cfg = OrderConfig(policy=policy, predictor_path="unused")
+        e = SimEngine("r", SimEngineConfig(max_num_seqs=1, num_gpu_blocks=1000), FixedStep(10.0), order=cfg)
+        e.override = OfflineBudget.flat(0, 0)
+        long = SimRequest("long", vllm_priority(RequestClass.ONLINE, priority_level(400, 1.0, cfg)), 0.0, 8, 400)
+        short = SimRequest("short", vllm_priority(RequestClass.ONLINE, priority_level(4, 1.0, cfg)), 0.05, 8, 4)
+        e.add_request(long)
+        t = 0.0
+        while t < 0.05:
+            t = e.start_step(t)
+            e.finish_step()
+        e.add_request(short)
+        run_alone(e, until_s=100.0)
+        return e, long, short
+
+    e, long, short = run("sjf")
+    assert short.first_token_s > long.finished_s
+    e, long, short = run("srpt")
+    assert e.num_chat_preempted == 1 and long.num_preemptions == 1
+    assert short.finished_s < long.finished_s
+
+
 def test_a_preempted_request_recomputes_before_it_emits_again():
     # 8-token prompt, 10 tokens out, 8 tokens per step. After 5 tokens it is preempted: vLLM
     # recomputes prompt + outputs (13 tokens: two chunks) and samples only after the second.
