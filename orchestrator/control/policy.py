@@ -150,11 +150,12 @@ def envelopes(p50: np.ndarray, p99: np.ndarray, cfg: PolicyConfig, tail: bool = 
 class RowMemo:
     """Predictions (both heads) of step rows, remembering the last call's: a replica's recent
     steps are a sliding window and its current batch changes by a request or two, so most rows
-    were asked a tick ago. Rows are recognised by a fingerprint (their dot product with fixed
-    random weights)."""
+    were asked a tick ago. Rows are looked up by a fingerprint (their dot product with fixed
+    random weights) and reused only where every column matches."""
 
     def __init__(self) -> None:
         self.fingerprints = self.p50 = self.p99 = np.empty(0)
+        self.rows = np.empty((0, 0))
         self._weights: np.ndarray | None = None
 
     def predict(self, model, rows: np.ndarray, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -170,11 +171,16 @@ class RowMemo:
         if len(self.fingerprints):
             at = np.minimum(np.searchsorted(self.fingerprints, ordered), len(self.fingerprints) - 1)
             hit = self.fingerprints[at] == ordered
+            # A fingerprint is a hint: only the same row (every column equal) reuses a prediction.
+            if self.rows.shape[1] == rows.shape[1]:
+                hit[hit] = (self.rows[at[hit]] == rows[order[hit]]).all(axis=1)
+            else:
+                hit[:] = False
             p50[order[hit]], p99[order[hit]] = self.p50[at[hit]], self.p99[at[hit]]
         todo = np.flatnonzero(np.isnan(p50))
         if len(todo):
             p50[todo], p99[todo] = model.predict_ms(featurize({c: rows[todo, j] for j, c in enumerate(columns)}))
-        self.fingerprints, self.p50, self.p99 = ordered, p50[order], p99[order]
+        self.fingerprints, self.p50, self.p99, self.rows = ordered, p50[order], p99[order], rows[order]
         return p50, p99
 
 
@@ -482,7 +488,7 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
                          if load.observed_tpot_p99_ms is not None else None)
         ttft_pressure = (load.observed_ttft_p99_ms / slo.ttft_p99_ms
                          if load.observed_ttft_p99_ms is not None else None)
-        pressure = max(tpot_pressure or 0.0, ttft_pressure or 0.0)
+        pressure = max((p for p in (tpot_pressure, ttft_pressure) if p is not None), default=0.0)
         new_state = _next_state(prev, pressure, snapshot.now_s, cfg)
         if model is not None:  # without a model the budget is a fixed default: nothing to probe
             new_state = _probed(new_state, tpot_pressure, ttft_pressure, load, snapshot.now_s, cfg)

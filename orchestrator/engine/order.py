@@ -109,29 +109,36 @@ class RunningChat:
     kv_blocks: int
 
 
-def preemption_victim(waiting_levels: Sequence[int], running: Sequence[RunningChat], *, room: bool,
-                      total_blocks: int, cfg: OrderConfig, preempted_before: Container[str] = ()) -> str | None:
-    """The running chat request to preempt this step for the most urgent waiting one, or None
-    (`srpt`: shortest remaining predicted first with limited preemption, TRAIL's).
+def preemption_victim(wanted_tokens: float, running: Sequence[RunningChat], *, slot_free: bool, free_blocks: int,
+                      needed_blocks: int, total_blocks: int, cfg: OrderConfig,
+                      preempted_before: Container[str] = ()) -> str | None:
+    """The running chat request to preempt this step for the most urgent waiting one (predicted
+    to produce `wanted_tokens`, from the level it arrived with), or None (`srpt`: shortest
+    remaining predicted first with limited preemption, TRAIL's).
 
-    Only when the waiting request finds no room (every slot or the KV cache taken by chat:
-    offline work is preempted first, by the budget's enforcement) and only a victim early in its
-    run: it has produced at most `preempt_max_progress` of its predicted reply and holds at most
-    `preempt_max_kv_share` of the KV blocks, so what is thrown away (its KV, recomputed later)
-    is small; near completion a request is left to finish. The victim is the one with the most
-    predicted tokens left, and only if that is `preempt_ratio` times the waiting request's
-    predicted length. A request is preempted at most once (no ping-pong). Predictions come from
-    levels, which trust scales: at trust 0 every level is 0 and nothing is preempted."""
-    if cfg.policy != "srpt" or room or not waiting_levels:
+    Only when the waiting request finds no room (no slot, or fewer than `needed_blocks` of KV
+    among `free_blocks`, which count what offline work holds: the budget's enforcement preempts
+    that first), only a victim whose own blocks then make it fit, and only one early in its
+    run: it has produced at most `preempt_max_progress` of its predicted reply and holds at
+    most `preempt_max_kv_share` of the KV blocks, so what is thrown away (its KV, recomputed
+    later) is small; near completion a request is left to finish. The victim is the one with
+    the most predicted tokens left, and only if that is `preempt_ratio` times the waiting
+    request's predicted length. A request is preempted at most once (no ping-pong).
+
+    Predictions are decoded from levels, which trust scales down (`priority_level`): under
+    trust < 1 they read short, so fewer requests qualify; at trust 0 every level is 0, a
+    waiting request with level 0 (no prediction) preempts nothing."""
+    if cfg.policy != "srpt" or wanted_tokens <= 0.0:
         return None
-    wanted = tokens_of_level(min(waiting_levels), cfg)
-    victim, most_left = None, cfg.preempt_ratio * (wanted + 1.0)
+    if slot_free and free_blocks >= needed_blocks:
+        return None
+    victim, most_left = None, cfg.preempt_ratio * (wanted_tokens + 1.0)
     for r in running:
         if r.request_id in preempted_before:
             continue
         if r.generated_tokens > cfg.preempt_max_progress * r.predicted_tokens:
             continue
-        if r.kv_blocks > cfg.preempt_max_kv_share * total_blocks:
+        if r.kv_blocks > cfg.preempt_max_kv_share * total_blocks or free_blocks + r.kv_blocks < needed_blocks:
             continue
         left = r.predicted_tokens - r.generated_tokens
         if left > most_left:
@@ -210,15 +217,18 @@ class LimitedPreemption:
         if not waiting or not chat:
             return 0
         size = view.block_size
+        # The request vLLM admits next (its level now, aged or promoted), and what it was
+        # predicted to need (the level it arrived with).
         head = min(waiting, key=lambda r: (view.priority(r), view.arrival_time_s(r)))
         # Offline work counts as room: the budget's enforcement preempts it for chat first.
         offline_blocks = sum(-(-view.context_tokens(r) // size) for r in running if view.priority(r) >= offline)
-        room = (view.max_num_seqs - len(chat) >= 1
-                and view.num_free_blocks() + offline_blocks >= -(-view.tokens_to_admit(head) // size) + 1)
         candidates = [RunningChat(view.request_id(r),
                                   tokens_of_level(self.levels.get(view.request_id(r), level_of(view.priority(r))), self.cfg),
                                   view.num_output_tokens(r), -(-view.context_tokens(r) // size)) for r in chat]
-        victim = preemption_victim([level_of(view.priority(r)) for r in waiting], candidates, room=room,
+        victim = preemption_victim(tokens_of_level(self.levels[view.request_id(head)], self.cfg), candidates,
+                                   slot_free=view.max_num_seqs - len(chat) >= 1,
+                                   free_blocks=view.num_free_blocks() + offline_blocks,
+                                   needed_blocks=-(-view.tokens_to_admit(head) // size) + 1,
                                    total_blocks=view.num_total_blocks(), cfg=self.cfg,
                                    preempted_before=self.preempted)
         if victim is None:

@@ -157,21 +157,28 @@ SRPT = OrderConfig(policy="srpt", predictor_path="/nowhere")
 def test_limited_preemption_takes_the_longest_early_request_for_a_much_shorter_one_only_without_room():
     from orchestrator.engine.order import RunningChat, preemption_victim
 
-    short = priority_level(20, 1.0, SRPT)  # a waiting request predicted ~20 tokens
     running = [RunningChat("long-early", 800.0, 10, 2), RunningChat("mid-early", 300.0, 5, 2),
                RunningChat("long-late", 900.0, 400, 2), RunningChat("long-big", 1000.0, 1, 50)]
-    pick = lambda **kw: preemption_victim([short], running, **{"room": False, "total_blocks": 100, "cfg": SRPT, **kw})  # noqa: E731
+    no_slot = {"slot_free": False, "free_blocks": 40, "needed_blocks": 2, "total_blocks": 100, "cfg": SRPT}
+
+    def pick(wanted=20.0, running=running, **kw):
+        return preemption_victim(wanted, running, **{**no_slot, **kw})
+
     assert pick() == "long-early"  # most left among the early, small ones
-    assert pick(room=True) is None  # it would be admitted anyway
+    assert pick(slot_free=True) is None  # it would be admitted anyway
     assert pick(preempted_before={"long-early"}) == "mid-early"  # at most once each
     assert pick(cfg=SJF) is None and pick(cfg=OrderConfig()) is None
     # Near completion (past 25% of its prediction) or holding much KV: left to finish.
-    assert preemption_victim([short], running[2:], room=False, total_blocks=100, cfg=SRPT) is None
+    assert pick(running=running[2:]) is None
     # A waiting request about as long as what the victim has left is no reason to preempt.
-    assert preemption_victim([priority_level(500, 1.0, SRPT)], running[:1], room=False, total_blocks=100, cfg=SRPT) is None
-    # At trust 0 every level is 0: predicted lengths of 0, nothing preempted.
-    flat = [RunningChat("a", tokens_of_level(0, SRPT), 0, 1)]
-    assert preemption_victim([0], flat, room=False, total_blocks=100, cfg=SRPT) is None
+    assert pick(wanted=500.0, running=running[:1]) is None
+    # No prediction (level 0 at arrival, or trust 0): nothing preempted.
+    assert pick(wanted=tokens_of_level(0, SRPT)) is None
+    # Short of KV rather than of a slot: only a victim whose blocks make the request fit.
+    short_of_kv = {"slot_free": True, "free_blocks": 5, "needed_blocks": 8}
+    assert pick(**short_of_kv) is None  # the early ones hold 2 blocks each: 5 + 2 < 8
+    assert pick(running=[RunningChat("small", 800.0, 1, 2)], **short_of_kv) is None  # 5 + 2 < 8
+    assert pick(running=[RunningChat("fits", 800.0, 1, 4)], **short_of_kv) == "fits"  # 5 + 4 >= 8
 
 
 class _Engine:
@@ -231,6 +238,14 @@ def test_the_engine_pass_preempts_one_long_chat_request_per_step_and_remembers_i
     engine._running.remove(engine._running[0])  # "b" is replaced by a third long request
     engine._running.append(_chat("c", 800, out=1))
     assert lp.apply(engine, 0.0) == 1 and engine.preempted == ["a", "c"]  # "a" only once
+    # A request that aged (or was promoted) to level 0 is still as long as it was predicted:
+    # waiting at the head, it preempts nothing shorter than twice its prediction.
+    aged_long = _chat("aged", 1000, arrival=3.0)
+    aged_long["priority"] = vllm_priority(RequestClass.ONLINE, 0)
+    engine3 = _Engine([aged_long], [_chat("y", 300, out=1), _chat("z", 300, out=1)], free_blocks=50)
+    engine3_lp = LimitedPreemption(SRPT)
+    engine3_lp.levels["aged"] = priority_level(1000, 1.0, SRPT)
+    assert engine3_lp.apply(engine3, 0.0) == 0
     # Offline work holds the room a waiting chat request needs: its preemption comes first.
     offline = {"id": "off", "priority": vllm_priority(RequestClass.OFFLINE), "arrival": 0.0, "context": 64, "out": 0}
     engine2 = _Engine([_chat("short", 10)], [_chat("x", 1000), offline], free_blocks=50)
