@@ -63,24 +63,24 @@ if __name__ == "__main__":
     # has produced a token or two when one predicted at 1 token (level 4) arrives: preempted for
     # it. Then one predicted at 31 tokens (level 20) is 12 tokens in (past a quarter of its
     # prediction) when another short one arrives: left to finish.
-    preempted_before = chan.counters()["num_chat_preempted_total"]
     srpt = []
-    eng.add_request("early", {"prompt_token_ids": [9] * 20}, SamplingParams(max_tokens=24, ignore_eos=True),
-                    priority=vllm_priority(RequestClass.ONLINE, 40))
-    for _ in range(3):
-        eng.step()
-    eng.add_request("quick", {"prompt_token_ids": [10] * 20}, params, priority=vllm_priority(RequestClass.ONLINE, 4))
-    drain(srpt)
-    early_preempted = chan.counters()["num_chat_preempted_total"] - preempted_before
-    eng.add_request("late", {"prompt_token_ids": [11] * 20}, SamplingParams(max_tokens=24, ignore_eos=True),
-                    priority=vllm_priority(RequestClass.ONLINE, 20))
-    for _ in range(14):
-        eng.step()
-    eng.add_request("quick2", {"prompt_token_ids": [12] * 20}, params, priority=vllm_priority(RequestClass.ONLINE, 4))
-    drain(srpt)
-    print("SRPT", json.dumps({"order": srpt, "early_preempted": early_preempted,
-                              "late_preempted": chan.counters()["num_chat_preempted_total"] - preempted_before
-                              - early_preempted}))
+
+    def short_arrives_during(name, level, steps_in, short, token):
+        """A request at `level` runs alone for `steps_in` steps, then a level-4 one arrives; returns
+        how many chat requests the engine preempted until both finished."""
+        before = chan.counters()["num_chat_preempted_total"]
+        eng.add_request(name, {"prompt_token_ids": [token] * 20}, SamplingParams(max_tokens=24, ignore_eos=True),
+                        priority=vllm_priority(RequestClass.ONLINE, level))
+        for _ in range(steps_in):
+            eng.step()
+        eng.add_request(short, {"prompt_token_ids": [token + 1] * 20}, params,
+                        priority=vllm_priority(RequestClass.ONLINE, 4))
+        drain(srpt)
+        return chan.counters()["num_chat_preempted_total"] - before
+
+    early_preempted = short_arrives_during("early", 40, 3, "quick", 9)
+    late_preempted = short_arrives_during("late", 20, 14, "quick2", 11)
+    print("SRPT", json.dumps({"order": srpt, "early_preempted": early_preempted, "late_preempted": late_preempted}))
     print("ORDER", json.dumps(order))
     print("STARVE", json.dumps(starve))
     print("PROMOTIONS", chan.counters()["num_guard_promotions"] - promotions_before)
