@@ -173,6 +173,19 @@ def expected_remaining(mu_log: np.ndarray, residuals: np.ndarray, num_generated:
     return np.where(count > 0, left / np.maximum(count, 1), 1.0)
 
 
+def load_residuals(path: str | Path) -> np.ndarray:
+    """Only the validation residuals (sorted, log space) of the predictor at `path`: what an
+    engine needs to refresh a running request's prediction (`expected_remaining`) from the
+    level it arrived with, without loading the feature vectors."""
+    arrays_path = Path(path) / "predictor.npz"
+    if not arrays_path.is_file():
+        raise LengthModelError(f"{path}: not a length predictor (no predictor.npz)")
+    with np.load(arrays_path) as z:
+        if "residuals" not in z:
+            raise LengthModelError(f"{arrays_path}: no residuals")
+        return np.sort(np.asarray(z["residuals"], dtype=np.float64))
+
+
 def load_predictor(path: str | Path) -> ProxyLengthPredictor:
     root = Path(path)
     meta_path, arrays_path = root / "meta.json", root / "predictor.npz"

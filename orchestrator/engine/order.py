@@ -26,12 +26,19 @@ simulator can call the same ones.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+
+from latency_model.length.predictor import expected_remaining, load_residuals
 from orchestrator.config import OrderConfig
 from orchestrator.request_class import NUM_LEVELS, RequestClass, level_of, vllm_priority
+
+log = logging.getLogger(__name__)
 
 MAX_LEVEL = NUM_LEVELS - 1
 """Levels stay below the offline class's priority base (orchestrator.request_class)."""
@@ -107,6 +114,15 @@ class RunningChat:
     """Its predicted reply length at admission (the level it arrived with, decoded)."""
     generated_tokens: int
     kv_blocks: int
+    remaining_tokens: float | None = None
+    """Its refreshed prediction: the expected tokens left given those generated so far (TRAIL's);
+    None: `predicted_tokens - generated_tokens`."""
+
+    @property
+    def tokens_left(self) -> float:
+        if self.remaining_tokens is not None:
+            return self.remaining_tokens
+        return self.predicted_tokens - self.generated_tokens
 
 
 def preemption_victim(wanted_tokens: float, running: Sequence[RunningChat], *, slot_free: bool, free_blocks: int,
@@ -123,7 +139,10 @@ def preemption_victim(wanted_tokens: float, running: Sequence[RunningChat], *, s
     most `preempt_max_kv_share` of the KV blocks, so what is thrown away (its KV, recomputed
     later) is small; near completion a request is left to finish. The victim is the one with
     the most predicted tokens left, and only if that is `preempt_ratio` times the waiting
-    request's predicted length. A request is preempted at most once (no ping-pong).
+    request's predicted length. A request is preempted at most once (no ping-pong). What a
+    request has left is its refreshed prediction where the caller gives one
+    (`RunningChat.remaining_tokens`), so `wanted_tokens` should then be the same expectation
+    taken before any token (`LimitedPreemption` passes both).
 
     Predictions are decoded from levels, which trust scales down (`priority_level`): under
     trust < 1 they read short, so fewer requests qualify; at trust 0 every level is 0, a
@@ -140,7 +159,7 @@ def preemption_victim(wanted_tokens: float, running: Sequence[RunningChat], *, s
             continue
         if r.kv_blocks > cfg.preempt_max_kv_share * total_blocks or free_blocks + r.kv_blocks < needed_blocks:
             continue
-        left = r.predicted_tokens - r.generated_tokens
+        left = r.tokens_left
         if left > most_left:
             victim, most_left = r.request_id, left
     return victim
@@ -195,12 +214,39 @@ class LimitedPreemption:
     `view` is the scheduler's (`SchedulerAccess`): `waiting()`, `running()`, `priority(r)`,
     `request_id(r)`, `arrival_time_s(r)`, `context_tokens(r)`, `num_output_tokens(r)`,
     `tokens_to_admit(r)`, `block_size`, `max_num_seqs`, `num_free_blocks()`,
-    `num_total_blocks()`, `preempt(r, now_s)`."""
+    `num_total_blocks()`, `preempt(r, now_s)`.
 
-    def __init__(self, cfg: OrderConfig) -> None:
+    With the predictor's validation `residuals` (log space, as `latency_model.length.predictor`
+    keeps them) the tokens a running request has left are refreshed from what it has generated:
+    E[L - g | L > g] over the prediction's distribution (TRAIL's refreshed prediction), so a
+    request that has outrun a short prediction is no longer counted as nearly done, and one
+    whose distribution says it is likely long has more left than its median says. The waiting
+    request's need is the same expectation at g = 0. Without residuals: prediction minus
+    tokens generated."""
+
+    def __init__(self, cfg: OrderConfig, residuals: np.ndarray | None = None) -> None:
         self.cfg = cfg
+        self.residuals = None if residuals is None or not len(residuals) else np.asarray(residuals, dtype=np.float64)
         self.levels: dict[str, int] = {}
         self.preempted: set[str] = set()
+
+    @classmethod
+    def from_config(cls, cfg: OrderConfig) -> LimitedPreemption:
+        """The pass with the residuals of the predictor at `cfg.predictor_path` (the replica sends
+        the path made absolute); without them, unrefreshed predictions, logged."""
+        residuals = None
+        if cfg.predictor_path:
+            try:
+                residuals = load_residuals(Path(cfg.predictor_path))
+            except Exception as exc:  # noqa: BLE001 - a missing artifact must not take the engine down
+                log.warning("colocate: srpt without refreshed predictions (%s: %s)", cfg.predictor_path, exc)
+        return cls(cfg, residuals)
+
+    def _expected_left(self, predicted: Sequence[float], generated: Sequence[int]) -> list[float] | None:
+        if self.residuals is None or not len(predicted):
+            return None
+        return expected_remaining(np.log1p(np.asarray(predicted, dtype=np.float64)), self.residuals,
+                                  generated).tolist()
 
     def apply(self, view, now_s: float) -> int:
         """Preempt at most one running chat request; returns how many were (0 or 1)."""
@@ -225,7 +271,15 @@ class LimitedPreemption:
         candidates = [RunningChat(view.request_id(r),
                                   tokens_of_level(self.levels.get(view.request_id(r), level_of(view.priority(r))), self.cfg),
                                   view.num_output_tokens(r), -(-view.context_tokens(r) // size)) for r in chat]
-        victim = preemption_victim(tokens_of_level(self.levels[view.request_id(head)], self.cfg), candidates,
+        wanted = tokens_of_level(self.levels[view.request_id(head)], self.cfg)
+        refreshed = self._expected_left([c.predicted_tokens for c in candidates] + [wanted],
+                                        [c.generated_tokens for c in candidates] + [0])
+        if refreshed is not None:
+            candidates = [RunningChat(c.request_id, c.predicted_tokens, c.generated_tokens, c.kv_blocks, left)
+                          for c, left in zip(candidates, refreshed)]
+            # A level-0 head has no prediction: it stays 0 (it preempts nothing).
+            wanted = refreshed[-1] if wanted > 0 else 0.0
+        victim = preemption_victim(wanted, candidates,
                                    slot_free=view.max_num_seqs - len(chat) >= 1,
                                    free_blocks=view.num_free_blocks() + offline_blocks,
                                    needed_blocks=-(-view.tokens_to_admit(head) // size) + 1,

@@ -56,7 +56,8 @@ class ColocateScheduler(TelemetryScheduler):
         self._enforcer = BudgetEnforcer(self.access, offline_policy=self._order.offline_policy,
                                         max_wait_s=self._order.max_wait_s)
         self._guard = WaitingGuard(self._order)
-        self._preemption = LimitedPreemption(self._order)
+        self._preemption = (LimitedPreemption.from_config(self._order) if self._order.policy == "srpt"
+                            else LimitedPreemption(self._order))
         if self.channel is not None:
             self.channel.set_counters(max_num_seqs=self.access.max_num_seqs)
 

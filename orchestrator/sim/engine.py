@@ -151,7 +151,8 @@ class SimEngine:
         # Length-aware ordering, as the engine's scheduler runs it: the same per-step pass.
         self.guard = WaitingGuard(order) if order is not None and order.policy != "fcfs" else None
         self.num_guard_promotions = 0
-        self.preemption = LimitedPreemption(order) if order is not None and order.policy == "srpt" else None
+        self.preemption = (LimitedPreemption.from_config(order) if order is not None and order.policy == "srpt"
+                           else None)
         self.num_chat_preempted = 0
 
     # --- the SchedulerView protocol (what BudgetEnforcer sees) --------------------------------

@@ -181,6 +181,50 @@ def test_limited_preemption_takes_the_longest_early_request_for_a_much_shorter_o
     assert pick(running=[RunningChat("fits", 800.0, 1, 4)], **short_of_kv) == "fits"  # 5 + 4 >= 8
 
 
+def test_refreshed_predictions_count_what_a_running_request_likely_has_left():
+    """TRAIL's refresh: with the predictor's residual distribution, a request that has produced
+    tokens has E[L - g | L > g] left, not its median minus g; the waiting request's need is the
+    same expectation before any token."""
+    from latency_model.length.predictor import expected_remaining
+    from orchestrator.engine.order import LimitedPreemption, RunningChat, preemption_victim
+
+    # Lengths of a prediction of 100 tokens: 10, 100 or 1,000 alike (residuals in log1p space).
+    residuals = np.log1p(np.array([10.0, 100.0, 1000.0])) - np.log1p(100.0)
+    left = expected_remaining(np.log1p([100.0]), residuals, [20])[0]
+    assert left == pytest.approx((80.0 + 980.0) / 2, rel=0.05)  # the 10-token outcome is ruled out
+    no_slot = {"slot_free": False, "free_blocks": 40, "needed_blocks": 2, "total_blocks": 100, "cfg": SRPT}
+    early = RunningChat("early", 100.0, 20, 2)
+    # Unrefreshed: 80 left is under twice a 50-token request's need; refreshed: ~530 left is over
+    # twice its expected need (~190: it too may be 10x its median).
+    assert preemption_victim(50.0, [early], **no_slot) is None
+    wanted = expected_remaining(np.log1p([50.0]), residuals, [0])[0]
+    refreshed = RunningChat("early", 100.0, 20, 2, left)
+    assert 150.0 < wanted < 250.0 and preemption_victim(wanted, [refreshed], **no_slot) == "early"
+    # A point distribution (every residual 0) refreshes to exactly prediction minus generated.
+    assert expected_remaining(np.log1p([100.0]), np.zeros(5), [20])[0] == pytest.approx(80.0)
+    # The engine pass takes residuals from the predictor at the config's path; without one it
+    # runs unrefreshed (and says so in the log), never failing the engine.
+    assert LimitedPreemption.from_config(SRPT).residuals is None
+    # "a" (level of 100 tokens: 89.5 decoded) is 20 tokens in; "short" waits (40: 37 decoded).
+    def engine():
+        return _Engine([_chat("short", 40, arrival=1.0)], [_chat("a", 100, out=20), _chat("b", 8, out=1)],
+                       free_blocks=50)
+
+    refreshing = engine()
+    assert LimitedPreemption(SRPT, residuals).apply(refreshing, 0.0) == 1 and refreshing.preempted == ["a"]
+    plain = engine()
+    assert LimitedPreemption(SRPT).apply(plain, 0.0) == 0  # unrefreshed: 69.5 left < 2 x 38
+
+
+def test_load_residuals_reads_only_the_residuals_and_names_a_missing_artifact(tmp_path):
+    from latency_model.length.predictor import LengthModelError, load_residuals
+
+    with pytest.raises(LengthModelError, match="predictor.npz"):
+        load_residuals(tmp_path)
+    np.savez_compressed(tmp_path / "predictor.npz", residuals=np.array([0.3, -0.2, 0.0]), coef=np.zeros(3))
+    assert load_residuals(tmp_path).tolist() == [-0.2, 0.0, 0.3]
+
+
 class _Engine:
     """A scheduler view with chat requests as dicts."""
 
