@@ -23,6 +23,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         policies: str | None = typer.Option(None, "--policies", help="Comma-separated subset of "
                                             "fcfs,sjf,oracle,tau0.3,tau0,adversarial,srpt,srpt-oracle."),
+        rounds: int = typer.Option(3, "--rounds", min=1,
+                                   help="Slices of the workload every policy serves in turn (order reversed "
+                                        "every other round, so host drift weighs on all alike)."),
         out: Path | None = typer.Option(None, "--out", help="Results directory (default results/length-<time>)."),
     ) -> None:
         """Chat ordering policies side by side beside a batch job: FCFS, predicted shortest-first,
@@ -30,10 +33,16 @@ def register(app: typer.Typer) -> None:
         limited preemption (srpt, srpt-oracle) on a second; results.json and a PNG."""
         import time as _time
 
-        from bench.length_sched import POLICIES, LengthBenchOptions, format_table, run_length_bench
+        from bench.length_sched import (
+            POLICIES,
+            LengthBenchOptions,
+            format_rounds,
+            format_table,
+            run_length_bench,
+        )
 
         cfg = _load(config)
-        opts = LengthBenchOptions(num_requests=num_requests, load=load, cv=cv, seed=seed)
+        opts = LengthBenchOptions(num_requests=num_requests, load=load, cv=cv, seed=seed, rounds=rounds)
         if policies:
             chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
             unknown = [p for p in chosen if p not in POLICIES]
@@ -51,6 +60,7 @@ def register(app: typer.Typer) -> None:
             _echo(f"error: {err}")
             raise typer.Exit(2) from None
         typer.echo(format_table(doc["results"]))
+        typer.echo(format_rounds(doc["per_round"]))
         typer.echo(f"results: {out / 'results.json'}, plot: {out / 'length-bench.png'}")
 
     @app.command()

@@ -15,10 +15,16 @@ cap of offline sequences:
   `adversarial` (the truth degraded by `latency_model.length.online.degrade`), all through the
   same `LengthOrdering` the replica uses: the monitor sees each completion, so a bad predictor
   loses trust and its order drifts to FCFS;
-- reported per policy: chat end-to-end latency mean/p50/p99, TTFT mean/p99, attainment of a
-  TTFT target (`ttft_factor` times this host's TTFT of a lone request) with its Wilson lower
-  bound, offline output tokens/s, guard promotions, and the ratios against FCFS; `results.json`
-  and a PNG.
+- rounds: the requests are split into `rounds` consecutive slices and every policy serves
+  each slice in turn, the policy order reversed every other round (and the two engines' order
+  with it), so a host that drifts during the run (one 300-request run without rounds saw the
+  mean rise 13% from its first to its sixth policy, two of them the same FCFS order) weighs on
+  every policy alike; each policy keeps its predictor state (online correction, quality
+  monitor) across rounds, as a replica would; per-round means are kept to show the drift;
+- reported per policy (pooled over rounds): chat end-to-end latency mean/p50/p99, TTFT
+  mean/p99, attainment of a TTFT target (`ttft_factor` times this host's TTFT of a lone
+  request) with its Wilson lower bound, offline output tokens/s, guard promotions, and the
+  ratios against FCFS; `results.json` and a PNG.
 
 This is the engine tier (no Ray Serve): the ordering is decided in the engine from the priority
 the replica computes (`orchestrator.serving.length_order`), and this bench computes it with the
@@ -65,6 +71,8 @@ class LengthBenchOptions:
     ttft_factor: float = 5.0
     seed: int = 0
     policies: tuple[str, ...] = POLICIES
+    rounds: int = 3
+    """Slices of the workload every policy serves in turn (order reversed every other round)."""
 
 
 @dataclass
@@ -105,6 +113,44 @@ def build_workload(prompts: Sequence[str], true_tokens: Sequence[int], *, rate_p
     arrivals = np.cumsum(gaps)
     return [ChatRequest(prompts[i], int(t), int(np.clip(round(t / scale), 1, opts.max_tokens)), float(a))
             for i, t, a in zip(picks, tokens, arrivals)]
+
+
+def round_slices(workload: list[ChatRequest], rounds: int) -> list[list[ChatRequest]]:
+    """`workload` cut into `rounds` consecutive slices, each slice's arrivals starting at 0."""
+    cuts = np.array_split(np.arange(len(workload)), max(1, min(rounds, len(workload))))
+    out = []
+    for idx in cuts:
+        start = workload[idx[0]].arrival_s
+        out.append([ChatRequest(r.prompt, r.true_tokens, r.max_tokens, r.arrival_s - start)
+                    for r in (workload[i] for i in idx)])
+    return out
+
+
+def round_schedule(groups: list[tuple[Any, list[str]]], rounds: int) -> list[tuple[int, Any, list[str]]]:
+    """(round, engine order, policies) in run order: every other round reverses both the engines'
+    order and the policies' order on each (ABBA), so a linear drift over the run costs every
+    policy about the same."""
+    plan = []
+    for k in range(rounds):
+        seq = [(order, list(policies)) for order, policies in groups if policies]
+        if k % 2:
+            seq = [(order, policies[::-1]) for order, policies in seq[::-1]]
+        plan.extend((k, order, policies) for order, policies in seq)
+    return plan
+
+
+def pooled(parts: list[PolicyResult]) -> PolicyResult:
+    """One policy's results over its rounds."""
+    out = PolicyResult(parts[0].policy)
+    for r in parts:
+        out.e2e_ms += r.e2e_ms
+        out.ttft_ms += r.ttft_ms
+        out.offline_tokens += r.offline_tokens
+        out.duration_s += r.duration_s
+        out.num_guard_promotions += r.num_guard_promotions
+        out.num_chat_preempted += r.num_chat_preempted
+    out.live_tau, out.trust = parts[-1].live_tau, parts[-1].trust
+    return out
 
 
 def length_scale(true_tokens: Sequence[int], opts: LengthBenchOptions) -> float:
@@ -193,6 +239,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                      f"{r['attainment_wilson_low']:>7.3f}{r['offline_output_tok_s']:>10.1f}"
                      f"{r.get('e2e_mean_vs_fcfs', float('nan')):>10.2f}{r.get('e2e_p99_vs_fcfs', float('nan')):>9.2f}"
                      f"{tau:>7}{trust:>6}{r.get('num_chat_preempted', 0):>8}")
+    return "\n".join(lines)
+
+
+def format_rounds(per_round: list[dict[str, Any]]) -> str:
+    """E2E mean ms of each policy in each round, in run order within the round: the drift."""
+    rounds = sorted({r["round"] for r in per_round})
+    policies = list(dict.fromkeys(r["policy"] for r in per_round))
+    mean = {(r["policy"], r["round"]): r["e2e_mean_ms"] for r in per_round}
+    lines = [f"{'e2e mean ms':12}" + "".join(f"{'round ' + str(k):>10}" for k in rounds)]
+    for policy in policies:
+        lines.append(f"{policy:12}" + "".join(f"{mean[(policy, k)]:>10.0f}" if (policy, k) in mean else f"{'':>10}"
+                                               for k in rounds))
     return "\n".join(lines)
 
 
@@ -356,43 +414,55 @@ def run_length_bench(config, *, data: Path, predictor_dir: Path, out: Path, opts
     kwargs.update(max_num_seqs=opts.max_num_seqs, enable_prefix_caching=False)
     kwargs.pop("disable_log_stats", None)
     engine = None
-    results, workload = [], None
+    parts: dict[str, list[PolicyResult]] = {}
+    per_round: list[dict[str, Any]] = []
+    orderings: dict[str, Any] = {}
+    workload = None
+    t_start = time.monotonic()
     try:
         from vllm import LLM
 
-        for order, policies in groups:
-            if not policies:
-                continue
+        for k, order, policies in round_schedule(groups, opts.rounds):
             os.environ[ENV_ENGINE_ORDER] = order.model_dump_json()
-            on_progress(f"length bench: starting an engine on {source} ({opts.max_num_seqs} slots, "
-                        f"order {order.policy})")
+            on_progress(f"length bench: round {k + 1}/{opts.rounds}: starting an engine on {source} "
+                        f"({opts.max_num_seqs} slots, order {order.policy})")
             engine = LLM(model=source, **kwargs).llm_engine
             if workload is None:
                 probe = build_workload(test.prompts, test.tokens, rate_per_s=1.0, opts=opts)
                 capacity, ttft_alone_ms = _capacity_req_s(engine, probe, opts)
                 rate = opts.load * capacity
                 workload = build_workload(test.prompts, test.tokens, rate_per_s=rate, opts=opts)
+                slices = round_slices(workload, opts.rounds)
                 ttft_target_ms = opts.ttft_factor * ttft_alone_ms
                 on_progress(f"length bench: capacity {capacity:.2f} chat req/s, arrivals at {rate:.2f}/s "
                             f"(CV {opts.cv}), TTFT alone {ttft_alone_ms:.0f} ms -> target {ttft_target_ms:.0f} ms; "
-                            f"{len(workload)} requests per policy")
+                            f"{len(workload)} requests per policy in {len(slices)} rounds")
 
             def counter(name: str) -> Callable[[], int]:
                 return lambda: int(channel.counters().get(name, 0))
 
             for policy in policies:
-                if policy == "fcfs":
-                    ordering = None
-                elif policy in ("sjf", "srpt"):
-                    ordering = LengthOrdering(order, predictor)
-                else:
-                    ordering = LengthOrdering(order, _TablePredictor(predictions_for(policy, workload, seed=opts.seed)))
+                if policy not in orderings:  # one per policy for the whole run: it keeps learning
+                    if policy == "fcfs":
+                        orderings[policy] = None
+                    elif policy in ("sjf", "srpt"):
+                        orderings[policy] = LengthOrdering(order, predictor)
+                    else:
+                        orderings[policy] = LengthOrdering(
+                            order, _TablePredictor(predictions_for(policy, workload, seed=opts.seed)))
                 preempted = counter("num_chat_preempted_total")()
-                res = _run_policy(engine, policy, workload, ordering, opts, counter("num_guard_promotions"), on_progress)
+                began_s = time.monotonic() - t_start
+                res = _run_policy(engine, f"{policy}-r{k + 1}", slices[k], orderings[policy], opts,
+                                  counter("num_guard_promotions"), on_progress)
+                res.policy = policy
                 res.num_chat_preempted = counter("num_chat_preempted_total")() - preempted
-                results.append(summarize(res, ttft_target_ms=ttft_target_ms))
-                on_progress(f"length bench: {policy}: e2e mean {results[-1]['e2e_mean_ms']:.0f} ms, "
-                            f"p99 {results[-1]['e2e_p99_ms']:.0f} ms, {res.num_chat_preempted} chat preemptions")
+                parts.setdefault(policy, []).append(res)
+                row = summarize(res, ttft_target_ms=ttft_target_ms)
+                per_round.append({"round": k + 1, "policy": policy, "began_s": began_s,
+                                  "num_requests": row["num_requests"], "e2e_mean_ms": row["e2e_mean_ms"],
+                                  "ttft_mean_ms": row["ttft_mean_ms"], "num_chat_preempted": res.num_chat_preempted})
+                on_progress(f"length bench: round {k + 1} {policy}: e2e mean {row['e2e_mean_ms']:.0f} ms, "
+                            f"p99 {row['e2e_p99_ms']:.0f} ms, {res.num_chat_preempted} chat preemptions")
             engine.engine_core.shutdown()
             engine = None
     finally:
@@ -401,11 +471,12 @@ def run_length_bench(config, *, data: Path, predictor_dir: Path, out: Path, opts
             engine.engine_core.shutdown()
         channel.close(unlink=True)
         os.environ.pop(ENV_ENGINE_CHANNEL, None)
+    results = [summarize(pooled(parts[p]), ttft_target_ms=ttft_target_ms) for p in opts.policies if p in parts]
     rows = with_ratios(results)
     doc = {"kind": "length-scheduling-bench", "options": asdict(opts), "model": source,
            "predictor": str(predictor_dir), "predictor_meta": predictor.meta.get("val"),
            "capacity_req_s": capacity, "rate_per_s": rate, "ttft_alone_ms": ttft_alone_ms,
-           "ttft_target_ms": ttft_target_ms, "results": rows}
+           "ttft_target_ms": ttft_target_ms, "results": rows, "per_round": per_round}
     (out / "results.json").write_text(json.dumps(doc, indent=2))
     plot(rows, out / "length-bench.png")
     return doc
