@@ -151,7 +151,10 @@ class RowMemo:
     """Predictions (both heads) of step rows, remembering the last call's: a replica's recent
     steps are a sliding window and its current batch changes by a request or two, so most rows
     were asked a tick ago. Rows are looked up by a fingerprint (their dot product with fixed
-    random weights) and reused only where every column matches."""
+    random weights) in the last call's rows, kept sorted by it, and reused only where every
+    column matches. The kept rows are updated by a merge (the rows found again, already in
+    order, and the few new ones sorted), not a sort of all of them: a tick's 12,000 calibration
+    rows at 256 replicas."""
 
     def __init__(self) -> None:
         self.fingerprints = self.p50 = self.p99 = np.empty(0)
@@ -165,23 +168,35 @@ class RowMemo:
         if self._weights is None or len(self._weights) != rows.shape[1]:
             self._weights = np.random.default_rng(12345).uniform(0.5, 1.5, rows.shape[1]) * np.pi
         fingerprints = rows @ self._weights
-        order = np.argsort(fingerprints)
-        ordered = fingerprints[order]
         p50, p99 = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
-        if len(self.fingerprints):
-            at = np.minimum(np.searchsorted(self.fingerprints, ordered), len(self.fingerprints) - 1)
-            hit = self.fingerprints[at] == ordered
+        hit = np.zeros(len(rows), dtype=bool)
+        at = np.zeros(len(rows), dtype=np.int64)
+        if len(self.fingerprints) and self.rows.shape[1] == rows.shape[1]:
+            at = np.minimum(np.searchsorted(self.fingerprints, fingerprints), len(self.fingerprints) - 1)
+            hit = self.fingerprints[at] == fingerprints
             # A fingerprint is a hint: only the same row (every column equal) reuses a prediction.
-            if self.rows.shape[1] == rows.shape[1]:
-                hit[hit] = (self.rows[at[hit]] == rows[order[hit]]).all(axis=1)
-            else:
-                hit[:] = False
-            p50[order[hit]], p99[order[hit]] = self.p50[at[hit]], self.p99[at[hit]]
-        todo = np.flatnonzero(np.isnan(p50))
+            hit[hit] = (self.rows[at[hit]] == rows[hit]).all(axis=1)
+            p50[hit], p99[hit] = self.p50[at[hit]], self.p99[at[hit]]
+        todo = np.flatnonzero(~hit)
         if len(todo):
             p50[todo], p99[todo] = model.predict_ms(featurize({c: rows[todo, j] for j, c in enumerate(columns)}))
-        self.fingerprints, self.p50, self.p99, self.rows = ordered, p50[order], p99[order], rows[order]
+        self._keep(at[hit], todo, fingerprints, rows, p50, p99)
         return p50, p99
+
+    def _keep(self, found: np.ndarray, todo: np.ndarray, fingerprints: np.ndarray, rows: np.ndarray,
+              p50: np.ndarray, p99: np.ndarray) -> None:
+        """Keep this call's rows, sorted by fingerprint: the kept rows found again (each once, in
+        their order) merged with the new ones."""
+        keep = np.zeros(len(self.fingerprints), dtype=bool)
+        keep[found] = True
+        order = todo[np.argsort(fingerprints[todo], kind="stable")]
+        old_fp = self.fingerprints[keep]
+        at = np.searchsorted(old_fp, fingerprints[order])
+        self.fingerprints = np.insert(old_fp, at, fingerprints[order])
+        self.p50 = np.insert(self.p50[keep], at, p50[order])
+        self.p99 = np.insert(self.p99[keep], at, p99[order])
+        old_rows = self.rows[keep] if self.rows.shape[1:] == rows.shape[1:] else np.empty((0, rows.shape[1]))
+        self.rows = np.insert(old_rows, at, rows[order], axis=0)
 
 
 class GridCache:
@@ -365,14 +380,76 @@ def tables_from_envelopes(env: Envelopes, rows: np.ndarray, target_ms: np.ndarra
     return np.minimum.accumulate(max_seqs, axis=1).astype(np.float64), np.minimum.accumulate(max_tokens, axis=1)
 
 
-def _replace(state: ReplicaState, **changes) -> ReplicaState:
-    """`dataclasses.replace` for the policy state without its per-call field introspection and
-    frozen `__init__` (one per replica per tick: a tenth of a tick at 256 replicas). Copies the
-    instance dict, so every field keeps its validated type; `changes` must name fields."""
-    new = object.__new__(ReplicaState)
-    new.__dict__.update(state.__dict__)
-    new.__dict__.update(changes)
-    return new
+_THROTTLES = ("open", "throttled", "recovering", "probing")
+OPEN, THROTTLED, RECOVERING, PROBING = range(len(_THROTTLES))
+_THROTTLE_CODE = {name: code for code, name in enumerate(_THROTTLES)}
+_NAN = float("nan")
+
+
+class States(NamedTuple):
+    """The policy state of R replicas as columns, one `ReplicaState` field each (None as NaN,
+    `throttle` as its index in `_THROTTLES`): the feedback rules below step every replica at once."""
+
+    scale: np.ndarray
+    throttle: np.ndarray
+    last_change_s: np.ndarray
+    calm_since_s: np.ndarray
+    probe_tpot: np.ndarray
+    probe_ttft: np.ndarray
+    last_probe_s: np.ndarray
+    headroom: np.ndarray
+    headroom_at_s: np.ndarray
+    cut_pressure: np.ndarray
+
+    @classmethod
+    def of(cls, states: list[ReplicaState]) -> States:
+        rows = np.array([(s.scale, _THROTTLE_CODE[s.throttle], s.last_change_s,
+                          _NAN if s.calm_since_s is None else s.calm_since_s, s.probe_tpot, s.probe_ttft,
+                          s.last_probe_s, _NAN if s.headroom is None else s.headroom, s.headroom_at_s,
+                          s.cut_pressure) for s in states], dtype=np.float64).reshape(-1, len(cls._fields))
+        return cls(*rows.T)
+
+    def replica_states(self, prev: list[ReplicaState], prev_columns: States) -> list[ReplicaState]:
+        """One `ReplicaState` per replica: `prev`'s own object where nothing changed
+        (`prev_columns` are `prev` as columns)."""
+        new = np.column_stack(self)
+        old = np.column_stack(prev_columns)
+        same = ((new == old) | (np.isnan(new) & np.isnan(old))).all(axis=1)
+        out = list(prev)
+        changed = np.flatnonzero(~same)
+        names = self._fields
+        for i, row in zip(changed.tolist(), new[changed].tolist()):
+            values = dict(zip(names, row))
+            values["throttle"] = _THROTTLES[int(row[1])]
+            if row[3] != row[3]:  # NaN: not calm
+                values["calm_since_s"] = None
+            if row[7] != row[7]:  # NaN: not measured yet
+                values["headroom"] = None
+            # `dataclasses.replace` per replica per tick was a tenth of a tick at 256 replicas;
+            # the values are the validated fields' own types (floats, a throttle name, None).
+            state = object.__new__(ReplicaState)
+            state.__dict__.update(values)
+            out[i] = state
+        return out
+
+
+class Signals(NamedTuple):
+    """What R replicas' clients and engines showed, as columns (missing as NaN)."""
+
+    tpot_p99_ms: np.ndarray
+    ttft_p99_ms: np.ndarray
+    step_p50_ms: np.ndarray
+    """0 where not measured."""
+    kv_cache_usage: np.ndarray
+
+    @classmethod
+    def of(cls, loads: list[ReplicaLoad] | tuple[ReplicaLoad, ...]) -> Signals:
+        rows = np.array([(_NAN if load.observed_tpot_p99_ms is None else load.observed_tpot_p99_ms,
+                          _NAN if load.observed_ttft_p99_ms is None else load.observed_ttft_p99_ms,
+                          load.step_p50_ms or 0.0,
+                          _NAN if load.kv_cache_usage is None else load.kv_cache_usage) for load in loads],
+                        dtype=np.float64).reshape(-1, 4)
+        return cls(*rows.T)
 
 
 _INITIAL_STATE = ReplicaState()
@@ -380,62 +457,72 @@ _INITIAL_STATE = ReplicaState()
 
 def offline_slots(max_num_seqs: int, cfg: PolicyConfig) -> int:
     """Sequence slots offline work may hold on an engine of `max_num_seqs` slots."""
-    return max(1, max_num_seqs - max(1, math.ceil(max_num_seqs * cfg.online_slot_share)))
+    return int(_offline_slots(np.array([float(max_num_seqs)]), cfg)[0])
 
 
-def _next_state(prev: ReplicaState, pressure: float, now_s: float, cfg: PolicyConfig) -> ReplicaState:
-    if pressure >= cfg.shrink_at:
-        # A repeat cut needs new evidence: the window still holds the requests that caused the
-        # last cut (a request stays in it for a window after it ends), so within `shrink_hold_s`
-        # only a higher pressure than the one already answered cuts again. After a growth step
-        # (not "throttled") the window was calm, so any pressure is new.
-        since_cut_s = now_s - prev.last_change_s
-        new_evidence = (prev.throttle != "throttled" or since_cut_s >= cfg.shrink_hold_s
-                        or (pressure > prev.cut_pressure and since_cut_s >= cfg.min_recut_s))
-        if new_evidence:
-            return _replace(prev, scale=max(cfg.min_scale, prev.scale * cfg.shrink_factor), throttle="throttled",
-                           last_change_s=now_s, calm_since_s=None, cut_pressure=pressure,
-                           probe_tpot=max(1.0, prev.probe_tpot * cfg.shrink_factor),
-                           probe_ttft=max(1.0, prev.probe_ttft * cfg.shrink_factor), last_probe_s=now_s)
-        return prev if prev.calm_since_s is None else _replace(prev, calm_since_s=None)
-    if pressure < cfg.grow_below:
-        calm_since = prev.calm_since_s if prev.calm_since_s is not None else now_s
-        if prev.scale < 1.0 and now_s - max(calm_since, prev.last_change_s) >= cfg.grow_hold_s:
-            return _grown(prev, now_s, calm_since, cfg)
-        return prev if prev.calm_since_s == calm_since else _replace(prev, calm_since_s=calm_since)
-    if prev.scale < 1.0 and now_s - prev.last_change_s >= cfg.band_grow_hold_s:
-        return _grown(prev, now_s, None, cfg)
-    return prev if prev.calm_since_s is None else _replace(prev, calm_since_s=None)
+def _offline_slots(max_num_seqs: np.ndarray, cfg: PolicyConfig) -> np.ndarray:
+    """`offline_slots` of every engine (inf where the engine has not reported its slots, 0)."""
+    kept = np.maximum(1.0, np.ceil(max_num_seqs * cfg.online_slot_share))
+    return np.where(max_num_seqs > 0, np.maximum(1.0, max_num_seqs - kept), np.inf)
 
 
-def _grown(prev: ReplicaState, now_s: float, calm_since_s: float | None, cfg: PolicyConfig) -> ReplicaState:
-    scale = min(1.0, prev.scale + cfg.grow_step)
-    return _replace(prev, scale=scale, throttle="open" if scale >= 1.0 else "recovering", last_change_s=now_s,
-                   calm_since_s=calm_since_s)
+def _next_states(prev: States, pressure: np.ndarray, now_s: float, cfg: PolicyConfig) -> States:
+    """The feedback scale's step for every replica (module docstring, point 3).
+
+    At or over `shrink_at`: a cut, if the pressure is new evidence: the window still holds the
+    requests that caused the last cut (a request stays in it for a window after it ends), so
+    within `shrink_hold_s` only a higher pressure than the one already answered cuts again; after
+    a growth step (not "throttled") the window was calm, so any pressure is new. A cut halves the
+    scale and both probes. Under `grow_below` (calm since `calm_since_s`): a reduced scale grows
+    a step once calm for `grow_hold_s`. In the band between: it grows only every
+    `band_grow_hold_s`."""
+    scale, throttle, last_change = prev.scale, prev.throttle, prev.last_change_s
+    shrink = pressure >= cfg.shrink_at
+    since_cut_s = now_s - last_change
+    new_evidence = ((throttle != THROTTLED) | (since_cut_s >= cfg.shrink_hold_s)
+                    | ((pressure > prev.cut_pressure) & (since_cut_s >= cfg.min_recut_s)))
+    cut = shrink & new_evidence
+    calm = ~shrink & (pressure < cfg.grow_below)
+    band = ~shrink & ~calm
+    calm_since = np.where(np.isnan(prev.calm_since_s), now_s, prev.calm_since_s)
+    reduced = scale < 1.0
+    grow = ((calm & reduced & (now_s - np.maximum(calm_since, last_change) >= cfg.grow_hold_s))
+            | (band & reduced & (since_cut_s >= cfg.band_grow_hold_s)))
+    grown_scale = np.minimum(1.0, scale + cfg.grow_step)
+    new_scale = np.where(cut, np.maximum(cfg.min_scale, scale * cfg.shrink_factor), np.where(grow, grown_scale, scale))
+    new_throttle = np.where(cut, THROTTLED, np.where(grow, np.where(grown_scale >= 1.0, OPEN, RECOVERING), throttle))
+    return prev._replace(
+        scale=new_scale, throttle=new_throttle.astype(np.float64),
+        last_change_s=np.where(cut | grow, now_s, last_change),
+        # Calm: since when (kept while calm); cut or band: not calm.
+        calm_since_s=np.where(calm, calm_since, np.nan),
+        cut_pressure=np.where(cut, pressure, prev.cut_pressure),
+        probe_tpot=np.where(cut, np.maximum(1.0, prev.probe_tpot * cfg.shrink_factor), prev.probe_tpot),
+        probe_ttft=np.where(cut, np.maximum(1.0, prev.probe_ttft * cfg.shrink_factor), prev.probe_ttft),
+        last_probe_s=np.where(cut, now_s, prev.last_probe_s))
 
 
-def _probed(state: ReplicaState, tpot_pressure: float | None, ttft_pressure: float | None,
-            load: ReplicaLoad, now_s: float, cfg: PolicyConfig) -> ReplicaState:
+def _probed(state: States, tpot_pressure: np.ndarray, ttft_pressure: np.ndarray, kv_cache_usage: np.ndarray,
+            now_s: float, cfg: PolicyConfig) -> States:
     """Additive increase of the per-step targets beyond the model's while the observed p99s sit
-    well under the SLO (multiplicative decrease happens with every cut, in `_next_state`).
+    well under the SLO (multiplicative decrease happens with every cut, in `_next_states`).
 
-    Only a fresh observation grows a probe: with no chat in the recent window there is nothing
-    to learn from, and a probe grown in a lull would meet the next burst at full height. A
-    probe holds while its signal is between `probe_below` and `shrink_at`: that band is what keeps
-    a steady load from oscillating."""
-    if state.scale < 1.0 or state.throttle == "throttled" or now_s - state.last_probe_s < cfg.probe_hold_s:
-        return state
-    if load.kv_cache_usage is not None and load.kv_cache_usage > cfg.probe_max_kv_usage:
-        return state
-    grow_tpot = tpot_pressure is not None and tpot_pressure < cfg.probe_below
-    grow_ttft = ttft_pressure is not None and ttft_pressure < cfg.probe_below
-    if not (grow_tpot or grow_ttft):
-        return state
-    tpot = min(cfg.max_probe, state.probe_tpot + cfg.probe_step) if grow_tpot else state.probe_tpot
-    ttft = min(cfg.max_probe, state.probe_ttft + cfg.probe_step) if grow_ttft else state.probe_ttft
-    if (tpot, ttft) == (state.probe_tpot, state.probe_ttft):
-        return state
-    return _replace(state, probe_tpot=tpot, probe_ttft=ttft, last_probe_s=now_s, throttle="probing")
+    Only a fresh observation grows a probe (NaN pressure: no chat in the recent window, nothing
+    to learn from; a probe grown in a lull would meet the next burst at full height), only at
+    full scale, not throttled, `probe_hold_s` after the last probe step, and not while the KV
+    cache is fuller than `probe_max_kv_usage`. A probe holds while its signal is between
+    `probe_below` and `shrink_at`: that band is what keeps a steady load from oscillating."""
+    eligible = ((state.scale >= 1.0) & (state.throttle != THROTTLED) & (now_s - state.last_probe_s >= cfg.probe_hold_s)
+                & ~(kv_cache_usage > cfg.probe_max_kv_usage))
+    with np.errstate(invalid="ignore"):
+        grow_tpot, grow_ttft = tpot_pressure < cfg.probe_below, ttft_pressure < cfg.probe_below
+    tpot = np.where(grow_tpot, np.minimum(cfg.max_probe, state.probe_tpot + cfg.probe_step), state.probe_tpot)
+    ttft = np.where(grow_ttft, np.minimum(cfg.max_probe, state.probe_ttft + cfg.probe_step), state.probe_ttft)
+    moved = eligible & ((tpot != state.probe_tpot) | (ttft != state.probe_ttft))
+    return state._replace(probe_tpot=np.where(moved, tpot, state.probe_tpot),
+                          probe_ttft=np.where(moved, ttft, state.probe_ttft),
+                          last_probe_s=np.where(moved, now_s, state.last_probe_s),
+                          throttle=np.where(moved, PROBING, state.throttle).astype(np.float64))
 
 
 def derived_headroom(prev: float | None, load: ReplicaLoad, tpot_slo_ms: float, cfg: PolicyConfig,
@@ -452,60 +539,71 @@ def derived_headroom(prev: float | None, load: ReplicaLoad, tpot_slo_ms: float, 
     (headroom 1 - step / TPOT p99) assumed the tail grows in proportion to the step and kept a
     third to a half of a tight SLO free on a fast host. None until both are measured (the
     policy uses `default_headroom`)."""
-    if load.observed_tpot_p99_ms is None or not load.step_p50_ms or load.step_p50_ms <= 0:
-        return prev
-    gap_ms = max(0.0, load.observed_tpot_p99_ms - load.step_p50_ms)
+    signals = Signals.of([load])
+    value = _derived_headrooms(np.array([_NAN if prev is None else prev]), signals, tpot_slo_ms,
+                               np.array([dt_s]), cfg)[0]
+    return None if math.isnan(value) else float(value)
+
+
+def _derived_headrooms(prev: np.ndarray, signals: Signals, tpot_slo_ms: float, dt_s: np.ndarray,
+                       cfg: PolicyConfig) -> np.ndarray:
+    """`derived_headroom` of every replica (NaN: not measured yet)."""
+    measured_now = ~np.isnan(signals.tpot_p99_ms) & (signals.step_p50_ms > 0)
     low, high = cfg.headroom_bounds
-    measured = min(max(gap_ms / tpot_slo_ms, low), high)
-    if prev is None:
-        return measured
-    weight = 1.0 - math.exp(-max(0.0, dt_s) / cfg.headroom_smoothing_s)
-    return (1.0 - weight) * prev + weight * measured
+    with np.errstate(invalid="ignore"):
+        gap_ms = np.maximum(0.0, signals.tpot_p99_ms - signals.step_p50_ms)
+        measured = np.minimum(np.maximum(gap_ms / tpot_slo_ms, low), high)
+    smooth = np.flatnonzero(measured_now & ~np.isnan(prev))
+    out = np.where(measured_now, measured, prev)
+    if len(smooth):
+        # math.exp, not np.exp: numpy's vectorized exp may differ in the last bit, and the budget
+        # tables compare targets with predictions at their edges.
+        weight = 1.0 - np.array([math.exp(-max(0.0, dt) / cfg.headroom_smoothing_s)
+                                 for dt in dt_s[smooth].tolist()])
+        out[smooth] = (1.0 - weight) * prev[smooth] + weight * measured[smooth]
+    return out
 
 
 def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: LatencyModel | None,
            cfg: PolicyConfig = PolicyConfig(), cache: GridCache | None = None) -> Decision:
-    """Every replica's budget and next policy state (see the module docstring). All replicas'
-    model questions go to the model together: one call for their current batches and calibration
-    steps, and one for the candidate grids of context buckets `cache` has not seen."""
+    """Every replica's budget and next policy state (see the module docstring). The feedback
+    rules step all replicas' states as columns; all replicas' model questions go to the model
+    together: one call for their current batches and calibration steps, and one for the
+    candidate grids of context buckets `cache` has not seen."""
     slo = snapshot.slo
     step_budget = snapshot.step_budget_ms if snapshot.step_budget_ms is not None else slo.tpot_p99_ms
     tail = snapshot.step_budget_ms is not None
     loads = snapshot.replicas
-    pending = []
-    for load in loads:
-        prev = state.get(load.replica_id, _INITIAL_STATE)
-        measured = derived_headroom(prev.headroom, load, slo.tpot_p99_ms, cfg, snapshot.now_s - prev.headroom_at_s)
-        measured_now = load.observed_tpot_p99_ms is not None and bool(load.step_p50_ms)
-        headroom = slo.headroom if slo.headroom is not None else (
-            measured if measured is not None else cfg.default_headroom)
-        # What clients saw is held against the SLO itself (cut as it approaches it); the
-        # headroom is room kept in the per-step prediction. The current batch's prediction is
-        # not a signal: the engine applies the table at every step, so a batch over the target
-        # is the one step in which chat arrived beside the idle row's offline work, and the next
-        # step already runs the smaller row.
-        tpot_pressure = (load.observed_tpot_p99_ms / slo.tpot_p99_ms
-                         if load.observed_tpot_p99_ms is not None else None)
-        ttft_pressure = (load.observed_ttft_p99_ms / slo.ttft_p99_ms
-                         if load.observed_ttft_p99_ms is not None else None)
-        pressure = max((p for p in (tpot_pressure, ttft_pressure) if p is not None), default=0.0)
-        new_state = _next_state(prev, pressure, snapshot.now_s, cfg)
-        if model is not None:  # without a model the budget is a fixed default: nothing to probe
-            new_state = _probed(new_state, tpot_pressure, ttft_pressure, load, snapshot.now_s, cfg)
-        headroom_at_s = snapshot.now_s if measured_now else prev.headroom_at_s
-        if new_state.headroom != measured or new_state.headroom_at_s != headroom_at_s:
-            new_state = _replace(new_state, headroom=measured, headroom_at_s=headroom_at_s)
-        target_ms = step_budget * (1.0 - headroom) * new_state.probe_tpot
-        idle_target = slo.ttft_p99_ms * (1.0 - headroom) * cfg.idle_step_share_of_ttft * new_state.probe_ttft
-        pending.append((load, new_state, pressure, headroom, target_ms, idle_target))
-
     num = len(loads)
+    now_s = snapshot.now_s
+    prev_states = [state.get(load.replica_id, _INITIAL_STATE) for load in loads]
+    prev = States.of(prev_states)
+    signals = Signals.of(loads)
+    measured_now = ~np.isnan(signals.tpot_p99_ms) & (signals.step_p50_ms != 0)
+    measured = _derived_headrooms(prev.headroom, signals, slo.tpot_p99_ms, now_s - prev.headroom_at_s, cfg)
+    # The headroom in force: the SLO file's override, else the measured one, else the default.
+    headroom = (np.full(num, float(slo.headroom)) if slo.headroom is not None
+                else np.where(np.isnan(measured), cfg.default_headroom, measured))
+    # What clients saw is held against the SLO itself (cut as it approaches it); the headroom is
+    # room kept in the per-step prediction. The current batch's prediction is not a signal: the
+    # engine applies the table at every step, so a batch over the target is the one step in
+    # which chat arrived beside the idle row's offline work, and the next step already runs the
+    # smaller row.
+    tpot_pressure = signals.tpot_p99_ms / slo.tpot_p99_ms
+    ttft_pressure = signals.ttft_p99_ms / slo.ttft_p99_ms
+    pressure = np.nan_to_num(np.fmax(tpot_pressure, ttft_pressure), nan=0.0)
+    new = _next_states(prev, pressure, now_s, cfg)
+    if model is not None:  # without a model the budget is a fixed default: nothing to probe
+        new = _probed(new, tpot_pressure, ttft_pressure, signals.kv_cache_usage, now_s, cfg)
+    new = new._replace(headroom=measured, headroom_at_s=np.where(measured_now, now_s, prev.headroom_at_s))
+    target_ms = step_budget * (1.0 - headroom) * new.probe_tpot
+    idle_target = slo.ttft_p99_ms * (1.0 - headroom) * cfg.idle_step_share_of_ttft * new.probe_ttft
+
     factors = np.ones(num)
     predicted: list[float | None] = [None] * num
     if model is not None and num:
-        seqs_by, tokens_by, predicted = _model_budgets(model, pending, cfg, tail, cache or GridCache(), factors)
-    if model is not None and num:
-        seqs, tokens = seqs_by.copy(), tokens_by.copy()
+        seqs, tokens, predicted = _model_budgets(model, loads, target_ms, idle_target, cfg, tail,
+                                                 cache or GridCache(), factors)
         low = seqs[:, 0] < cfg.min_idle_offline_seqs
         seqs[low, 0] = cfg.min_idle_offline_seqs
         tokens[low, 0] = cfg.min_idle_offline_seqs + cfg.min_offline_chunk_tokens
@@ -515,36 +613,47 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
         seqs[:, 0], tokens[:, 0] = cfg.default_idle_offline_seqs, cfg.default_idle_offline_tokens
     if slo.max_offline_seqs is not None:
         seqs = np.minimum(seqs, slo.max_offline_seqs)
-    slots = np.array([offline_slots(load.max_num_seqs, cfg) if load.max_num_seqs else np.inf for load in loads])
-    seqs = np.minimum(seqs, slots[:, None]) if num else seqs
+    slots = _offline_slots(np.array([float(load.max_num_seqs or 0) for load in loads]), cfg)
+    seqs = np.minimum(seqs, slots[:, None])
     if slo.max_offline_tokens is not None:
         tokens = np.minimum(tokens, slo.max_offline_tokens)
     # The feedback scale acts on what would actually run, after the slot and operator caps: a
     # model that allows 64 sequences on an engine with 24 offline slots made the first cuts
     # (to 32, 16 of the model's 64) change nothing, and the next ones, a window later, take
     # the budget from 24 to 8 and 0 at once (measured: a 0 <-> 24 bang-bang on a fast host).
-    scale = np.array([p[1].scale for p in pending])[:, None] if num else 1.0
-    seqs = np.floor(seqs * scale)
-    tokens = np.floor(tokens * scale)
+    seqs = np.floor(seqs * new.scale[:, None])
+    tokens = np.floor(tokens * new.scale[:, None])
     # A sequence needs at least one token per step, and tokens without a sequence are no use.
     tokens = np.where(seqs > 0, np.maximum(tokens, seqs), 0)
     size = min(cfg.table_size, TABLE_SIZE)
-    # Replicas under like loads get like tables: each distinct table becomes one budget object.
-    tables = np.concatenate([seqs[:, :size], tokens[:, :size]], axis=1).astype(np.int64)
-    distinct, which = np.unique(tables, axis=0, return_inverse=True) if num else (tables, np.zeros(0, int))
-    which = np.asarray(which).reshape(-1)
-    budgets = [OfflineBudget(tuple(row[:size]), tuple(row[size:])) for row in distinct.tolist()]
+    budgets, which = _distinct_budgets(seqs[:, :size], tokens[:, :size])
+    states = new.replica_states(prev_states, prev)
     out: dict[str, ReplicaDecision] = {}
-    for i, (load, new_state, pressure, headroom, target_ms, _) in enumerate(pending):
-        out[load.replica_id] = ReplicaDecision(budgets[which[i]], new_state, target_ms, predicted[i], pressure,
-                                               float(factors[i]), headroom)
+    for i, (load, target, pressed, factor, room) in enumerate(zip(loads, target_ms.tolist(), pressure.tolist(),
+                                                                  factors.tolist(), headroom.tolist())):
+        out[load.replica_id] = ReplicaDecision(budgets[which[i]], states[i], target, predicted[i], pressed,
+                                               factor, room)
     return Decision(out)
 
 
-def _model_budgets(model: LatencyModel, pending: list, cfg: PolicyConfig, tail: bool, cache: GridCache,
+def _distinct_budgets(seqs: np.ndarray, tokens: np.ndarray) -> tuple[list[OfflineBudget], list[int]]:
+    """One `OfflineBudget` per distinct (seqs, tokens) table row pair, and each replica's index
+    into them: replicas under like loads get like tables (a dict over the rows' bytes; sorting
+    the rows with `np.unique(axis=0)` cost a sixth of a tick at 256 replicas)."""
+    tables = np.ascontiguousarray(np.concatenate([seqs, tokens], axis=1).astype(np.int64))
+    keys = tables.view(np.dtype((np.void, tables.shape[1] * tables.itemsize))).ravel().tolist() if len(tables) else []
+    index: dict[bytes, int] = {}
+    which = [index.setdefault(key, len(index)) for key in keys]
+    _, firsts = np.unique(np.asarray(which, dtype=np.int64), return_index=True)  # first row of each
+    size = seqs.shape[1]
+    budgets = [OfflineBudget(tuple(row[:size]), tuple(row[size:])) for row in tables[firsts].tolist()]
+    return budgets, which
+
+
+def _model_budgets(model: LatencyModel, loads: tuple[ReplicaLoad, ...], target_ms: np.ndarray,
+                   idle_target_ms: np.ndarray, cfg: PolicyConfig, tail: bool, cache: GridCache,
                    factors: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """The model's tables for every pending replica (fills `factors` with their calibrations)."""
-    loads = [p[0] for p in pending]
+    """The model's tables for every replica (fills `factors` with their calibrations)."""
     num = len(loads)
     cache._check(model, cfg, tail)
     contexts = _all_contexts(loads, cfg)
@@ -555,8 +664,7 @@ def _model_budgets(model: LatencyModel, pending: list, cfg: PolicyConfig, tail: 
     p50, p99 = cache.current.predict(model, np.column_stack([current[c] for c in columns]), columns)
     _calibrate(model, loads, columns, cfg, cache, factors)
     env, rows = cache.lookup(model, [tuple(c) for c in contexts.tolist()], cfg, tail)
-    seqs, tokens = tables_from_envelopes(
-        env, rows, np.array([p[4] for p in pending]), np.array([p[5] for p in pending]), factors, cfg)
+    seqs, tokens = tables_from_envelopes(env, rows, target_ms, idle_target_ms, factors, cfg)
     predicted = (p99 if tail else p50) * factors
     return seqs, tokens, predicted.tolist()
 
@@ -572,8 +680,12 @@ def _calibrate(model: LatencyModel, loads: list[ReplicaLoad], columns: tuple[str
         return
     recent = [loads[i].recent_steps for i in ids]
     lengths = np.array([len(steps["step_latency_ms"]) for steps in recent])
-    rows = np.column_stack([np.concatenate([steps[c] for steps in recent]).astype(np.float64) for c in columns])
-    observed = np.concatenate([steps["step_latency_ms"] for steps in recent]).astype(np.float64)
+    # One concatenation of every replica's every column (column by column), then a transpose:
+    # a concatenation per column cost a tenth of a tick at 256 replicas.
+    named = (*columns, "step_latency_ms")
+    table = np.concatenate([steps[c] for c in named for steps in recent]).astype(np.float64, copy=False)
+    table = table.reshape(len(named), -1)
+    rows, observed = table[:-1].T, table[-1]
     pred, _ = cache.steps.predict(model, rows, columns)
     ok = pred > 0
     ratio_all = np.where(ok, observed / np.where(ok, pred, 1.0), np.nan)

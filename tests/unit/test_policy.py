@@ -456,3 +456,28 @@ def test_the_grid_cache_changes_no_decision_and_asks_the_model_only_about_new_bu
     with_cache = decide(s2, cached_state, model, CFG, cache)
     assert Counting.rows - before == grid + 1
     assert with_cache == decide(s2, fresh_state, model, CFG)
+
+
+def test_policy_states_as_columns_round_trip_and_unchanged_replicas_keep_their_state_object():
+    from orchestrator.control.policy import States, _distinct_budgets
+
+    prev = [ReplicaState(), ReplicaState(scale=0.5, throttle="throttled", last_change_s=3.0, calm_since_s=None,
+                                         headroom=0.25, headroom_at_s=2.0, cut_pressure=1.2),
+            ReplicaState(throttle="probing", calm_since_s=1.5, probe_tpot=1.3)]
+    cols = States.of(prev)
+    assert np.isnan(cols.calm_since_s[0]) and cols.calm_since_s[2] == 1.5 and np.isnan(cols.headroom[0])
+    same = cols.replica_states(prev, cols)
+    assert all(a is b for a, b in zip(same, prev))
+    moved = cols._replace(scale=np.array([1.0, 0.75, 1.0]), throttle=np.array([0.0, 2.0, 3.0]))
+    out = moved.replica_states(prev, cols)
+    assert out[0] is prev[0] and out[2] is prev[2]
+    assert out[1] == ReplicaState(scale=0.75, throttle="recovering", last_change_s=3.0, headroom=0.25,
+                                  headroom_at_s=2.0, cut_pressure=1.2)
+    assert isinstance(out[1].scale, float) and out[1].calm_since_s is None
+    assert ReplicaState.from_json(out[1].to_json()) == out[1]
+    # Like tables share one budget object; each replica points at its own table.
+    seqs = np.array([[4.0, 2.0], [4.0, 1.0], [4.0, 2.0]])
+    tokens = np.array([[64.0, 8.0], [64.0, 8.0], [64.0, 8.0]])
+    budgets, which = _distinct_budgets(seqs, tokens)
+    assert len(budgets) == 2 and which == [0, 1, 0]
+    assert budgets[1].max_offline_seqs == (4, 1) and budgets[0].max_offline_tokens == (64, 8)
