@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         cluster.connect(state.address)
         controller = get_controller()
-        opts = BenchOptions(rate_per_s=args.rate, duration_s=args.duration_s)
+        opts = BenchOptions(rate_per_s=args.rate, duration_s=args.duration_s, online_trace=args.online_trace)
         bench = Bench(config, state, controller, opts, out, print)
         reference = None
         if args.slo_ttft_ms and args.slo_tpot_ms:
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # every budget at the slot cap on a quiet host). The controller sees only chat steps
             # meanwhile: its model is still cold for every batch that holds offline work.
             reference_s = args.reference_s if args.reference_s is not None else args.duration_s
-            ref = Bench(config, state, controller, BenchOptions(rate_per_s=args.rate, duration_s=reference_s),
+            ref = Bench(config, state, controller, BenchOptions(rate_per_s=args.rate, duration_s=reference_s,
+                                                                online_trace=args.online_trace),
                         out, print)
             reference = ref.run_policy("chat alone", {"max_offline_seqs": [0], "max_offline_tokens": [0]},
                                        online=True, offline=False)
@@ -149,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cluster.teardown(state)
     times = [s["t"] for s in samples if s["budget"]]
     report = {"step_delay_ms": args.step_delay_ms, "duration_s": args.duration_s, "slo": slo_doc,
+              "online_trace": str(args.online_trace) if args.online_trace else "azure_llm_2023_conv.csv",
               "chat_alone": ({k: reference[k] for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
                                                          "num_online")} if reference else None),
               "chat": {k: v for k, v in chat_metrics(results, slo_doc).items() if not isinstance(v, list)},
@@ -198,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration-s", type=float, default=240.0)
     p.add_argument("--steady-s", type=float, default=60.0)
     p.add_argument("--rate", type=float, default=0.8)
+    p.add_argument("--online-trace", type=Path, default=None,
+                   help="Azure-format chat trace (default the Azure conv trace; a steady one, e.g. "
+                        "`python -m bench.bursty --cv 0.25`, shows convergence without the trace's own swings)")
     p.add_argument("--step-delay-ms", type=float, default=0.0)
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
