@@ -263,8 +263,10 @@ class FaultRun:
         for kind in o.faults:
             if self.client.get_job_status(self.job_ids[-1]).value in ("SUCCEEDED", "FAILED", "STOPPED"):
                 # The job finished (a fast host): a fresh one, so every fault meets a running job.
+                # Waited for until it runs: a fixed 3-s pause met a job still PENDING (its driver
+                # starting) in a full test run, and the controller fault found no job running.
                 self._new_part()
-                time.sleep(3.0)
+                self._wait_running(o.job_timeout_s)
             if (ready := getattr(self, f"_ready_{kind}", None)) is not None:
                 ready()
             at_s = chat.now_s()
@@ -352,6 +354,15 @@ class FaultRun:
         args = ["--input", str(self.batch_in.resolve()), "--output", str(self.batch_out.resolve()),
                 "--endpoint", self.stack.endpoint, "--progress-interval-s", "2"]
         self.job_ids.append(submit_batch_job(self.stack.dashboard_url, args, {"colocate": "faults"}))
+
+    def _wait_running(self, timeout_s: float) -> str:
+        """Until the latest job leaves PENDING (running, or already done); its status."""
+        deadline = time.monotonic() + timeout_s
+        status = self.client.get_job_status(self.job_ids[-1]).value
+        while status == "PENDING" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = self.client.get_job_status(self.job_ids[-1]).value
+        return status
 
     def _wait_job(self, timeout_s: float) -> str:
         from ray.job_submission import JobStatus
