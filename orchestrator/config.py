@@ -236,6 +236,14 @@ class PolicyConfig(_Strict):
     grow_below: float = Field(0.8, gt=0)
     """Observed p99 / SLO target below which the scale grows back after `grow_hold_s`."""
     shrink_factor: float = Field(0.5, gt=0, lt=1)
+    full_cut_at: float = Field(1.0, gt=0)
+    """Observed p99 / SLO target at or above which a cut multiplies the scale by `shrink_factor`
+    (the SLO itself is being missed). Between `shrink_at` and this the cut is graded: the scale
+    times `grow_below / pressure` (never below `shrink_factor`), as if the observed p99 moved in
+    proportion to the budget. The p99 of one 5-s window is the slowest of a handful of requests:
+    on a steady trace it crossed `shrink_at` every 40-60 s by chance, and each crossing halved
+    the budget (an AIMD sawtooth between 3 and 16 sequences, CV 0.38 over a steady minute).
+    Equal to `shrink_at`: every cut is a full one."""
     shrink_hold_s: float = Field(1.0, ge=0)
     """After a cut, the next cut at the same or a lower pressure waits this long: two observation
     windows (the replicas' online p99s are over the last 5 s of requests, and a request stays in
@@ -298,6 +306,16 @@ class PolicyConfig(_Strict):
     table_size: int = Field(32, ge=1, le=64)
     """Rows of the budget table (online counts 0..table_size-1; the engine's channel holds 64)."""
     calibration_min_steps: int = Field(8, ge=1)
+    calibration_every_s: float = Field(1.0, ge=0)
+    """Each replica's calibration is measured once per this period (0: every tick), replicas
+    spread over it in phase groups; between measurements it keeps its smoothed value."""
+    calibration_smoothing_s: float = Field(5.0, ge=0)
+    """Time constant of the calibration's exponential smoothing across ticks (0: none). One
+    measurement is the median over the replica's last 48 steps, whose mix of chat prefills,
+    decodes and offline chunks changes from tick to tick: it moved 0.74-1.13 within a minute of
+    steady load, and on a step curve nearly flat in batch size a 3% move of the calibrated
+    target moved the budget between 4 and 12 sequences. Five seconds is one observation window;
+    a real change of speed (a host that gets busier) shows within it."""
     calibration_bounds: tuple[float, float] = (0.8, 4.0)
     """The model was profiled on a bare engine; while serving (HTTP, detokenization and batch
     clients sharing the host) the same batch can run slower, or, on quieter hardware, faster.
@@ -341,6 +359,8 @@ class PolicyConfig(_Strict):
         if self.band_grow_hold_s < self.grow_hold_s:
             raise ValueError(f"band_grow_hold_s ({self.band_grow_hold_s}) must not be shorter than grow_hold_s "
                              f"({self.grow_hold_s}): inside the band the scale grows more slowly than when calm")
+        if self.full_cut_at < self.shrink_at:
+            raise ValueError(f"full_cut_at ({self.full_cut_at}) must not be below shrink_at ({self.shrink_at})")
         if self.grow_below > self.shrink_at:
             raise ValueError(f"grow_below ({self.grow_below}) must not exceed shrink_at ({self.shrink_at})")
         low, high = self.calibration_bounds

@@ -27,13 +27,15 @@ How a replica's budget is chosen:
 3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) as a
    fraction of the SLO target (the model already bounds every step; this corrects what it
    misses: prefill interruptions, serving overhead, a model that is off): at or above
-   `shrink_at` the replica's scale halves at once, and again only on new evidence: a higher
-   pressure, or still over `shrink_at` after `shrink_hold_s` (two observation windows: the
-   requests that saw the old budget must leave the window before the cut can be judged); below `grow_below` for `grow_hold_s` (again a window, so each step is
+   `shrink_at` the replica's scale is cut at once (halved where the SLO itself is missed, at
+   `full_cut_at`; nearer it in proportion, by `grow_below / pressure`), and again only on new
+   evidence: a higher pressure, or still over `shrink_at` after `shrink_hold_s` (two
+   observation windows: the requests that saw the old budget must leave the window before the
+   cut can be judged); below `grow_below` for `grow_hold_s` (again a window, so each step is
    observed before the next) it grows back by `grow_step`; in between it grows only every
    `band_grow_hold_s`. The scale multiplies the budget after the slot and operator caps, so a
-   cut always halves what runs. The band between the two thresholds is what keeps a steady
-   load from oscillating.
+   cut acts on what runs. The band between the two thresholds and the graded cut are what keep
+   a steady load from oscillating; the calibration is smoothed across ticks for the same reason.
 4. **Slots.** Offline work never holds more than (1 - `online_slot_share`) of the engine's
    sequence slots, so arriving chat finds a free slot instead of preempting a paused request.
 """
@@ -41,6 +43,7 @@ How a replica's budget is chosen:
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -213,8 +216,10 @@ class GridCache:
         self.env: Envelopes | None = None
         """Envelopes of the grids in `index` order, in buffers grown by doubling (rows past
         `len(index)` are unused)."""
-        self.steps = RowMemo()
-        """Predictions of the replicas' recent steps (calibration)."""
+        self.steps: dict[int, RowMemo] = {}
+        """Predictions of the replicas' recent steps (calibration), one memo per calibration
+        phase group: a group's replicas are measured together, so its memo meets the rows it
+        saw at the group's previous measurement."""
         self.current = RowMemo()
         """Predictions of the replicas' current batches."""
 
@@ -222,7 +227,7 @@ class GridCache:
         if (model is not self.model or len(self.index) >= self.max_entries
                 or (cfg is not None and cfg is not self.cfg and cfg != self.cfg)
                 or (tail is not None and tail != self.tail)):
-            self.model, self.index, self.steps, self.current, self.env = model, {}, RowMemo(), RowMemo(), None
+            self.model, self.index, self.steps, self.current, self.env = model, {}, {}, RowMemo(), None
             self.cfg = cfg
             self.tail = bool(tail)
 
@@ -400,13 +405,16 @@ class States(NamedTuple):
     headroom: np.ndarray
     headroom_at_s: np.ndarray
     cut_pressure: np.ndarray
+    calibration: np.ndarray
+    calibration_at_s: np.ndarray
 
     @classmethod
     def of(cls, states: list[ReplicaState]) -> States:
         rows = np.array([(s.scale, _THROTTLE_CODE[s.throttle], s.last_change_s,
                           _NAN if s.calm_since_s is None else s.calm_since_s, s.probe_tpot, s.probe_ttft,
                           s.last_probe_s, _NAN if s.headroom is None else s.headroom, s.headroom_at_s,
-                          s.cut_pressure) for s in states], dtype=np.float64).reshape(-1, len(cls._fields))
+                          s.cut_pressure, _NAN if s.calibration is None else s.calibration,
+                          s.calibration_at_s) for s in states], dtype=np.float64).reshape(-1, len(cls._fields))
         return cls(*rows.T)
 
     def replica_states(self, prev: list[ReplicaState], prev_columns: States) -> list[ReplicaState]:
@@ -425,6 +433,8 @@ class States(NamedTuple):
                 values["calm_since_s"] = None
             if row[7] != row[7]:  # NaN: not measured yet
                 values["headroom"] = None
+            if row[10] != row[10]:
+                values["calibration"] = None
             # `dataclasses.replace` per replica per tick was a tenth of a tick at 256 replicas;
             # the values are the validated fields' own types (floats, a throttle name, None).
             state = object.__new__(ReplicaState)
@@ -472,9 +482,10 @@ def _next_states(prev: States, pressure: np.ndarray, now_s: float, cfg: PolicyCo
     At or over `shrink_at`: a cut, if the pressure is new evidence: the window still holds the
     requests that caused the last cut (a request stays in it for a window after it ends), so
     within `shrink_hold_s` only a higher pressure than the one already answered cuts again; after
-    a growth step (not "throttled") the window was calm, so any pressure is new. A cut halves the
-    scale and both probes. Under `grow_below` (calm since `calm_since_s`): a reduced scale grows
-    a step once calm for `grow_hold_s`. In the band between: it grows only every
+    a growth step (not "throttled") the window was calm, so any pressure is new. A cut multiplies the
+    scale and both probes by `shrink_factor` at or over `full_cut_at` (the SLO missed), nearer it
+    by `grow_below / pressure` (at least `shrink_factor`). Under `grow_below` (calm since
+    `calm_since_s`): a reduced scale grows a step once calm for `grow_hold_s`. In the band between: it grows only every
     `band_grow_hold_s`."""
     scale, throttle, last_change = prev.scale, prev.throttle, prev.last_change_s
     shrink = pressure >= cfg.shrink_at
@@ -489,7 +500,11 @@ def _next_states(prev: States, pressure: np.ndarray, now_s: float, cfg: PolicyCo
     grow = ((calm & reduced & (now_s - np.maximum(calm_since, last_change) >= cfg.grow_hold_s))
             | (band & reduced & (since_cut_s >= cfg.band_grow_hold_s)))
     grown_scale = np.minimum(1.0, scale + cfg.grow_step)
-    new_scale = np.where(cut, np.maximum(cfg.min_scale, scale * cfg.shrink_factor), np.where(grow, grown_scale, scale))
+    # A full cut where the SLO itself is missed; nearer it, one graded by how far over `grow_below`.
+    with np.errstate(divide="ignore"):
+        factor = np.where(pressure >= cfg.full_cut_at, cfg.shrink_factor,
+                          np.clip(cfg.grow_below / np.maximum(pressure, 1e-9), cfg.shrink_factor, 1.0))
+    new_scale = np.where(cut, np.maximum(cfg.min_scale, scale * factor), np.where(grow, grown_scale, scale))
     new_throttle = np.where(cut, THROTTLED, np.where(grow, np.where(grown_scale >= 1.0, OPEN, RECOVERING), throttle))
     return prev._replace(
         scale=new_scale, throttle=new_throttle.astype(np.float64),
@@ -497,8 +512,8 @@ def _next_states(prev: States, pressure: np.ndarray, now_s: float, cfg: PolicyCo
         # Calm: since when (kept while calm); cut or band: not calm.
         calm_since_s=np.where(calm, calm_since, np.nan),
         cut_pressure=np.where(cut, pressure, prev.cut_pressure),
-        probe_tpot=np.where(cut, np.maximum(1.0, prev.probe_tpot * cfg.shrink_factor), prev.probe_tpot),
-        probe_ttft=np.where(cut, np.maximum(1.0, prev.probe_ttft * cfg.shrink_factor), prev.probe_ttft),
+        probe_tpot=np.where(cut, np.maximum(1.0, prev.probe_tpot * factor), prev.probe_tpot),
+        probe_ttft=np.where(cut, np.maximum(1.0, prev.probe_ttft * factor), prev.probe_ttft),
         last_probe_s=np.where(cut, now_s, prev.last_probe_s))
 
 
@@ -602,8 +617,8 @@ def decide(snapshot: Snapshot, state: Mapping[str, ReplicaState], model: Latency
     factors = np.ones(num)
     predicted: list[float | None] = [None] * num
     if model is not None and num:
-        seqs, tokens, predicted = _model_budgets(model, loads, target_ms, idle_target, cfg, tail,
-                                                 cache or GridCache(), factors)
+        seqs, tokens, predicted, new = _model_budgets(model, loads, target_ms, idle_target, cfg, tail,
+                                                      cache or GridCache(), factors, new, now_s)
         low = seqs[:, 0] < cfg.min_idle_offline_seqs
         seqs[low, 0] = cfg.min_idle_offline_seqs
         tokens[low, 0] = cfg.min_idle_offline_seqs + cfg.min_offline_chunk_tokens
@@ -652,8 +667,10 @@ def _distinct_budgets(seqs: np.ndarray, tokens: np.ndarray) -> tuple[list[Offlin
 
 def _model_budgets(model: LatencyModel, loads: tuple[ReplicaLoad, ...], target_ms: np.ndarray,
                    idle_target_ms: np.ndarray, cfg: PolicyConfig, tail: bool, cache: GridCache,
-                   factors: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """The model's tables for every replica (fills `factors` with their calibrations)."""
+                   factors: np.ndarray, states: States, now_s: float
+                   ) -> tuple[np.ndarray, np.ndarray, list[float], States]:
+    """The model's tables for every replica (fills `factors` with their smoothed calibrations,
+    which the returned states carry)."""
     num = len(loads)
     cache._check(model, cfg, tail)
     contexts = _all_contexts(loads, cfg)
@@ -662,23 +679,85 @@ def _model_budgets(model: LatencyModel, loads: tuple[ReplicaLoad, ...], target_m
                                  contexts[:, 1], np.zeros(num))
     columns = tuple(current)
     p50, p99 = cache.current.predict(model, np.column_stack([current[c] for c in columns]), columns)
-    _calibrate(model, loads, columns, cfg, cache, factors)
+    measured = _calibrate(model, loads, columns, cfg, cache, factors, states, now_s)
+    states = _smoothed_calibrations(states, factors, measured, now_s, cfg)
+    factors[:] = np.where(np.isnan(states.calibration), 1.0, states.calibration)
     env, rows = cache.lookup(model, [tuple(c) for c in contexts.tolist()], cfg, tail)
     seqs, tokens = tables_from_envelopes(env, rows, target_ms, idle_target_ms, factors, cfg)
     predicted = (p99 if tail else p50) * factors
-    return seqs, tokens, predicted.tolist()
+    return seqs, tokens, predicted.tolist(), states
+
+
+def _smoothed_calibrations(states: States, raw: np.ndarray, measured: np.ndarray, now_s: float,
+                           cfg: PolicyConfig) -> States:
+    """Each measured replica's calibration smoothed with its previous one (time constant
+    `calibration_smoothing_s`, by time since the previous measurement, not by tick); the first
+    measurement is taken as it is, unmeasured replicas keep theirs."""
+    prev = states.calibration
+    first = measured & np.isnan(prev)
+    smooth = np.flatnonzero(measured & ~np.isnan(prev))
+    out = np.where(first, raw, prev)
+    if len(smooth):
+        if cfg.calibration_smoothing_s > 0:
+            # math.exp for the reason given in `_derived_headrooms`.
+            dt = (now_s - states.calibration_at_s[smooth]).tolist()
+            weight = np.array([1.0 - math.exp(-max(0.0, d) / cfg.calibration_smoothing_s) for d in dt])
+        else:
+            weight = np.ones(len(smooth))
+        out[smooth] = (1.0 - weight) * prev[smooth] + weight * raw[smooth]
+    return states._replace(calibration=out,
+                           calibration_at_s=np.where(measured, now_s, states.calibration_at_s))
+
+
+CALIBRATION_GROUPS = 4
+"""Replicas are measured in this many phase groups spread over `calibration_every_s`."""
+
+
+def calibration_group(replica_id: str) -> int:
+    """A replica's calibration phase group: stable across ticks and controller restarts."""
+    return zlib.crc32(replica_id.encode()) % CALIBRATION_GROUPS
+
+
+def _calibration_due(loads: list[ReplicaLoad], states: States, now_s: float, cfg: PolicyConfig) -> np.ndarray:
+    """Which replicas to measure this tick: each one once per `calibration_every_s`, at its
+    group's phase of that period (the first time at once). The measurement is smoothed over
+    `calibration_smoothing_s`, five periods, so a fresh median every tick adds nothing but
+    cost: it was half of a tick at 256 replicas. Groups spread the fleet's measurements over the
+    period, so ticks cost alike."""
+    num = len(loads)
+    if cfg.calibration_every_s <= 0:
+        return np.ones(num, dtype=bool)
+    every = cfg.calibration_every_s
+    phase = np.array([calibration_group(load.replica_id) for load in loads], dtype=np.float64) * every / CALIBRATION_GROUPS
+    last = states.calibration_at_s
+    with np.errstate(invalid="ignore"):
+        crossed = np.floor((now_s + phase) / every) > np.floor((last + phase) / every)
+    return np.isnan(states.calibration) | ~np.isfinite(last) | crossed
 
 
 def _calibrate(model: LatencyModel, loads: list[ReplicaLoad], columns: tuple[str, ...], cfg: PolicyConfig,
-               cache: GridCache, factors: np.ndarray) -> None:
-    """Each replica's calibration (median observed / predicted over its recent steps) into
-    `factors`, for all replicas at once; only the steps the cache has not predicted yet go to the
-    model (a replica's recent steps slide by the few steps since its last report)."""
-    ids = [i for i, load in enumerate(loads)
-           if load.recent_steps and len(load.recent_steps.get("step_latency_ms", ())) >= cfg.calibration_min_steps]
-    if not ids:
-        return
-    recent = [loads[i].recent_steps for i in ids]
+               cache: GridCache, factors: np.ndarray, states: States, now_s: float) -> np.ndarray:
+    """The calibration (median observed / predicted over its recent steps) of every replica due
+    for one (`_calibration_due`) into `factors`; only the steps its group's memo has not
+    predicted yet go to the model (a replica's recent steps slide by the steps since its last
+    measurement). Returns which replicas were measured (due, with enough steps)."""
+    measured = np.zeros(len(loads), dtype=bool)
+    due = _calibration_due(loads, states, now_s, cfg)
+    enough = [i for i, load in enumerate(loads) if due[i] and load.recent_steps
+              and len(load.recent_steps.get("step_latency_ms", ())) >= cfg.calibration_min_steps]
+    groups: dict[int, list[int]] = {}
+    for i in enough:
+        groups.setdefault(calibration_group(loads[i].replica_id), []).append(i)
+    for group, ids in groups.items():
+        memo = cache.steps.setdefault(group, RowMemo())
+        measured[ids] = _calibrate_group(model, [loads[i] for i in ids], columns, cfg, memo, factors, ids)
+    return measured
+
+
+def _calibrate_group(model: LatencyModel, loads: list[ReplicaLoad], columns: tuple[str, ...], cfg: PolicyConfig,
+                     memo: RowMemo, factors: np.ndarray, ids: list[int]) -> np.ndarray:
+    """`_calibrate` for the replicas `ids` (the indices of `loads` in `factors`)."""
+    recent = [load.recent_steps for load in loads]
     lengths = np.array([len(steps["step_latency_ms"]) for steps in recent])
     # One concatenation of every replica's every column (column by column), then a transpose:
     # a concatenation per column cost a tenth of a tick at 256 replicas.
@@ -686,7 +765,7 @@ def _calibrate(model: LatencyModel, loads: list[ReplicaLoad], columns: tuple[str
     table = np.concatenate([steps[c] for c in named for steps in recent]).astype(np.float64, copy=False)
     table = table.reshape(len(named), -1)
     rows, observed = table[:-1].T, table[-1]
-    pred, _ = cache.steps.predict(model, rows, columns)
+    pred, _ = memo.predict(model, rows, columns)
     ok = pred > 0
     ratio_all = np.where(ok, observed / np.where(ok, pred, 1.0), np.nan)
     # Into a (replicas, steps) matrix padded with NaN (sorted last): one sort for all medians.
@@ -702,3 +781,4 @@ def _calibrate(model: LatencyModel, loads: list[ReplicaLoad], columns: tuple[str
     low, high = cfg.calibration_bounds
     with np.errstate(invalid="ignore"):
         factors[np.asarray(ids)] = np.where(enough, np.clip((lower + upper) / 2.0, low, high), 1.0)
+    return enough

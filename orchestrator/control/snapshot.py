@@ -90,6 +90,10 @@ class ReplicaState:
     """When the headroom was last measured (the smoothing is by time, not by tick)."""
     cut_pressure: float = 0.0
     """The pressure the last cut answered: a repeat cut within `shrink_hold_s` needs a higher one."""
+    calibration: float | None = None
+    """Smoothed observed / predicted step latency; None until measured."""
+    calibration_at_s: float = -math.inf
+    """When the calibration was last measured."""
 
     def to_json(self) -> dict[str, Any]:
         return {"scale": self.scale, "throttle": self.throttle,
@@ -98,7 +102,8 @@ class ReplicaState:
                 "last_probe_s": None if math.isinf(self.last_probe_s) else self.last_probe_s,
                 "headroom": self.headroom,
                 "headroom_at_s": None if math.isinf(self.headroom_at_s) else self.headroom_at_s,
-                "cut_pressure": self.cut_pressure}
+                "cut_pressure": self.cut_pressure, "calibration": self.calibration,
+                "calibration_at_s": None if math.isinf(self.calibration_at_s) else self.calibration_at_s}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ReplicaState:
@@ -108,7 +113,8 @@ class ReplicaState:
                    d.get("calm_since_s"), float(d.get("probe_tpot", 1.0)), float(d.get("probe_ttft", 1.0)),
                    -math.inf if probe is None else float(probe), d.get("headroom"),
                    -math.inf if d.get("headroom_at_s") is None else float(d["headroom_at_s"]),
-                   float(d.get("cut_pressure", 0.0)))
+                   float(d.get("cut_pressure", 0.0)), d.get("calibration"),
+                   -math.inf if d.get("calibration_at_s") is None else float(d["calibration_at_s"]))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from latency_model.batch import offline_counts, step_aggregates
 from latency_model.schema import STEP_SCHEMA
 from orchestrator.compat.vllm_api import Scheduler, SchedulerAccess
 from orchestrator.engine.channel import RING_COLUMNS, EngineChannel
+from orchestrator.engine.load import running_tpot_ms
 from orchestrator.engine.step_timer import StepTimer
 from orchestrator.names import ENV_ENGINE_STEP_DELAY_MS, ENV_TELEMETRY_PATH, ENV_TELEMETRY_RING_SIZE
 from orchestrator.request_class import RequestClass, vllm_priority
@@ -135,10 +136,8 @@ class TelemetryScheduler(Scheduler):
                     first = self._first_token_s.pop(req_id, None)
                     if first is not None and num_out > 1:
                         self.channel.append_latency(now_s, tpot_ms=(now_s - first) * 1000.0 / (num_out - 1))
-            running = [(now_s - first) * 1000.0 / (a.num_output_tokens(req) - 1)
-                       for req_id, req in online
-                       if (first := self._first_token_s.get(req_id)) is not None and a.num_output_tokens(req) > 1
-                       and not a.is_finished(req)]
+            running = [running_tpot_ms(now_s, self._first_token_s.get(req_id), a.num_output_tokens(req)) or 0.0
+                       for req_id, req in online if not a.is_finished(req)]
             self.channel.set_counters(online_running_tpot_max_ms=max(running, default=0.0))
             if len(self._first_token_s) > 4 * max(1, a.max_num_seqs):
                 # Requests aborted before they finished never come back here: forget them.

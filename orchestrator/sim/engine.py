@@ -33,7 +33,7 @@ from latency_model.features import featurize
 from orchestrator.config import OrderConfig
 from orchestrator.engine.budget import OfflineBudget
 from orchestrator.engine.enforce import OFFLINE_PRIORITY, BudgetEnforcer, counts_as_counters
-from orchestrator.engine.load import CALIBRATION_COLUMNS, LoadWindow
+from orchestrator.engine.load import CALIBRATION_COLUMNS, LoadWindow, running_tpot_ms
 from orchestrator.engine.order import LimitedPreemption, WaitingGuard
 
 
@@ -456,8 +456,8 @@ class SimEngine:
     def _running_tpot_max_ms(self, now_s: float) -> float:
         worst = 0.0
         for r in self._running:
-            if not r.is_offline and r.first_token_s is not None and r.num_output_tokens > 1:
-                worst = max(worst, (now_s - r.first_token_s) * 1000.0 / (r.num_output_tokens - 1))
+            if not r.is_offline:
+                worst = max(worst, running_tpot_ms(now_s, r.first_token_s, r.num_output_tokens) or 0.0)
         return worst
 
     def report(self, now_s: float) -> dict[str, Any]:

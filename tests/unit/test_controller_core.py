@@ -112,7 +112,7 @@ def test_a_controller_whose_ticks_fail_leaves_replicas_at_the_safe_budget_within
 def test_throttle_state_survives_a_restart_through_the_checkpoint(setup):
     make, _, clock, store = setup
     c = make()
-    c.reports["r1"] = report(clock, num_online_running=3, observed_tpot_p99_ms=49.0)
+    c.reports["r1"] = report(clock, num_online_running=3, observed_tpot_p99_ms=52.0)
     c.tick()
     assert c.state["r1"].throttle == "throttled" and c.state["r1"].scale == 0.5
     restarted = make()

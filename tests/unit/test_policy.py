@@ -80,22 +80,22 @@ def test_observed_tpot_near_the_slo_cuts_the_budget_at_once_and_it_grows_back_gr
     model = LinearModel()
     state = {}
     full = decide(snap(0.0), state, model).replicas["r1"].budget.max_offline_seqs[0]
-    hot = decide(snap(1.0, num_online=4, observed_tpot_p99_ms=48.0), state, model).replicas["r1"]
+    hot = decide(snap(1.0, num_online=4, observed_tpot_p99_ms=52.0), state, model).replicas["r1"]
     assert hot.state.throttle == "throttled" and hot.state.scale == 0.5
     assert hot.budget.max_offline_seqs[0] == full // 2
     # Still hot 0.3 s later: held (the observation window has not caught up), not collapsed.
     state = {"r1": hot.state}
-    again = decide(snap(1.3, num_online=4, observed_tpot_p99_ms=48.0), state, model).replicas["r1"]
+    again = decide(snap(1.3, num_online=4, observed_tpot_p99_ms=52.0), state, model).replicas["r1"]
     assert again.state.scale == 0.5
     # The same pressure within shrink_hold_s is the same evidence (the requests that saw the old
     # budget are still in the window): no second cut. A higher one is new: cut again. Still hot
     # after shrink_hold_s: cut again.
     state = {"r1": again.state}
-    late = decide(snap(1.0 + 0.9 * CFG.shrink_hold_s, num_online=4, observed_tpot_p99_ms=48.0), state, model)
+    late = decide(snap(1.0 + 0.9 * CFG.shrink_hold_s, num_online=4, observed_tpot_p99_ms=52.0), state, model)
     assert late.replicas["r1"].state.scale == 0.5
     worse = decide(snap(1.0 + CFG.min_recut_s, num_online=4, observed_tpot_p99_ms=60.0), state, model)
     assert worse.replicas["r1"].state.scale == 0.25
-    later = decide(snap(1.0 + CFG.shrink_hold_s, num_online=4, observed_tpot_p99_ms=48.0), state, model)
+    later = decide(snap(1.0 + CFG.shrink_hold_s, num_online=4, observed_tpot_p99_ms=52.0), state, model)
     assert later.replicas["r1"].state.scale == 0.25
     # Calm: grows by one step per grow_hold_s, never in one jump.
     t, scales = 2.0, []
@@ -132,7 +132,7 @@ def test_a_cut_halves_what_runs_even_where_the_slots_cap_the_model():
     model = LinearModel()
     full = decide(snap(0.0, max_num_seqs=16), {}, model).replicas["r1"]
     assert full.budget.at(0)[0] == 12
-    hot = decide(snap(1.0, max_num_seqs=16, observed_tpot_p99_ms=48.0), {}, model).replicas["r1"]
+    hot = decide(snap(1.0, max_num_seqs=16, observed_tpot_p99_ms=52.0), {}, model).replicas["r1"]
     assert hot.state.scale == 0.5 and hot.budget.at(0)[0] == 6
 
 
@@ -209,6 +209,86 @@ def test_calibration_needs_enough_steps_and_stays_within_its_bounds():
     # Wide bounds (for the live model) match a host 14x faster than the model's.
     faster = decide(snap(0.0, recent_steps=_steps(decodes, [1.0] * 12)), {}, model, WIDE).replicas["r1"]
     assert faster.calibration == pytest.approx(1.0 / 14.4)
+
+
+def test_the_calibration_is_smoothed_over_time_not_ticks_and_the_first_measurement_is_taken_whole():
+    model = LinearModel()
+    every_tick = PolicyConfig(calibration_every_s=0.0)
+    decodes = [4, 8, 12, 16, 20, 24, 28, 32, 8, 8]
+    at = lambda ratio: _steps(decodes, [ratio * 0.8 * (10 + 2 * d) for d in decodes])  # noqa: E731
+    first = decide(snap(10.0, recent_steps=at(1.5)), {}, model).replicas["r1"]
+    assert first.calibration == pytest.approx(1.5) and first.state.calibration == pytest.approx(1.5)
+    # A noisy tick 100 ms later (a median over another mix of steps) moves it by 2% of the way.
+    state = {"r1": first.state}
+    noisy = decide(snap(10.1, recent_steps=at(1.0)), state, model, every_tick).replicas["r1"]
+    tau = CFG.calibration_smoothing_s
+    expected = 1.5 + (1.0 - 1.5) * (1.0 - np.exp(-0.1 / tau))
+    assert noisy.calibration == pytest.approx(expected) and noisy.calibration > 1.48
+    # A lasting change (the host got faster) is followed within a few time constants, at any tick rate.
+    for ticks, dt in ((10 * int(tau), 0.5), (50 * int(tau), 0.1)):
+        state, t = {"r1": first.state}, 10.0
+        for _ in range(ticks):
+            t += dt
+            state = decide(snap(t, recent_steps=at(1.0)), state, model, every_tick).state
+        assert state["r1"].calibration == pytest.approx(1.0 + 0.5 * np.exp(-ticks * dt / tau), rel=1e-6)
+    # Ticks without enough steps keep the last calibration (and its time).
+    kept = decide(snap(20.0), {"r1": first.state}, model).replicas["r1"]
+    assert kept.calibration == pytest.approx(1.5) and kept.state.calibration_at_s == 10.0
+    # 0: no smoothing.
+    raw = decide(snap(10.1, recent_steps=at(1.0)), {"r1": first.state}, model,
+                 PolicyConfig(calibration_smoothing_s=0.0, calibration_every_s=0.0)).replicas["r1"]
+    assert raw.calibration == pytest.approx(1.0)
+
+
+def test_each_replica_is_calibrated_once_a_period_and_the_fleet_spread_over_it():
+    from orchestrator.control.policy import CALIBRATION_GROUPS, GridCache
+
+    model = LinearModel()
+    decodes = [4, 8, 12, 16, 20, 24, 28, 32, 8, 8]
+    steps = _steps(decodes, [1.2 * 0.8 * (10 + 2 * d) for d in decodes])
+    ids = [f"replica-{i}" for i in range(64)]
+    cache, state, counts = GridCache(), {}, []
+    measured_at = {r: [] for r in ids}
+    for tick in range(41):  # 10 s of 250-ms ticks
+        now = 100.0 + 0.25 * tick
+        snapshot = Snapshot(now_s=now, slo=SLO, replicas=tuple(ReplicaLoad(r, recent_steps=steps) for r in ids))
+        state = decide(snapshot, state, model, CFG, cache).state
+        fresh = [r for r in ids if state[r].calibration_at_s == now]
+        counts.append(len(fresh))
+        for r in fresh:
+            measured_at[r].append(now)
+    assert counts[0] == len(ids)  # the first measurement at once
+    # Then every replica once per period, a group's share of the fleet per tick, not all at once.
+    for times in measured_at.values():
+        assert all(b - a == pytest.approx(CFG.calibration_every_s) for a, b in zip(times[1:], times[2:]))
+        assert len(times) >= 10
+    assert max(counts[8:]) < len(ids) // 2 and sum(counts[8:]) == pytest.approx(len(ids) * 8, abs=len(ids))
+    assert len(cache.steps) == CALIBRATION_GROUPS
+    assert all(s.calibration == pytest.approx(1.2) for s in state.values())
+
+
+def test_a_cut_near_the_slo_is_graded_and_a_missed_slo_halves():
+    model = LinearModel()
+    for observed_ms, expected in ((0.96 * SLO.tpot_p99_ms, CFG.grow_below / 0.96),  # 0.83
+                                  (0.99 * SLO.tpot_p99_ms, CFG.grow_below / 0.99),
+                                  (SLO.tpot_p99_ms, CFG.shrink_factor),
+                                  (3.0 * SLO.tpot_p99_ms, CFG.shrink_factor)):
+        d = decide(snap(1.0, num_online=2, observed_tpot_p99_ms=observed_ms), {}, model).replicas["r1"]
+        assert d.state.throttle == "throttled" and d.state.scale == pytest.approx(expected)
+    # A graded cut never goes deeper than a full one, and the probes are cut by the same factor.
+    deep = PolicyConfig(grow_below=0.2, probe_below=0.2, shrink_at=0.9, max_probe=4.0)
+    d = decide(snap(1.0, num_online=2, observed_tpot_p99_ms=0.95 * SLO.tpot_p99_ms),
+               {"r1": ReplicaState(probe_tpot=3.0)}, model, deep).replicas["r1"]
+    assert d.state.scale == deep.shrink_factor and d.state.probe_tpot == 1.5
+    graded = decide(snap(1.0, num_online=2, observed_tpot_p99_ms=0.96 * SLO.tpot_p99_ms),
+                    {"r1": ReplicaState(probe_tpot=3.0)}, model, PROBING).replicas["r1"]
+    assert graded.state.probe_tpot == pytest.approx(3.0 * CFG.grow_below / 0.96)
+    # full_cut_at = shrink_at: every cut a full one (the behaviour before graded cuts).
+    old = PolicyConfig(full_cut_at=CFG.shrink_at)
+    d = decide(snap(1.0, num_online=2, observed_tpot_p99_ms=0.96 * SLO.tpot_p99_ms), {}, model, old)
+    assert d.replicas["r1"].state.scale == CFG.shrink_factor
+    with pytest.raises(ValueError, match="full_cut_at"):
+        PolicyConfig(full_cut_at=0.9)
 
 
 def test_offline_requests_paused_by_the_budget_do_not_count_as_running_work():
@@ -309,7 +389,7 @@ def test_well_under_the_slo_the_targets_are_probed_upwards_and_a_cut_halves_the_
     held = decide(snap(t + 10, num_online=0), state, model, PROBING).replicas["r1"]
     assert held.state.probe_tpot == PROBING.max_probe
     # Near the SLO: cut at once, probe halved.
-    hot = decide(snap(t + 11, num_online=3, observed_tpot_p99_ms=49.0), state, model, PROBING).replicas["r1"]
+    hot = decide(snap(t + 11, num_online=3, observed_tpot_p99_ms=52.0), state, model, PROBING).replicas["r1"]
     assert hot.state.throttle == "throttled" and hot.state.scale == 0.5
     assert hot.state.probe_tpot == PROBING.max_probe * CFG.shrink_factor
 
@@ -423,6 +503,7 @@ def test_the_grid_cache_changes_no_decision_and_asks_the_model_only_about_new_bu
 
     rng = np.random.default_rng(5)
     model, cache = Counting(), GridCache()
+    cfg = PolicyConfig(calibration_every_s=0.0)  # every replica's steps every tick, through one memo
     cached_state, fresh_state = {}, {}
     grid = CFG.table_size * len(CFG.seq_candidates) * len(CFG.chunk_candidates)
     for tick in range(6):
@@ -436,15 +517,15 @@ def test_the_grid_cache_changes_no_decision_and_asks_the_model_only_about_new_bu
                                   max_num_seqs=64) for i in range(8))
         s = Snapshot(now_s=tick * 0.25, slo=SLO, replicas=loads)
         before = Counting.rows
-        with_cache = decide(s, cached_state, model, CFG, cache)
+        with_cache = decide(s, cached_state, model, cfg, cache)
         asked = Counting.rows - before
-        fresh = decide(s, fresh_state, model, CFG)
+        fresh = decide(s, fresh_state, model, cfg)
         assert with_cache == fresh
         cached_state, fresh_state = with_cache.state, fresh.state
     assert asked > 0
     # The same snapshot again: every grid, step and current batch is cached.
     before = Counting.rows
-    assert decide(s, cached_state, model, CFG, cache) == fresh
+    assert decide(s, cached_state, model, cfg, cache) == fresh
     assert Counting.rows == before
     # One replica's chat grows to a context never seen: one new grid and its current batch.
     from dataclasses import replace
@@ -453,9 +534,9 @@ def test_the_grid_cache_changes_no_decision_and_asks_the_model_only_about_new_bu
                     num_online=s.replicas[0].num_online or 1)
     s2 = Snapshot(now_s=s.now_s + 0.25, slo=SLO, replicas=(moved, *s.replicas[1:]))
     before = Counting.rows
-    with_cache = decide(s2, cached_state, model, CFG, cache)
+    with_cache = decide(s2, cached_state, model, cfg, cache)
     assert Counting.rows - before == grid + 1
-    assert with_cache == decide(s2, fresh_state, model, CFG)
+    assert with_cache == decide(s2, fresh_state, model, cfg)
 
 
 def test_policy_states_as_columns_round_trip_and_unchanged_replicas_keep_their_state_object():
