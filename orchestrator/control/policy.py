@@ -27,8 +27,8 @@ How a replica's budget is chosen:
 3. **Feedback, with hysteresis.** The observed online p99 TTFT/TPOT (what clients saw) as a
    fraction of the SLO target (the model already bounds every step; this corrects what it
    misses: prefill interruptions, serving overhead, a model that is off): at or above
-   `shrink_at` the replica's scale is cut at once (halved where the SLO itself is missed, at
-   `full_cut_at`; nearer it in proportion, by `grow_below / pressure`), and again only on new
+   `shrink_at` the replica's scale is cut at once (halved; with `full_cut_at` set, halved only
+   from there and below it graded, by `grow_below / pressure`), and again only on new
    evidence: a higher pressure, or still over `shrink_at` after `shrink_hold_s` (two
    observation windows: the requests that saw the old budget must leave the window before the
    cut can be judged); below `grow_below` for `grow_hold_s` (again a window, so each step is
@@ -407,6 +407,8 @@ class States(NamedTuple):
     cut_pressure: np.ndarray
     calibration: np.ndarray
     calibration_at_s: np.ndarray
+    held_target_ms: np.ndarray
+    held_idle_target_ms: np.ndarray
 
     @classmethod
     def of(cls, states: list[ReplicaState]) -> States:
@@ -414,7 +416,8 @@ class States(NamedTuple):
                           _NAN if s.calm_since_s is None else s.calm_since_s, s.probe_tpot, s.probe_ttft,
                           s.last_probe_s, _NAN if s.headroom is None else s.headroom, s.headroom_at_s,
                           s.cut_pressure, _NAN if s.calibration is None else s.calibration,
-                          s.calibration_at_s) for s in states], dtype=np.float64).reshape(-1, len(cls._fields))
+                          s.calibration_at_s, _NAN if s.held_target_ms is None else s.held_target_ms,
+                          _NAN if s.held_idle_target_ms is None else s.held_idle_target_ms) for s in states], dtype=np.float64).reshape(-1, len(cls._fields))
         return cls(*rows.T)
 
     def replica_states(self, prev: list[ReplicaState], prev_columns: States) -> list[ReplicaState]:
@@ -433,8 +436,9 @@ class States(NamedTuple):
                 values["calm_since_s"] = None
             if row[7] != row[7]:  # NaN: not measured yet
                 values["headroom"] = None
-            if row[10] != row[10]:
-                values["calibration"] = None
+            for column in (10, 12, 13):  # NaN: not measured (or built) yet
+                if row[column] != row[column]:
+                    values[names[column]] = None
             # `dataclasses.replace` per replica per tick was a tenth of a tick at 256 replicas;
             # the values are the validated fields' own types (floats, a throttle name, None).
             state = object.__new__(ReplicaState)
@@ -483,8 +487,8 @@ def _next_states(prev: States, pressure: np.ndarray, now_s: float, cfg: PolicyCo
     requests that caused the last cut (a request stays in it for a window after it ends), so
     within `shrink_hold_s` only a higher pressure than the one already answered cuts again; after
     a growth step (not "throttled") the window was calm, so any pressure is new. A cut multiplies the
-    scale and both probes by `shrink_factor` at or over `full_cut_at` (the SLO missed), nearer it
-    by `grow_below / pressure` (at least `shrink_factor`). Under `grow_below` (calm since
+    scale and both probes by `shrink_factor` at or over `full_cut_at` (default `shrink_at`), below
+    it by `grow_below / pressure` (at least `shrink_factor`). Under `grow_below` (calm since
     `calm_since_s`): a reduced scale grows a step once calm for `grow_hold_s`. In the band between: it grows only every
     `band_grow_hold_s`."""
     scale, throttle, last_change = prev.scale, prev.throttle, prev.last_change_s
@@ -500,9 +504,10 @@ def _next_states(prev: States, pressure: np.ndarray, now_s: float, cfg: PolicyCo
     grow = ((calm & reduced & (now_s - np.maximum(calm_since, last_change) >= cfg.grow_hold_s))
             | (band & reduced & (since_cut_s >= cfg.band_grow_hold_s)))
     grown_scale = np.minimum(1.0, scale + cfg.grow_step)
-    # A full cut where the SLO itself is missed; nearer it, one graded by how far over `grow_below`.
+    # A full cut at or over `full_cut_at`; below it (opt-in), one graded by how far over `grow_below`.
     with np.errstate(divide="ignore"):
-        factor = np.where(pressure >= cfg.full_cut_at, cfg.shrink_factor,
+        full_at = cfg.shrink_at if cfg.full_cut_at is None else cfg.full_cut_at
+        factor = np.where(pressure >= full_at, cfg.shrink_factor,
                           np.clip(cfg.grow_below / np.maximum(pressure, 1e-9), cfg.shrink_factor, 1.0))
     new_scale = np.where(cut, np.maximum(cfg.min_scale, scale * factor), np.where(grow, grown_scale, scale))
     new_throttle = np.where(cut, THROTTLED, np.where(grow, np.where(grown_scale >= 1.0, OPEN, RECOVERING), throttle))
@@ -682,10 +687,28 @@ def _model_budgets(model: LatencyModel, loads: tuple[ReplicaLoad, ...], target_m
     measured = _calibrate(model, loads, columns, cfg, cache, factors, states, now_s)
     states = _smoothed_calibrations(states, factors, measured, now_s, cfg)
     factors[:] = np.where(np.isnan(states.calibration), 1.0, states.calibration)
+    held = _held_target(states.held_target_ms, target_ms / factors, cfg.target_hysteresis)
+    held_idle = _held_target(states.held_idle_target_ms, idle_target_ms / factors, cfg.target_hysteresis)
+    states = states._replace(held_target_ms=held, held_idle_target_ms=held_idle)
     env, rows = cache.lookup(model, [tuple(c) for c in contexts.tolist()], cfg, tail)
-    seqs, tokens = tables_from_envelopes(env, rows, target_ms, idle_target_ms, factors, cfg)
+    seqs, tokens = tables_from_envelopes(env, rows, held, held_idle, np.ones(num), cfg)
     predicted = (p99 if tail else p50) * factors
     return seqs, tokens, predicted.tolist(), states
+
+
+def _held_target(held_ms: np.ndarray, target_ms: np.ndarray, band: float) -> np.ndarray:
+    """The calibrated target the tables are built for: the one they were last built for while
+    the current one stays within `band` of it (relative), else the current one.
+
+    On a step curve nearly flat in the offline batch size the largest batch under the target
+    jumps between far-apart candidates (3, 12, 24 sequences) when the target moves by a few
+    percent, and calibration and headroom move it by that much from minute to minute with no
+    change of load: the budget then churns (each change pauses or resumes offline requests)
+    while chat's latency hardly differs. Held, it changes only when the target has moved by more
+    than the band; cuts act through the scale, at once, whatever is held."""
+    with np.errstate(invalid="ignore"):
+        keep = ~np.isnan(held_ms) & (np.abs(target_ms - held_ms) <= band * held_ms)
+    return np.where(keep, held_ms, target_ms)
 
 
 def _smoothed_calibrations(states: States, raw: np.ndarray, measured: np.ndarray, now_s: float,

@@ -94,6 +94,11 @@ class ReplicaState:
     """Smoothed observed / predicted step latency; None until measured."""
     calibration_at_s: float = -math.inf
     """When the calibration was last measured."""
+    held_target_ms: float | None = None
+    """The calibrated per-step target the budget tables were last built for (rows with chat);
+    kept while the current one stays within `target_hysteresis` of it. None: none yet."""
+    held_idle_target_ms: float | None = None
+    """The same for the idle row."""
 
     def to_json(self) -> dict[str, Any]:
         return {"scale": self.scale, "throttle": self.throttle,
@@ -103,7 +108,8 @@ class ReplicaState:
                 "headroom": self.headroom,
                 "headroom_at_s": None if math.isinf(self.headroom_at_s) else self.headroom_at_s,
                 "cut_pressure": self.cut_pressure, "calibration": self.calibration,
-                "calibration_at_s": None if math.isinf(self.calibration_at_s) else self.calibration_at_s}
+                "calibration_at_s": None if math.isinf(self.calibration_at_s) else self.calibration_at_s,
+                "held_target_ms": self.held_target_ms, "held_idle_target_ms": self.held_idle_target_ms}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ReplicaState:
@@ -114,7 +120,8 @@ class ReplicaState:
                    -math.inf if probe is None else float(probe), d.get("headroom"),
                    -math.inf if d.get("headroom_at_s") is None else float(d["headroom_at_s"]),
                    float(d.get("cut_pressure", 0.0)), d.get("calibration"),
-                   -math.inf if d.get("calibration_at_s") is None else float(d["calibration_at_s"]))
+                   -math.inf if d.get("calibration_at_s") is None else float(d["calibration_at_s"]),
+                   d.get("held_target_ms"), d.get("held_idle_target_ms"))
 
 
 @dataclass(frozen=True)

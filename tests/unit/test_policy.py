@@ -267,26 +267,51 @@ def test_each_replica_is_calibrated_once_a_period_and_the_fleet_spread_over_it()
     assert all(s.calibration == pytest.approx(1.2) for s in state.values())
 
 
-def test_a_cut_near_the_slo_is_graded_and_a_missed_slo_halves():
+def test_the_tables_hold_through_small_moves_of_the_target_and_follow_large_ones():
     model = LinearModel()
+
+    def at(headroom, state, cfg=CFG, **load):
+        slo = SloTargets(ttft_p99_ms=400.0, tpot_p99_ms=50.0, headroom=headroom)
+        return decide(Snapshot(now_s=1.0, slo=slo, replicas=(ReplicaLoad("r1", **load),)), state, model, cfg).replicas["r1"]
+
+    # Target 37 ms: 16 offline decodes fit beside one chat request and a 32-token chunk
+    # (8 + 1.6 x 17 + 1.28 = 36.5 ms).
+    first = at(0.26, {})
+    assert first.budget.max_offline_seqs[1] == 16 and first.state.held_target_ms == pytest.approx(37.0)
+    # 36 ms (3% lower) alone gives 12; after the 37-ms tables it is held, and they stay.
+    assert at(0.28, {}).budget.max_offline_seqs[1] == 12
+    small = at(0.28, {"r1": first.state})
+    assert small.budget == first.budget and small.state.held_target_ms == pytest.approx(37.0)
+    # 30 ms (19% lower): rebuilt.
+    large = at(0.40, {"r1": first.state})
+    assert large.state.held_target_ms == pytest.approx(30.0) and large.budget.max_offline_seqs[1] == 8
+    # A cut acts at once whatever is held; 0 switches the hold off.
+    hot = at(0.28, {"r1": first.state}, observed_tpot_p99_ms=52.0)
+    assert hot.state.scale == 0.5 and hot.budget.max_offline_seqs[1] == 8
+    assert at(0.28, {"r1": first.state}, PolicyConfig(target_hysteresis=0.0)).budget.max_offline_seqs[1] == 12
+
+
+def test_a_cut_near_the_slo_is_graded_where_configured_and_a_missed_slo_halves():
+    model = LinearModel()
+    graded_cfg = PolicyConfig(full_cut_at=1.0)
     for observed_ms, expected in ((0.96 * SLO.tpot_p99_ms, CFG.grow_below / 0.96),  # 0.83
                                   (0.99 * SLO.tpot_p99_ms, CFG.grow_below / 0.99),
                                   (SLO.tpot_p99_ms, CFG.shrink_factor),
                                   (3.0 * SLO.tpot_p99_ms, CFG.shrink_factor)):
-        d = decide(snap(1.0, num_online=2, observed_tpot_p99_ms=observed_ms), {}, model).replicas["r1"]
+        d = decide(snap(1.0, num_online=2, observed_tpot_p99_ms=observed_ms), {}, model, graded_cfg).replicas["r1"]
         assert d.state.throttle == "throttled" and d.state.scale == pytest.approx(expected)
     # A graded cut never goes deeper than a full one, and the probes are cut by the same factor.
-    deep = PolicyConfig(grow_below=0.2, probe_below=0.2, shrink_at=0.9, max_probe=4.0)
+    deep = PolicyConfig(grow_below=0.2, probe_below=0.2, shrink_at=0.9, max_probe=4.0, full_cut_at=1.0)
     d = decide(snap(1.0, num_online=2, observed_tpot_p99_ms=0.95 * SLO.tpot_p99_ms),
                {"r1": ReplicaState(probe_tpot=3.0)}, model, deep).replicas["r1"]
     assert d.state.scale == deep.shrink_factor and d.state.probe_tpot == 1.5
     graded = decide(snap(1.0, num_online=2, observed_tpot_p99_ms=0.96 * SLO.tpot_p99_ms),
-                    {"r1": ReplicaState(probe_tpot=3.0)}, model, PROBING).replicas["r1"]
+                    {"r1": ReplicaState(probe_tpot=3.0)}, model,
+                    PolicyConfig(max_probe=4.0, full_cut_at=1.0)).replicas["r1"]
     assert graded.state.probe_tpot == pytest.approx(3.0 * CFG.grow_below / 0.96)
-    # full_cut_at = shrink_at: every cut a full one (the behaviour before graded cuts).
-    old = PolicyConfig(full_cut_at=CFG.shrink_at)
-    d = decide(snap(1.0, num_online=2, observed_tpot_p99_ms=0.96 * SLO.tpot_p99_ms), {}, model, old)
-    assert d.replicas["r1"].state.scale == CFG.shrink_factor
+    # The default: every cut a full one.
+    d = decide(snap(1.0, num_online=2, observed_tpot_p99_ms=0.96 * SLO.tpot_p99_ms), {}, model)
+    assert CFG.full_cut_at is None and d.replicas["r1"].state.scale == CFG.shrink_factor
     with pytest.raises(ValueError, match="full_cut_at"):
         PolicyConfig(full_cut_at=0.9)
 
