@@ -9,7 +9,7 @@ demo: venv  ## the main job: local cluster, tiny model, chat traffic + a batch j
 
 test: venv  ## lint, then unit + integration tests (real Ray, real vLLM-on-CPU)
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest tests/unit tests/component tests/integration -q
+	.venv/bin/python -m pytest tests/unit tests/component tests/integration -q --durations=25
 
 bench: venv  ## every policy side by side on the bench model (about 45 minutes: six 380-s chat runs)
 	.venv/bin/colocate bench
