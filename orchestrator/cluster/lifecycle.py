@@ -92,6 +92,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, avoid: tuple[int, ...] = ()) -> list[int]:
+    """`count` distinct free ports, none of them in `avoid`. The sockets stay bound until all are
+    chosen: one `free_port()` after another may return the same port twice (the first socket is
+    closed before the next bind), and `ray start` refuses two components on one port (a test
+    stack once failed on the dashboard agent and the runtime-env agent both given 41327)."""
+    sockets: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < count:
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in avoid and port not in ports:
+                ports.append(port)
+        return ports
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -106,6 +127,8 @@ def _ray_executable() -> str:
 def ray_start_command(cfg: ClusterConfig, temp_dir: str, metrics_port: int) -> list[str]:
     """`ray start --head --block` for a local cluster: the GCS on `node_ip`, the dashboard and
     job API on `dashboard_host` (loopback unless configured), every other port free."""
+    agent_port, agent_grpc_port, runtime_env_port, client_port = free_ports(
+        4, avoid=(cfg.gcs_port, cfg.dashboard_port, metrics_port))
     cmd = [
         _ray_executable(), "start", "--head", "--block",
         f"--port={cfg.gcs_port}",
@@ -118,11 +141,11 @@ def ray_start_command(cfg: ClusterConfig, temp_dir: str, metrics_port: int) -> l
         f"--dashboard-port={cfg.dashboard_port}",
         # Every port Ray would otherwise take at a fixed default is chosen free, so clusters of
         # other users on the same machine are never disturbed.
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--dashboard-agent-listen-port={agent_port}",
+        f"--dashboard-agent-grpc-port={agent_grpc_port}",
         f"--metrics-export-port={metrics_port}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--ray-client-server-port={free_port()}",
+        f"--runtime-env-agent-port={runtime_env_port}",
+        f"--ray-client-server-port={client_port}",
         f"--object-store-memory={cfg.object_store_memory_bytes}",
         "--disable-usage-stats",
     ]

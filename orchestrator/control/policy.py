@@ -34,8 +34,9 @@ How a replica's budget is chosen:
    cut can be judged); below `grow_below` for `grow_hold_s` (again a window, so each step is
    observed before the next) it grows back by `grow_step`; in between it grows only every
    `band_grow_hold_s`. The scale multiplies the budget after the slot and operator caps, so a
-   cut acts on what runs. The band between the two thresholds and the graded cut are what keep
-   a steady load from oscillating; the calibration is smoothed across ticks for the same reason.
+   cut acts on what runs. The band between the two thresholds is what keeps a steady load from
+   oscillating; for the same reason the calibration is smoothed across ticks and a replica's
+   tables are held while its calibrated target stays within `target_hysteresis` of theirs.
 4. **Slots.** Offline work never holds more than (1 - `online_slot_share`) of the engine's
    sequence slots, so arriving chat finds a free slot instead of preempting a paused request.
 """
@@ -417,7 +418,8 @@ class States(NamedTuple):
                           s.last_probe_s, _NAN if s.headroom is None else s.headroom, s.headroom_at_s,
                           s.cut_pressure, _NAN if s.calibration is None else s.calibration,
                           s.calibration_at_s, _NAN if s.held_target_ms is None else s.held_target_ms,
-                          _NAN if s.held_idle_target_ms is None else s.held_idle_target_ms) for s in states], dtype=np.float64).reshape(-1, len(cls._fields))
+                          _NAN if s.held_idle_target_ms is None else s.held_idle_target_ms)
+                         for s in states], dtype=np.float64).reshape(-1, len(cls._fields))
         return cls(*rows.T)
 
     def replica_states(self, prev: list[ReplicaState], prev_columns: States) -> list[ReplicaState]:
@@ -486,11 +488,11 @@ def _next_states(prev: States, pressure: np.ndarray, now_s: float, cfg: PolicyCo
     At or over `shrink_at`: a cut, if the pressure is new evidence: the window still holds the
     requests that caused the last cut (a request stays in it for a window after it ends), so
     within `shrink_hold_s` only a higher pressure than the one already answered cuts again; after
-    a growth step (not "throttled") the window was calm, so any pressure is new. A cut multiplies the
-    scale and both probes by `shrink_factor` at or over `full_cut_at` (default `shrink_at`), below
-    it by `grow_below / pressure` (at least `shrink_factor`). Under `grow_below` (calm since
-    `calm_since_s`): a reduced scale grows a step once calm for `grow_hold_s`. In the band between: it grows only every
-    `band_grow_hold_s`."""
+    a growth step (not "throttled") the window was calm, so any pressure is new. A cut
+    multiplies the scale and both probes by `shrink_factor` at or over `full_cut_at` (default
+    `shrink_at`), below it by `grow_below / pressure` (at least `shrink_factor`). Under
+    `grow_below` (calm since `calm_since_s`): a reduced scale grows a step once calm for
+    `grow_hold_s`. In the band between: it grows only every `band_grow_hold_s`."""
     scale, throttle, last_change = prev.scale, prev.throttle, prev.last_change_s
     shrink = pressure >= cfg.shrink_at
     since_cut_s = now_s - last_change

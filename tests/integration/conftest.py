@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cluster.lifecycle import free_port
+from orchestrator.cluster.lifecycle import free_ports
 from orchestrator.logs import quiet_http_client_logs
 
 quiet_http_client_logs()
@@ -32,7 +32,8 @@ def start_stack(work: Path, *, model: dict, engine_kwargs: dict, controller: dic
     """`colocate up` a stack of one replica on free loopback ports; yields its info, then `down`.
     `serve` adds to the config's serve section (e.g. `grpc`), `replicas` to its replicas section
     (e.g. the emulated engine), `env` to `colocate up`'s environment."""
-    serve_port, gcs_port, dash_port = free_port(), free_port(), free_port()
+    taken = ((serve or {}).get("grpc") or {}).get("port")
+    serve_port, gcs_port, dash_port = free_ports(3, avoid=(taken,) if taken else ())
     slo_path = work / "slo.yaml"
     slo_path.write_text((ROOT / "manifests" / "slo.yaml").read_text())
     config = {

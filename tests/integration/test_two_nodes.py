@@ -70,7 +70,7 @@ def start_worker(head_address: str, log: Path) -> subprocess.Popen:
 def two_nodes(tmp_path_factory):
     work = tmp_path_factory.mktemp("two-nodes")
     shm_before = shm_segments()
-    gcs_port, dash_port = lifecycle.free_port(), lifecycle.free_port()
+    gcs_port, dash_port = lifecycle.free_ports(2)
     temp_dir = f"/tmp/colocate-test-{gcs_port}"
     head = lifecycle.start_local_cluster(ClusterConfig(gcs_port=gcs_port, dashboard_port=dash_port, num_cpus=4,
                                                        temp_dir=temp_dir))

@@ -165,3 +165,14 @@ def test_every_wildcard_bind_in_the_manifests_is_explained_and_keyed():
                 assert explained, f"{manifest.name}:{i + 1} binds 0.0.0.0 without saying why"
     gpu = load_config(root / "manifests" / "colocate-gpu.yaml")
     assert gpu.serve.auth.keyed and not gpu.serve.auth.allow_remote_without_keys
+
+
+def test_the_ports_of_one_cluster_are_distinct_and_avoid_the_configured_ones():
+    from orchestrator.cluster.lifecycle import ClusterConfig, free_ports, ray_start_command
+
+    for _ in range(50):
+        ports = free_ports(6, avoid=(8265,))
+        assert len(set(ports)) == 6 and 8265 not in ports
+    cmd = ray_start_command(ClusterConfig(gcs_port=6390, dashboard_port=8265), "/tmp/x", 9999)
+    chosen = [int(c.split("=")[1]) for c in cmd if c.startswith("--") and c.split("=")[0].endswith("-port")]
+    assert len(chosen) == len(set(chosen)) == 7  # gcs, dashboard, 2 agent, metrics, runtime env, client
