@@ -743,7 +743,8 @@ def calibration_group(replica_id: str) -> int:
     return zlib.crc32(replica_id.encode()) % CALIBRATION_GROUPS
 
 
-def _calibration_due(loads: list[ReplicaLoad], states: States, now_s: float, cfg: PolicyConfig) -> np.ndarray:
+def _calibration_due(loads: list[ReplicaLoad], groups: list[int], states: States, now_s: float,
+                     cfg: PolicyConfig) -> np.ndarray:
     """Which replicas to measure this tick: each one once per `calibration_every_s`, at its
     group's phase of that period (the first time at once). The measurement is smoothed over
     `calibration_smoothing_s`, five periods, so a fresh median every tick adds nothing but
@@ -753,7 +754,7 @@ def _calibration_due(loads: list[ReplicaLoad], states: States, now_s: float, cfg
     if cfg.calibration_every_s <= 0:
         return np.ones(num, dtype=bool)
     every = cfg.calibration_every_s
-    phase = np.array([calibration_group(load.replica_id) for load in loads], dtype=np.float64) * every / CALIBRATION_GROUPS
+    phase = np.array(groups, dtype=np.float64) * every / CALIBRATION_GROUPS
     last = states.calibration_at_s
     with np.errstate(invalid="ignore"):
         crossed = np.floor((now_s + phase) / every) > np.floor((last + phase) / every)
@@ -767,12 +768,13 @@ def _calibrate(model: LatencyModel, loads: list[ReplicaLoad], columns: tuple[str
     predicted yet go to the model (a replica's recent steps slide by the steps since its last
     measurement). Returns which replicas were measured (due, with enough steps)."""
     measured = np.zeros(len(loads), dtype=bool)
-    due = _calibration_due(loads, states, now_s, cfg)
+    group_of = [calibration_group(load.replica_id) for load in loads]
+    due = _calibration_due(loads, group_of, states, now_s, cfg)
     enough = [i for i, load in enumerate(loads) if due[i] and load.recent_steps
               and len(load.recent_steps.get("step_latency_ms", ())) >= cfg.calibration_min_steps]
     groups: dict[int, list[int]] = {}
     for i in enough:
-        groups.setdefault(calibration_group(loads[i].replica_id), []).append(i)
+        groups.setdefault(group_of[i], []).append(i)
     for group, ids in groups.items():
         memo = cache.steps.setdefault(group, RowMemo())
         measured[ids] = _calibrate_group(model, [loads[i] for i in ids], columns, cfg, memo, factors, ids)
