@@ -62,6 +62,14 @@ def vllm_engine_base() -> type:
     return VLLMEngine
 
 
+def llm_callback_base() -> type:
+    """Ray Serve LLM's engine start-up callback class (`LLMConfig.callback_config`), whose
+    context decides whether the replica first runs its model-download task on every node."""
+    from ray.llm._internal.common.callbacks.base import CallbackBase
+
+    return CallbackBase
+
+
 def vllm_engine_class(start_engine) -> type:
     """A subclass of Ray Serve LLM's VLLMEngine whose AsyncLLM is started by
     `start_engine(engine, engine_args, engine_config, placement_group, log_engine_metrics=...)`

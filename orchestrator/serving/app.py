@@ -106,6 +106,11 @@ def build_llm_config(config: ColocateConfig, model_source: str):
         },
         "log_engine_metrics": True,
     }
+    if Path(model_source).is_dir():
+        # No download task per node for a model already on disk (see orchestrator.serving.startup).
+        from orchestrator.serving.startup import CALLBACK_CLS
+
+        kwargs["callback_config"] = {"callback_class": CALLBACK_CLS}
     if config.serve.offline_routing == "room":
         from orchestrator.serving.router import ROUTER_CLS
 

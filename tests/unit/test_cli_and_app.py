@@ -81,3 +81,25 @@ def test_cpu_dtype_is_bf16_only_where_the_cpu_computes_it():
     assert cpu_dtype("flags : fpu avx2 fma") == "float32"
     assert cpu_dtype("flags : fpu avx2 avx512f avx512_bf16") == "bfloat16"
     assert cpu_dtype("flags : fpu amx_bf16 amx_tile") == "bfloat16"
+
+
+def test_a_model_on_disk_skips_ray_serve_llms_download_task_and_a_hub_id_keeps_it(tmp_path):
+    import asyncio
+    from types import SimpleNamespace
+
+    from orchestrator.serving.app import build_llm_config
+    from orchestrator.serving.startup import CALLBACK_CLS, LocalModelCallback
+
+    config = parse_config({"model": {"id": "m", "source": str(tmp_path)}})
+    assert build_llm_config(config, str(tmp_path)).callback_config.callback_class == CALLBACK_CLS
+    assert build_llm_config(config, "org/some-model").callback_config.callback_class != CALLBACK_CLS
+
+    def run_init_node(source: str) -> bool:
+        llm_config = SimpleNamespace(model_loading_config=SimpleNamespace(model_source=source))
+        callback = LocalModelCallback(llm_config=llm_config)
+        asyncio.run(callback.run_callback("on_before_node_init"))
+        return callback.ctx.run_init_node
+
+    assert run_init_node(str(tmp_path)) is False
+    assert run_init_node("org/some-model") is True
+    assert run_init_node(str(tmp_path / "missing")) is True
