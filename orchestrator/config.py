@@ -257,7 +257,21 @@ class PolicyConfig(_Strict):
     chat missed its tight SLO with 10 s); manifests/colocate-bench-learned.yaml sets 10 s."""
     min_recut_s: float = Field(1.0, ge=0)
     """A higher pressure than the last cut's cuts again after this long (an overload deepening)."""
+    recut_margin: float = Field(0.1, ge=0)
+    """An overload deepens (a cut within `shrink_hold_s` of the last) only at a pressure this
+    share above the one the last cut answered. Adjacent reports share most of their window's
+    requests, and a running request's TPOT creeps up as it waits: in a steady-trace run the
+    window p99 went 203.5 -> 203.8 ms (the same slow requests) and each 'higher' pressure cut
+    again, 1 -> 0.125 within 4 s."""
     grow_step: float = Field(0.125, gt=0, le=1)
+    fast_recovery: bool = True
+    """Below the scale the first cut of its episode set (the first answer to the overload; deeper
+    cuts within the episode answered evidence that was partly older than it), the scale grows
+    back by undoing one cut (dividing by `shrink_factor`) per growth step, not by `grow_step`;
+    from there on additively (TCP's slow start up to its threshold). A chat request's TPOT
+    averages its whole reply, so a cut shows in the window only after the requests that ran
+    under the old budget have left it: at a cold start three cuts within 3 s took the scale to
+    0.125 before the first one was seen, and growing back 0.125 per hold took two minutes."""
     grow_hold_s: float = Field(1.0, ge=0)
     """Calm this long (one observation window) before each growth step, so every step is seen
     by the window before the next: growing every 1 s reached full scale before the first step's

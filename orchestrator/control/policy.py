@@ -29,10 +29,11 @@ How a replica's budget is chosen:
    misses: prefill interruptions, serving overhead, a model that is off): at or above
    `shrink_at` the replica's scale is cut at once (halved; with `full_cut_at` set, halved only
    from there and below it graded, by `grow_below / pressure`), and again only on new
-   evidence: a higher pressure, or still over `shrink_at` after `shrink_hold_s` (two
-   observation windows: the requests that saw the old budget must leave the window before the
-   cut can be judged); below `grow_below` for `grow_hold_s` (again a window, so each step is
-   observed before the next) it grows back by `grow_step`; in between it grows only every
+   evidence: a pressure `recut_margin` higher, or still over `shrink_at` after `shrink_hold_s`
+   (two observation windows: the requests that saw the old budget must leave the window before
+   the cut can be judged); below `grow_below` for `grow_hold_s` (again a window, so each step is
+   observed before the next) it grows back, undoing a cut per step up to the level the
+   episode's first cut set (`fast_recovery`), then by `grow_step`; in between it grows only every
    `band_grow_hold_s`. The scale multiplies the budget after the slot and operator caps, so a
    cut acts on what runs. The band between the two thresholds is what keeps a steady load from
    oscillating; for the same reason the calibration is smoothed across ticks and a replica's
@@ -410,6 +411,7 @@ class States(NamedTuple):
     calibration_at_s: np.ndarray
     held_target_ms: np.ndarray
     held_idle_target_ms: np.ndarray
+    recover_to: np.ndarray
 
     @classmethod
     def of(cls, states: list[ReplicaState]) -> States:
@@ -418,7 +420,7 @@ class States(NamedTuple):
                           s.last_probe_s, _NAN if s.headroom is None else s.headroom, s.headroom_at_s,
                           s.cut_pressure, _NAN if s.calibration is None else s.calibration,
                           s.calibration_at_s, _NAN if s.held_target_ms is None else s.held_target_ms,
-                          _NAN if s.held_idle_target_ms is None else s.held_idle_target_ms)
+                          _NAN if s.held_idle_target_ms is None else s.held_idle_target_ms, s.recover_to)
                          for s in states], dtype=np.float64).reshape(-1, len(cls._fields))
         return cls(*rows.T)
 
@@ -487,17 +489,19 @@ def _next_states(prev: States, pressure: np.ndarray, now_s: float, cfg: PolicyCo
 
     At or over `shrink_at`: a cut, if the pressure is new evidence: the window still holds the
     requests that caused the last cut (a request stays in it for a window after it ends), so
-    within `shrink_hold_s` only a higher pressure than the one already answered cuts again; after
+    within `shrink_hold_s` only a pressure `recut_margin` higher than the one already answered
+    cuts again; after
     a growth step (not "throttled") the window was calm, so any pressure is new. A cut
     multiplies the scale and both probes by `shrink_factor` at or over `full_cut_at` (default
     `shrink_at`), below it by `grow_below / pressure` (at least `shrink_factor`). Under
     `grow_below` (calm since `calm_since_s`): a reduced scale grows a step once calm for
-    `grow_hold_s`. In the band between: it grows only every `band_grow_hold_s`."""
+    `grow_hold_s` (with `fast_recovery`, below `recover_to` a step undoes a cut). In the band
+    between: it grows only every `band_grow_hold_s`."""
     scale, throttle, last_change = prev.scale, prev.throttle, prev.last_change_s
     shrink = pressure >= cfg.shrink_at
     since_cut_s = now_s - last_change
     new_evidence = ((throttle != THROTTLED) | (since_cut_s >= cfg.shrink_hold_s)
-                    | ((pressure > prev.cut_pressure) & (since_cut_s >= cfg.min_recut_s)))
+                    | ((pressure > prev.cut_pressure * (1.0 + cfg.recut_margin)) & (since_cut_s >= cfg.min_recut_s)))
     cut = shrink & new_evidence
     calm = ~shrink & (pressure < cfg.grow_below)
     band = ~shrink & ~calm
@@ -505,7 +509,12 @@ def _next_states(prev: States, pressure: np.ndarray, now_s: float, cfg: PolicyCo
     reduced = scale < 1.0
     grow = ((calm & reduced & (now_s - np.maximum(calm_since, last_change) >= cfg.grow_hold_s))
             | (band & reduced & (since_cut_s >= cfg.band_grow_hold_s)))
-    grown_scale = np.minimum(1.0, scale + cfg.grow_step)
+    additive = scale + cfg.grow_step
+    if cfg.fast_recovery:
+        # Up to the first cut's level: undo a cut per step (never less than the additive step).
+        additive = np.where(scale < prev.recover_to,
+                            np.maximum(additive, np.minimum(prev.recover_to, scale / cfg.shrink_factor)), additive)
+    grown_scale = np.minimum(1.0, additive)
     # A full cut at or over `full_cut_at`; below it (opt-in), one graded by how far over `grow_below`.
     with np.errstate(divide="ignore"):
         full_at = cfg.shrink_at if cfg.full_cut_at is None else cfg.full_cut_at
@@ -519,6 +528,8 @@ def _next_states(prev: States, pressure: np.ndarray, now_s: float, cfg: PolicyCo
         # Calm: since when (kept while calm); cut or band: not calm.
         calm_since_s=np.where(calm, calm_since, np.nan),
         cut_pressure=np.where(cut, pressure, prev.cut_pressure),
+        # The first cut of an episode (not already throttled) sets the level fast recovery returns to.
+        recover_to=np.where(cut & (throttle != THROTTLED), np.maximum(cfg.min_scale, scale * factor), prev.recover_to),
         probe_tpot=np.where(cut, np.maximum(1.0, prev.probe_tpot * factor), prev.probe_tpot),
         probe_ttft=np.where(cut, np.maximum(1.0, prev.probe_ttft * factor), prev.probe_ttft),
         last_probe_s=np.where(cut, now_s, prev.last_probe_s))

@@ -99,6 +99,9 @@ class ReplicaState:
     kept while the current one stays within `target_hysteresis` of it. None: none yet."""
     held_idle_target_ms: float | None = None
     """The same for the idle row."""
+    recover_to: float = 1.0
+    """The scale the first cut of the latest episode set: up to it the scale grows back by
+    undoing cuts (`fast_recovery`), beyond it additively."""
 
     def to_json(self) -> dict[str, Any]:
         return {"scale": self.scale, "throttle": self.throttle,
@@ -109,7 +112,8 @@ class ReplicaState:
                 "headroom_at_s": None if math.isinf(self.headroom_at_s) else self.headroom_at_s,
                 "cut_pressure": self.cut_pressure, "calibration": self.calibration,
                 "calibration_at_s": None if math.isinf(self.calibration_at_s) else self.calibration_at_s,
-                "held_target_ms": self.held_target_ms, "held_idle_target_ms": self.held_idle_target_ms}
+                "held_target_ms": self.held_target_ms, "held_idle_target_ms": self.held_idle_target_ms,
+                "recover_to": self.recover_to}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ReplicaState:
@@ -121,7 +125,7 @@ class ReplicaState:
                    -math.inf if d.get("headroom_at_s") is None else float(d["headroom_at_s"]),
                    float(d.get("cut_pressure", 0.0)), d.get("calibration"),
                    -math.inf if d.get("calibration_at_s") is None else float(d["calibration_at_s"]),
-                   d.get("held_target_ms"), d.get("held_idle_target_ms"))
+                   d.get("held_target_ms"), d.get("held_idle_target_ms"), float(d.get("recover_to", 1.0)))
 
 
 @dataclass(frozen=True)

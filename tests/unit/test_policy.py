@@ -97,23 +97,63 @@ def test_observed_tpot_near_the_slo_cuts_the_budget_at_once_and_it_grows_back_gr
     assert worse.replicas["r1"].state.scale == 0.25
     later = decide(snap(1.0 + CFG.shrink_hold_s, num_online=4, observed_tpot_p99_ms=52.0), state, model)
     assert later.replicas["r1"].state.scale == 0.25
-    # Calm: grows by one step per grow_hold_s, never in one jump.
+    # Calm: grows by one step per grow_hold_s, never in one jump: first back to the level the
+    # episode's first cut set (0.5: the deeper cut answered partly older evidence), undoing one
+    # cut per step, then by grow_step.
+    state = {"r1": later.replicas["r1"].state}
+    assert state["r1"].recover_to == 0.5
     t, scales = 2.0, []
     for _ in range(int(12 * CFG.grow_hold_s / 0.5)):
         d = decide(snap(t, num_online=1, observed_tpot_p99_ms=20.0), state, model).replicas["r1"]
         state = {"r1": d.state}
         scales.append(d.state.scale)
         t += 0.5
-    assert scales[0] == 0.5
+    assert scales[0] == 0.25
     growths = [i for i in range(1, len(scales)) if scales[i] > scales[i - 1]]
     assert all((b - a) * 0.5 >= CFG.grow_hold_s for a, b in zip(growths, growths[1:]))
-    assert all(b - a <= CFG.grow_step + 1e-9 for a, b in zip(scales, scales[1:]))
+    assert scales[growths[0]] == 0.5
+    assert all(b - a <= CFG.grow_step + 1e-9 for a, b in zip(scales[growths[0]:], scales[growths[0] + 1:]))
     assert scales[-1] == 1.0 and state["r1"].throttle == "open"
+
+
+def test_the_same_slow_requests_seen_again_do_not_deepen_a_cut_and_a_new_episode_recovers_to_its_own_level():
+    """A window p99 a hair above the one a cut answered (the same requests, a running one's TPOT
+    creeping up) is not a deeper overload; one `recut_margin` higher is. Fast recovery returns
+    to the level the episode's first cut set; a cut while recovering starts a new episode whose
+    level is half of where it struck."""
+    model = LinearModel()
+    cfg = PolicyConfig(shrink_hold_s=10.0)  # two windows, as manifests/colocate-bench-learned.yaml
+    hot = decide(snap(1.0, num_online=4, observed_tpot_p99_ms=52.0), {}, model, cfg).state
+    assert hot["r1"].scale == 0.5 and hot["r1"].recover_to == 0.5
+    creep = 52.0 * (1.0 + 0.9 * cfg.recut_margin)
+    same = decide(snap(1.0 + cfg.min_recut_s, num_online=4, observed_tpot_p99_ms=creep), hot, model, cfg).state
+    assert same["r1"].scale == 0.5
+    deeper = decide(snap(1.0 + cfg.min_recut_s, num_online=4,
+                         observed_tpot_p99_ms=52.0 * (1.0 + 1.1 * cfg.recut_margin)), hot, model).state
+    assert deeper["r1"].scale == 0.25 and deeper["r1"].recover_to == 0.5
+    # Calm: 0.25 -> 0.5 in one growth step, then one grow_step at a time.
+    state, t, scales = deeper, 3.0, []
+    while t < 3.0 + 3.5 * cfg.grow_hold_s:
+        state = decide(snap(t, num_online=1, observed_tpot_p99_ms=20.0), state, model, cfg).state
+        scales.append(state["r1"].scale)
+        t += 0.25
+    assert sorted(set(scales)) == [0.25, 0.5, 0.5 + cfg.grow_step, 0.5 + 2 * cfg.grow_step]
+    # Hot again while recovering: a new episode, recovering to half of 0.75.
+    again = decide(snap(t, num_online=4, observed_tpot_p99_ms=52.0), state, model, cfg).state
+    assert again["r1"].scale == again["r1"].recover_to == 0.375
+    # Without fast recovery, every growth step is grow_step.
+    slow = PolicyConfig(shrink_hold_s=10.0, fast_recovery=False)
+    state, scales = deeper, []
+    for i in range(12):
+        state = decide(snap(3.0 + 0.25 * i, num_online=1, observed_tpot_p99_ms=20.0), state, model, slow).state
+        scales.append(state["r1"].scale)
+    rises = [b - a for a, b in zip(scales, scales[1:]) if b > a]
+    assert rises and all(abs(r - slow.grow_step) < 1e-9 for r in rises)
 
 
 def test_steady_load_inside_the_band_does_not_oscillate_and_a_cut_budget_still_recovers():
     model = LinearModel()
-    state = {"r1": ReplicaState(scale=0.5, throttle="throttled", last_change_s=0.0)}
+    state = {"r1": ReplicaState(scale=0.5, throttle="throttled", last_change_s=0.0, recover_to=0.5)}
     scales = []
     for i in range(int(5 * CFG.band_grow_hold_s / 0.25)):  # 250 ms ticks, TPOT steady at 0.85 of the SLO
         d = decide(snap(1.0 + 0.25 * i, num_online=3, observed_tpot_p99_ms=0.85 * SLO.tpot_p99_ms), state, model)
