@@ -40,6 +40,8 @@ class CompiledModel:
         self.default_left, self.roots, self.tree_target = default_left, roots, tree_target
         self.base_score = base_score
         self.num_trees = int(len(roots))
+        # Each target's trees alone (targets are independent sums), for a caller that needs one head.
+        self._roots_of = {int(t): roots[tree_target == t] for t in np.unique(tree_target)}
 
     @classmethod
     def from_booster(cls, booster) -> CompiledModel:
@@ -79,3 +81,13 @@ class CompiledModel:
               self.tree_target, out)
         out += self.base_score
         return out
+
+    def predict_target(self, x: np.ndarray, target: int) -> np.ndarray:
+        """(n,) raw outputs of one target: `predict(x)[:, target]`, equal to the last bit (the same
+        trees summed in the same order), walking only that target's trees."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        roots = self._roots_of.get(target, np.empty(0, dtype=np.int64))
+        out = np.zeros((x.shape[0], 1), dtype=np.float32)
+        _walk(x, self.feature, self.threshold, self.left, self.right, self.default_left, roots,
+              np.zeros(len(roots), dtype=np.int64), out)
+        return out[:, 0] + self.base_score[target]

@@ -75,6 +75,13 @@ class StepLatencyModel:
         p99 = np.maximum(out[:, 1] * self.p99_scale, p50)
         return p50, p99
 
+    def predict_p50_ms(self, features: np.ndarray) -> np.ndarray:
+        """`predict_ms(features)[0]` alone, walking only the median head's trees (the controller's
+        calibration asks for thousands of past steps per second and uses only the median)."""
+        if self.compiled is None:
+            return self.predict_ms(features)[0]
+        return self.compiled.predict_target(np.asarray(features, dtype=np.float32), 0)
+
     def predict_columns(self, columns) -> tuple[np.ndarray, np.ndarray]:
         return self.predict_ms(featurize(columns))
 

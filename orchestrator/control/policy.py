@@ -166,8 +166,10 @@ class RowMemo:
         self.rows = np.empty((0, 0))
         self._weights: np.ndarray | None = None
 
-    def predict(self, model, rows: np.ndarray, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """(p50, p99) of `rows` (n, columns)."""
+    def predict(self, model, rows: np.ndarray, columns: tuple[str, ...],
+                p50_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(p50, p99) of `rows` (n, columns); with `p50_only`, p99 is NaN where the model can
+        answer the median alone (`predict_p50_ms`; a memo keeps one kind of call)."""
         if not len(rows):
             return np.empty(0), np.empty(0)
         if self._weights is None or len(self._weights) != rows.shape[1]:
@@ -184,7 +186,11 @@ class RowMemo:
             p50[hit], p99[hit] = self.p50[at[hit]], self.p99[at[hit]]
         todo = np.flatnonzero(~hit)
         if len(todo):
-            p50[todo], p99[todo] = model.predict_ms(featurize({c: rows[todo, j] for j, c in enumerate(columns)}))
+            features = featurize({c: rows[todo, j] for j, c in enumerate(columns)})
+            if p50_only and hasattr(model, "predict_p50_ms"):
+                p50[todo] = model.predict_p50_ms(features)
+            else:
+                p50[todo], p99[todo] = model.predict_ms(features)
         self._keep(at[hit], todo, fingerprints, rows, p50, p99)
         return p50, p99
 
@@ -803,7 +809,7 @@ def _calibrate_group(model: LatencyModel, loads: list[ReplicaLoad], columns: tup
     table = np.concatenate([steps[c] for c in named for steps in recent]).astype(np.float64, copy=False)
     table = table.reshape(len(named), -1)
     rows, observed = table[:-1].T, table[-1]
-    pred, _ = memo.predict(model, rows, columns)
+    pred, _ = memo.predict(model, rows, columns, p50_only=True)
     ok = pred > 0
     ratio_all = np.where(ok, observed / np.where(ok, pred, 1.0), np.nan)
     # Into a (replicas, steps) matrix padded with NaN (sorted last): one sort for all medians.

@@ -177,6 +177,9 @@ def test_compiled_trees_give_xgboosts_outputs(trained, tmp_path):
     loaded = load(model.save(tmp_path / "m"))
     assert loaded.compiled is not None
     np.testing.assert_allclose(loaded.predict_ms(x[:64])[0], model.predict_ms(x[:64])[0], rtol=1e-5, atol=1e-4)
+    # The median head alone (the calibration's call) is the median head of the full call, to the bit.
+    np.testing.assert_array_equal(loaded.predict_p50_ms(x), loaded.predict_ms(x)[0])
+    np.testing.assert_array_equal(compiled.predict_target(x, 1), compiled.predict(x)[:, 1])
 
 
 def _decode_run(steps: int, batch: int) -> list[tuple[int, int, int]]:
