@@ -393,7 +393,7 @@ def teardown(state: StackState, keep_logs: bool = False) -> list[str]:
 
     if removed := sweep_stale_channels():
         done.append(f"removed {len(removed)} engine channel file(s) of stopped replicas")
-    if removed := shm.sweep():
+    if removed := shm.sweep(wait_s=15.0):
         done.append(f"removed {len(removed)} shared-memory segment(s) of stopped engines")
     StackState.clear()
     return done

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -77,21 +78,34 @@ def unlink_segments(names: Iterable[str], directory: Path = SHM_DIR) -> list[str
     return removed
 
 
-def sweep(directory: Path = SHM_DIR) -> list[str]:
+def sweep(directory: Path = SHM_DIR, wait_s: float = 0.0) -> list[str]:
     """Unlink the segments of every record whose processes have all exited; drop the record.
-    Returns the segments removed."""
+    Returns the segments removed.
+
+    With `wait_s`, records of orphans (the replica that wrote the record is gone, some of its
+    engine processes still run) are polled until those exit, for at most `wait_s`: a killed
+    replica's engine core outlives it by a moment and unlinks nothing on its way out, and a
+    stack's teardown that swept while it was still exiting left its 160 MB segment behind (a
+    full test run, twice). A record whose writer is alive is never waited for."""
     removed: list[str] = []
-    for path in directory.glob(f"{RECORD_PREFIX}*.json"):
-        try:
-            record = json.loads(path.read_text())
-            pids, segments = [int(p) for p in record["pids"]], list(record["segments"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # being written, or not ours to judge
-        if any(process_alive(pid) for pid in pids):
-            continue
-        removed += unlink_segments({*segments, *created_by(pids, directory)}, directory)
-        path.unlink(missing_ok=True)
-    return removed
+    deadline = time.monotonic() + wait_s
+    while True:
+        orphans = False
+        for path in directory.glob(f"{RECORD_PREFIX}*.json"):
+            try:
+                record = json.loads(path.read_text())
+                pids, segments = [int(p) for p in record["pids"]], list(record["segments"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being written, or not ours to judge
+            if any(process_alive(pid) for pid in pids):
+                owner = path.name[len(RECORD_PREFIX):-len(".json")]
+                orphans |= owner.isdigit() and not process_alive(int(owner))
+                continue
+            removed += unlink_segments({*segments, *created_by(pids, directory)}, directory)
+            path.unlink(missing_ok=True)
+        if not orphans or time.monotonic() >= deadline:
+            return removed
+        time.sleep(0.2)
 
 
 def process_alive(pid: int) -> bool:

@@ -52,3 +52,28 @@ def test_sweep_removes_segments_only_once_every_recorded_process_has_exited(tmp_
     (tmp_path / "colocate-shm-9.json").write_text("{not json")  # half-written: left alone
     assert shm.sweep(directory=tmp_path) == []
     assert (tmp_path / "colocate-shm-9.json").exists()
+
+
+def test_a_teardown_sweep_waits_for_an_orphaned_engine_to_exit_and_never_for_a_live_writer(tmp_path):
+    import time
+
+    _segment(tmp_path, "psm_orphan")
+    _segment(tmp_path, "psm_live")
+    # The replica that wrote the record is gone; its engine process still runs for a moment.
+    engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+    shm.write_record(_dead_pid(), [engine.pid], ["psm_orphan"], directory=tmp_path)
+    # A live writer (this process) whose engine runs on: not waited for.
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    shm.write_record(os.getpid(), [runner.pid], ["psm_live"], directory=tmp_path)
+    try:
+        assert shm.sweep(directory=tmp_path) == []  # no wait: the orphan is still exiting
+        reaper = __import__("threading").Thread(target=engine.wait)  # reaped, as init would
+        reaper.start()
+        started = time.monotonic()
+        assert shm.sweep(directory=tmp_path, wait_s=10.0) == ["psm_orphan"]
+        assert time.monotonic() - started < 5.0  # returned once the orphan exited, not at the deadline
+        assert (tmp_path / "psm_live").exists()
+    finally:
+        runner.kill()
+        runner.wait()
+        engine.wait()
