@@ -129,7 +129,7 @@ def test_the_same_slow_requests_seen_again_do_not_deepen_a_cut_and_a_new_episode
     same = decide(snap(1.0 + cfg.min_recut_s, num_online=4, observed_tpot_p99_ms=creep), hot, model, cfg).state
     assert same["r1"].scale == 0.5
     deeper = decide(snap(1.0 + cfg.min_recut_s, num_online=4,
-                         observed_tpot_p99_ms=52.0 * (1.0 + 1.1 * cfg.recut_margin)), hot, model).state
+                         observed_tpot_p99_ms=52.0 * (1.0 + 1.1 * cfg.recut_margin)), hot, model, cfg).state
     assert deeper["r1"].scale == 0.25 and deeper["r1"].recover_to == 0.5
     # Calm: 0.25 -> 0.5 in one growth step, then one grow_step at a time.
     state, t, scales = deeper, 3.0, []
