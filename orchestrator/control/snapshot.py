@@ -102,6 +102,10 @@ class ReplicaState:
     recover_to: float = 1.0
     """The scale the first cut of the latest episode set: up to it the scale grows back by
     undoing cuts (`fast_recovery`), beyond it additively."""
+    calibration_var: float = 0.0
+    """Smoothed squared relative deviation of each raw calibration measurement from the smoothed
+    calibration: how noisy this replica's calibration is on this host (it widens the band within
+    which the tables are held, `PolicyConfig.target_hysteresis`)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"scale": self.scale, "throttle": self.throttle,
@@ -113,7 +117,7 @@ class ReplicaState:
                 "cut_pressure": self.cut_pressure, "calibration": self.calibration,
                 "calibration_at_s": None if math.isinf(self.calibration_at_s) else self.calibration_at_s,
                 "held_target_ms": self.held_target_ms, "held_idle_target_ms": self.held_idle_target_ms,
-                "recover_to": self.recover_to}
+                "recover_to": self.recover_to, "calibration_var": self.calibration_var}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ReplicaState:
@@ -125,7 +129,8 @@ class ReplicaState:
                    -math.inf if d.get("headroom_at_s") is None else float(d["headroom_at_s"]),
                    float(d.get("cut_pressure", 0.0)), d.get("calibration"),
                    -math.inf if d.get("calibration_at_s") is None else float(d["calibration_at_s"]),
-                   d.get("held_target_ms"), d.get("held_idle_target_ms"), float(d.get("recover_to", 1.0)))
+                   d.get("held_target_ms"), d.get("held_idle_target_ms"), float(d.get("recover_to", 1.0)),
+                   float(d.get("calibration_var", 0.0)))
 
 
 @dataclass(frozen=True)

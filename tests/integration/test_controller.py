@@ -325,8 +325,10 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
               f"{rows['during_end'][1]['offline_budget_seqs']}/{budget_during}, after "
               f"{rows['after_start'][1]['offline_budget_seqs']}/{rows['after_start'][1]['offline_budget_tokens']} -> "
               f"{rows['after_end'][1]['offline_budget_seqs']}/{rows['after_end'][1]['offline_budget_tokens']}; "
-              f"calibration after {rows['after_start'][1].get('model_calibration')} -> "
-              f"{rows['after_end'][1].get('model_calibration')}; throttle scale during "
+              f"calibration before {rows['before_end'][1].get('model_calibration')}, after "
+              f"{rows['after_start'][1].get('model_calibration')} -> "
+              f"{rows['after_end'][1].get('model_calibration')} (band {rows['after_end'][1].get('target_band')}); "
+              f"throttle scale during "
               f"{rows['during_end'][1].get('throttle_scale')}, after {rows['after_start'][1].get('throttle_scale')}"
               f" -> {rows['after_end'][1].get('throttle_scale')}; model calibration "
               f"{rows['during_end'][1].get('model_calibration')}; headroom {rows['during_end'][1].get('headroom')}, "
@@ -341,6 +343,19 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     # engine itself; a status sample of the budget falls wherever the chat count is). (Offline tokens
     # per second need not fall as far: the steps get shorter once they carry no long prefill.)
     assert step_during < 0.8 * step_before, report
-    # The recovery: offline work per step and throughput come back once chat stops.
+    # The recovery: offline work per step and throughput come back once chat stops. The feedback
+    # gives back all it cut; what the model allows may have moved meanwhile: on the bench model's
+    # flat step curve a calibration 5% higher than before the chat (a busier CI host) halves the
+    # no-chat budget (24 -> 12 sequences, CI), which is the model following the host, not a
+    # recovery that failed. Then the throughput is held to the budget the model gives now (a step
+    # with fewer sequences is no longer, so output tokens/s fall at most in their proportion).
     assert step_after > step_during, report
-    assert after >= 0.8 * before, report
+    assert rows["after_end"][1]["throttle_scale"] == 1.0, report
+
+    def budget(label: str) -> tuple[int, int]:
+        return rows[label][1]["offline_budget_seqs"], rows[label][1]["offline_budget_tokens"]
+
+    slower_host = (budget("after_end") < budget("before_end")
+                   and rows["after_end"][1]["model_calibration"] > rows["before_end"][1]["model_calibration"])
+    share = budget("after_end")[0] / max(budget("before_end")[0], 1) if slower_host else 1.0
+    assert after >= 0.8 * before * share, report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -329,6 +331,47 @@ def test_the_tables_hold_through_small_moves_of_the_target_and_follow_large_ones
     hot = at(0.28, {"r1": first.state}, observed_tpot_p99_ms=52.0)
     assert hot.state.scale == 0.5 and hot.budget.max_offline_seqs[1] == 8
     assert at(0.28, {"r1": first.state}, PolicyConfig(target_hysteresis=0.0)).budget.max_offline_seqs[1] == 12
+
+
+def test_the_band_widens_with_the_calibration_noise_measured_on_the_host_and_holds_the_tables():
+    from orchestrator.control.policy import hysteresis_band
+
+    model = LinearModel()
+    decodes = [4, 8, 12, 16, 20, 24, 28, 32, 8, 8]
+    at = lambda ratio: _steps(decodes, [ratio * 0.8 * (10 + 2 * d) for d in decodes])  # noqa: E731
+
+    def run(ratios):
+        state, t = {}, 10.0
+        for ratio in ratios:
+            state = decide(snap(t, recent_steps=at(ratio)), state, model).state
+            t += CFG.calibration_every_s
+        return state["r1"]
+
+    # A steady host: every measurement alike, no spread; the band is the floor.
+    quiet = run([1.5] * 120)
+    assert quiet.calibration_var == pytest.approx(0.0, abs=1e-12)
+    assert hysteresis_band(np.array([quiet.calibration_var]), CFG)[0] == CFG.target_hysteresis
+    # A noisy one: measurements alternate 20% either side of 1.5 (the smoothed value stays near
+    # 1.5 and wanders a few percent); the band is wider than that wander, within its cap.
+    noisy = run([1.2, 1.8] * 60)
+    assert 0.02 < noisy.calibration_var < 0.05 and abs(noisy.calibration - 1.5) < 0.1
+    band = hysteresis_band(np.array([noisy.calibration_var]), CFG)[0]
+    weight = 1.0 - np.exp(-CFG.calibration_every_s / CFG.calibration_smoothing_s)
+    wander = np.sqrt(noisy.calibration_var * weight / (2.0 - weight))
+    assert band == pytest.approx(CFG.hysteresis_noise_sigmas * wander) and CFG.target_hysteresis < band < 0.25
+    assert hysteresis_band(np.array([10.0]), CFG)[0] == CFG.max_target_hysteresis
+    # The noise survives a checkpoint.
+    assert ReplicaState.from_json(noisy.to_json()).calibration_var == noisy.calibration_var
+
+    def tables(headroom, state):
+        slo = SloTargets(ttft_p99_ms=400.0, tpot_p99_ms=50.0, headroom=headroom)
+        return decide(Snapshot(now_s=1.0, slo=slo, replicas=(ReplicaLoad("r1"),)), state, model).replicas["r1"]
+
+    # The target 6% lower (37 -> 35 ms) is over the floor: rebuilt on a quiet replica, held on a noisy one.
+    first = tables(0.26, {})
+    assert tables(0.30, {"r1": first.state}).state.held_target_ms == pytest.approx(35.0)
+    held = tables(0.30, {"r1": dataclasses.replace(first.state, calibration_var=noisy.calibration_var)})
+    assert held.state.held_target_ms == pytest.approx(37.0) and held.budget == first.budget
 
 
 def test_a_cut_near_the_slo_is_graded_where_configured_and_a_missed_slo_halves():
