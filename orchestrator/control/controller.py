@@ -38,7 +38,7 @@ from orchestrator.control.policy import (
     Snapshot,
     candidate_grid,
     decide,
-    hysteresis_band,
+    hysteresis_band_of,
 )
 from orchestrator.control.profile import load_profile
 from orchestrator.control.reply import make_reply
@@ -399,7 +399,7 @@ class ControllerCore:
             "step_p99_ms": load.step_p99_ms,
             "throttle_scale": d.state.scale,
             "model_calibration": d.calibration,
-            "target_band": float(hysteresis_band(np.array([d.state.calibration_var]), self.policy)[0]),
+            "target_band": hysteresis_band_of(d.state.calibration_var, self.policy),
             "headroom": d.headroom,
             "budget_seqs_by_online": list(d.budget.max_offline_seqs[:8]),
             "probe_tpot": d.state.probe_tpot,

@@ -737,6 +737,16 @@ def hysteresis_band(calibration_var: np.ndarray, cfg: PolicyConfig) -> np.ndarra
                    max(cfg.target_hysteresis, cfg.max_target_hysteresis))
 
 
+def hysteresis_band_of(calibration_var: float, cfg: PolicyConfig) -> float:
+    """`hysteresis_band` of one replica, in plain floats (the controller's status rows: a numpy
+    call per replica per tick is milliseconds at hundreds of replicas)."""
+    period_s = max(cfg.calibration_every_s, 0.25)
+    weight = 1.0 if cfg.calibration_smoothing_s <= 0 else 1.0 - math.exp(-period_s / cfg.calibration_smoothing_s)
+    wander = math.sqrt(max(calibration_var, 0.0) * weight / (2.0 - weight))
+    return min(max(cfg.hysteresis_noise_sigmas * wander, cfg.target_hysteresis),
+               max(cfg.target_hysteresis, cfg.max_target_hysteresis))
+
+
 def _held_target(held_ms: np.ndarray, target_ms: np.ndarray, band: np.ndarray | float) -> np.ndarray:
     """The calibrated target the tables are built for: the one they were last built for while
     the current one stays within `band` of it (relative), else the current one.

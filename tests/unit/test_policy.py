@@ -334,7 +334,7 @@ def test_the_tables_hold_through_small_moves_of_the_target_and_follow_large_ones
 
 
 def test_the_band_widens_with_the_calibration_noise_measured_on_the_host_and_holds_the_tables():
-    from orchestrator.control.policy import hysteresis_band
+    from orchestrator.control.policy import hysteresis_band, hysteresis_band_of
 
     model = LinearModel()
     decodes = [4, 8, 12, 16, 20, 24, 28, 32, 8, 8]
@@ -360,6 +360,8 @@ def test_the_band_widens_with_the_calibration_noise_measured_on_the_host_and_hol
     wander = np.sqrt(noisy.calibration_var * weight / (2.0 - weight))
     assert band == pytest.approx(CFG.hysteresis_noise_sigmas * wander) and CFG.target_hysteresis < band < 0.25
     assert hysteresis_band(np.array([10.0]), CFG)[0] == CFG.max_target_hysteresis
+    for var in (0.0, noisy.calibration_var, 10.0):
+        assert hysteresis_band_of(var, CFG) == pytest.approx(hysteresis_band(np.array([var]), CFG)[0])
     # The noise survives a checkpoint.
     assert ReplicaState.from_json(noisy.to_json()).calibration_var == noisy.calibration_var
 
