@@ -26,6 +26,10 @@ def register(app: typer.Typer) -> None:
         rounds: int = typer.Option(3, "--rounds", min=1,
                                    help="Slices of the workload every policy serves in turn (order reversed "
                                         "every other round, so host drift weighs on all alike)."),
+        max_num_seqs: int = typer.Option(8, "--max-num-seqs", min=1,
+                                          help="Engine slots (fewer: requests queue for a slot, where order matters)."),
+        prompt_chars: int = typer.Option(600, "--prompt-chars", min=1,
+                                         help="Prompts are sent cut to this many characters (bounds prefill cost)."),
         out: Path | None = typer.Option(None, "--out", help="Results directory (default results/length-<time>)."),
     ) -> None:
         """Chat ordering policies side by side beside a batch job: FCFS, predicted shortest-first,
@@ -42,7 +46,8 @@ def register(app: typer.Typer) -> None:
         )
 
         cfg = _load(config)
-        opts = LengthBenchOptions(num_requests=num_requests, load=load, cv=cv, seed=seed, rounds=rounds)
+        opts = LengthBenchOptions(num_requests=num_requests, load=load, cv=cv, seed=seed, rounds=rounds,
+                                  max_num_seqs=max_num_seqs, prompt_chars=prompt_chars)
         if policies:
             chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
             unknown = [p for p in chosen if p not in POLICIES]

@@ -391,7 +391,6 @@ def run_length_bench(config, *, data: Path, predictor_dir: Path, out: Path, opts
                      on_progress: Callable[[str], None] = print) -> dict[str, Any]:
     from latency_model.length.data import load_table, tokenizer_counter
     from latency_model.length.predictor import load_predictor
-    from orchestrator.config import OrderConfig
     from orchestrator.engine.channel import EngineChannel
     from orchestrator.names import ENV_ENGINE_CHANNEL, ENV_ENGINE_ORDER
     from orchestrator.serving.app import engine_kwargs, resolve_model_source
@@ -404,7 +403,8 @@ def run_length_bench(config, *, data: Path, predictor_dir: Path, out: Path, opts
     predictor = load_predictor(predictor_dir)
     test = load_table(data, tokenizer_counter(source)).splits()["test"]
     predictor = _ScaledPredictor(predictor, length_scale(test.tokens, opts))
-    sjf = OrderConfig(policy="sjf", predictor_path=str(predictor_dir))
+    # The config's order section (aging, guard, preemption bounds) with the policies set here.
+    sjf = config.order.model_copy(update={"policy": "sjf", "predictor_path": str(predictor_dir)})
     groups = [(order, [p for p in opts.policies if p.startswith("srpt") == (order.policy == "srpt")])
               for order in (sjf, sjf.model_copy(update={"policy": "srpt"}))]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -28,10 +28,12 @@ def colocate_cmd(*args: str) -> list[str]:
 
 
 def start_stack(work: Path, *, model: dict, engine_kwargs: dict, controller: dict | None = None,
-                serve: dict | None = None, env: dict | None = None, replicas: dict | None = None):
+                serve: dict | None = None, env: dict | None = None, replicas: dict | None = None,
+                order: dict | None = None):
     """`colocate up` a stack of one replica on free loopback ports; yields its info, then `down`.
     `serve` adds to the config's serve section (e.g. `grpc`), `replicas` to its replicas section
-    (e.g. the emulated engine), `env` to `colocate up`'s environment."""
+    (e.g. the emulated engine), `order` is the config's order section, `env` adds to `colocate
+    up`'s environment."""
     taken = ((serve or {}).get("grpc") or {}).get("port")
     serve_port, gcs_port, dash_port = free_ports(3, avoid=(taken,) if taken else ())
     slo_path = work / "slo.yaml"
@@ -42,6 +44,7 @@ def start_stack(work: Path, *, model: dict, engine_kwargs: dict, controller: dic
         "serve": {"port": serve_port, "health_timeout_s": 420, **(serve or {})},
         "cluster": {"gcs_port": gcs_port, "dashboard_port": dash_port, "temp_dir": f"/tmp/colocate-test-{gcs_port}"},
         "controller": {"slo_path": str(slo_path), **(controller or {})},
+        **({"order": order} if order else {}),
     }
     config_path = work / "colocate.yaml"
     config_path.write_text(yaml.safe_dump(config))

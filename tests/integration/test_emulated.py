@@ -1,6 +1,11 @@
 """The emulated GPU engine: vLLM's real scheduler, KV manager and front end with the forward pass
 replaced by the roofline's step time, in an engine of its own and in a whole stack (Ray Serve,
-the controller, a batch job through `ray job submit`)."""
+the controller, a batch job through `ray job submit`).
+
+The stack also orders chat by predicted reply length (`order.policy: sjf`, a predictor trained
+here by `colocate length train` on a small synthetic table): the serving path (the replica reads
+the prompt, predicts, sets the request's level; the engine's priority queue orders by it) is
+tested end to end here, where steps take a modelled time and a queue forms at little CPU."""
 
 from __future__ import annotations
 
@@ -76,14 +81,44 @@ def test_an_emulated_engine_runs_every_request_to_its_length_at_little_cpu(tmp_p
     assert cpu_share < 0.5, cpu_share
 
 
+NUM_SLOTS = 8
+"""The stack's `max_num_seqs`: few, so that the ordering test can hold them all."""
+SHORT_PROMPT = "In one word: what colour is item {i}?"
+LONG_PROMPT = "Write a long and detailed essay, many paragraphs, on the history of subject {i}."
+
+
+def _train_length_predictor(work: Path) -> Path:
+    """A predictor trained by the real CLI on a synthetic table in which one kind of prompt gets
+    one-word replies and the other 300-word ones (the ShareGPT trace is not in every checkout)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [(f"s{i}", SHORT_PROMPT.format(i=i), "Blue.") for i in range(120)]
+    rows += [(f"l{i}", LONG_PROMPT.format(i=i), " ".join(f"word{j}" for j in range(300))) for i in range(120)]
+    data = work / "lengths.parquet"
+    pq.write_table(pa.table({"id": [r[0] for r in rows], "prompt": [r[1] for r in rows],
+                             "response": [r[2] for r in rows]}), data)
+    out = work / "predictor"
+    done = subprocess.run([str(Path(sys.executable).parent / "colocate"), "length", "train", str(data),
+                           "--out", str(out), "--tokenizer", str(MODEL_CACHE)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def emulated_stack(tmp_path_factory):
     _ensure_model()
+    work = tmp_path_factory.mktemp("emulated")
+    # Aging off (the guard alone): how fast a waiting request ages depends on the levels of
+    # earlier arrivals, and the ordering test must not depend on what the other test sent.
+    order = {"policy": "sjf", "predictor_path": str(_train_length_predictor(work)), "aging_octaves_per_service": 0.0}
     yield from start_stack(
-        tmp_path_factory.mktemp("emulated"),
+        work,
         model={"id": MODEL_ID, "source": str(MODEL_CACHE), "build_tiny": "test"},
-        engine_kwargs={"max_model_len": 2048, "max_num_seqs": 64, "max_num_batched_tokens": 512},
+        engine_kwargs={"max_model_len": 2048, "max_num_seqs": NUM_SLOTS, "max_num_batched_tokens": 512},
         replicas={"engine": "emulated", "emulation": EMULATION},
+        order=order,
     )
 
 
@@ -145,3 +180,46 @@ def test_chat_and_a_batch_job_run_on_an_emulated_stack_at_the_modelled_step_time
     measured = np.asarray(merged["step_latency_ms"])
     ratio = measured / modelled_ms(merged)
     assert len(ratio) >= 48 and abs(float(np.median(ratio)) - 1.0) < 0.05, np.percentile(ratio, [5, 50, 95])
+
+
+def test_chat_is_served_shortest_predicted_reply_first_through_serve(emulated_stack):
+    """Every slot held by a long chat request; then a request the predictor reads as long, and
+    after it one it reads as short. When the first slot frees, the short one takes it: it
+    arrived later and still gets its first token first (FCFS would serve the long one)."""
+    stack = emulated_stack
+    client = openai.OpenAI(base_url=stack["endpoint"], api_key="unused", max_retries=0, timeout=120)
+    first_token_at: dict[str, float] = {}
+    done_at: dict[str, float] = {}
+    started = threading.Barrier(NUM_SLOTS + 1, timeout=120)
+
+    def ask(name: str, prompt: str, max_tokens: int, barrier: threading.Barrier | None = None) -> None:
+        stream = client.chat.completions.create(model=MODEL_ID, max_tokens=max_tokens, stream=True,
+                                                messages=[{"role": "user", "content": prompt}],
+                                                extra_body={"ignore_eos": True})
+        for chunk in stream:
+            if name not in first_token_at and chunk.choices and chunk.choices[0].delta.content:
+                first_token_at[name] = time.monotonic()
+                if barrier is not None:
+                    barrier.wait()
+        done_at[name] = time.monotonic()
+
+    # Blockers end one after another (60 tokens apart), so slots free one at a time; the first
+    # of the two to get a slot holds it for 32 tokens, so the other's first token comes some
+    # 30 steps later (about 0.4 s of the emulated A100), far over the serving path's jitter.
+    blockers = [threading.Thread(target=ask, args=(f"blocker-{i}", LONG_PROMPT.format(i=1000 + i), 150 + 60 * i, started))
+                for i in range(NUM_SLOTS)]
+    for th in blockers:
+        th.start()
+    started.wait()  # every slot holds a running request
+    long_one = threading.Thread(target=ask, args=("long", LONG_PROMPT.format(i=2000), 32))
+    short_one = threading.Thread(target=ask, args=("short", SHORT_PROMPT.format(i=2000), 32))
+    long_one.start()
+    time.sleep(0.5)  # both wait: the first blocker has 150 tokens to go
+    short_one.start()
+    for th in (*blockers, long_one, short_one):
+        th.join(timeout=120)
+    assert {"long", "short"} <= first_token_at.keys(), first_token_at
+    t0 = min(first_token_at.values())
+    timeline = sorted([(round(v - t0, 3), f"{k} first token") for k, v in first_token_at.items()]
+                      + [(round(v - t0, 3), f"{k} done") for k, v in done_at.items()])
+    assert first_token_at["short"] < first_token_at["long"], timeline
