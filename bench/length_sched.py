@@ -94,6 +94,10 @@ class PolicyResult:
     duration_s: float = 0.0
     num_guard_promotions: int = 0
     num_chat_preempted: int = 0
+    chat_tokens_computed: int = 0
+    """Chat tokens the engine computed (prompt, recomputed prompt after a preemption, output)."""
+    busy_s: float = 0.0
+    """Engine step time summed over the run (its counters): busy / duration is the utilization."""
     live_tau: float | None = None
     trust: float | None = None
 
@@ -149,6 +153,8 @@ def pooled(parts: list[PolicyResult]) -> PolicyResult:
         out.duration_s += r.duration_s
         out.num_guard_promotions += r.num_guard_promotions
         out.num_chat_preempted += r.num_chat_preempted
+        out.chat_tokens_computed += r.chat_tokens_computed
+        out.busy_s += r.busy_s
     out.live_tau, out.trust = parts[-1].live_tau, parts[-1].trust
     return out
 
@@ -212,6 +218,8 @@ def summarize(res: PolicyResult, *, ttft_target_ms: float) -> dict[str, Any]:
         "attainment": met / len(ttft), "attainment_wilson_low": low,
         "offline_output_tok_s": res.offline_tokens / res.duration_s if res.duration_s else 0.0,
         "num_guard_promotions": res.num_guard_promotions, "num_chat_preempted": res.num_chat_preempted,
+        "chat_tokens_computed_per_request": res.chat_tokens_computed / len(e2e) if len(e2e) else None,
+        "engine_busy_share": res.busy_s / res.duration_s if res.duration_s else None,
         "live_tau": res.live_tau, "trust": res.trust,
     }
 
@@ -229,7 +237,8 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'policy':12}{'e2e mean':>10}{'p50':>8}{'p99':>8}{'TTFT mean':>11}{'p99':>8}{'attain':>8}"
-            f"{'(low)':>7}{'offline/s':>10}{'mean/FCFS':>10}{'p99/FCFS':>9}{'tau':>7}{'trust':>6}{'preempt':>8}")
+            f"{'(low)':>7}{'offline/s':>10}{'mean/FCFS':>10}{'p99/FCFS':>9}{'tau':>7}{'trust':>6}{'preempt':>8}"
+            f"{'chat tok/req':>13}{'busy':>6}")
     lines = [head]
     for r in rows:
         tau = "" if r["live_tau"] is None else f"{r['live_tau']:.2f}"
@@ -238,8 +247,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                      f"{r['ttft_mean_ms']:>11.0f}{r['ttft_p99_ms']:>8.0f}{r['attainment']:>8.3f}"
                      f"{r['attainment_wilson_low']:>7.3f}{r['offline_output_tok_s']:>10.1f}"
                      f"{r.get('e2e_mean_vs_fcfs', float('nan')):>10.2f}{r.get('e2e_p99_vs_fcfs', float('nan')):>9.2f}"
-                     f"{tau:>7}{trust:>6}{r.get('num_chat_preempted', 0):>8}")
+                     f"{tau:>7}{trust:>6}{r.get('num_chat_preempted', 0):>8}"
+                     f"{_fmt(r.get('chat_tokens_computed_per_request'), 13, '.0f')}{_fmt(r.get('engine_busy_share'), 6, '.2f')}")
     return "\n".join(lines)
+
+
+def _fmt(value: float | None, width: int, spec: str) -> str:
+    return f"{'':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
 def format_rounds(per_round: list[dict[str, Any]]) -> str:
@@ -441,6 +455,9 @@ def run_length_bench(config, *, data: Path, predictor_dir: Path, out: Path, opts
             def counter(name: str) -> Callable[[], int]:
                 return lambda: int(channel.counters().get(name, 0))
 
+            def busy_s() -> float:
+                return float(channel.counters().get("step_time_s_total", 0.0))
+
             for policy in policies:
                 if policy not in orderings:  # one per policy for the whole run: it keeps learning
                     if policy == "fcfs":
@@ -451,11 +468,14 @@ def run_length_bench(config, *, data: Path, predictor_dir: Path, out: Path, opts
                         orderings[policy] = LengthOrdering(
                             order, _TablePredictor(predictions_for(policy, workload, seed=opts.seed)))
                 preempted = counter("num_chat_preempted_total")()
+                tokens_before, busy_before = counter("num_online_tokens_total")(), busy_s()
                 began_s = time.monotonic() - t_start
                 res = _run_policy(engine, f"{policy}-r{k + 1}", slices[k], orderings[policy], opts,
                                   counter("num_guard_promotions"), on_progress)
                 res.policy = policy
                 res.num_chat_preempted = counter("num_chat_preempted_total")() - preempted
+                res.chat_tokens_computed = counter("num_online_tokens_total")() - tokens_before
+                res.busy_s = busy_s() - busy_before
                 parts.setdefault(policy, []).append(res)
                 row = summarize(res, ttft_target_ms=ttft_target_ms)
                 per_round.append({"round": k + 1, "policy": policy, "began_s": began_s,
