@@ -329,6 +329,7 @@ class PolicyConfig(_Strict):
     flipped the bench model's budget between 3 and 24 sequences in a steady minute, under a
     probe step (10%) and the calibration's slow drift (0.94-1.14 in that minute)."""
     hysteresis_noise_sigmas: float = Field(2.5, ge=0)
+    """Width of the band in standard deviations of the smoothed calibration's wander (below)."""
     max_target_hysteresis: float = Field(0.25, ge=0, lt=0.5)
     """Where a replica's calibration is noisier than `target_hysteresis` allows for, its band is
     this many standard deviations of the smoothed calibration's wander, estimated from the raw
@@ -337,8 +338,9 @@ class PolicyConfig(_Strict):
     the band, so a wide band costs a budget a little off the model's for a while, not the SLO."""
     calibration_noise_window_s: float = Field(60.0, ge=0)
     """Time constant over which the raw calibrations' spread is averaged (0: never measured; the
-    band stays `target_hysteresis`). A minute: many measurements, so one outlier or the start of
-    a real change of speed moves it little."""
+    band stays `target_hysteresis`). A minute: many measurements, so one outlier moves it little;
+    a real change of speed counts once (the spread comes from consecutive measurements), and no
+    one measurement can push the band past `max_target_hysteresis` by itself."""
     calibration_every_s: float = Field(1.0, ge=0)
     """Each replica's calibration is measured once per this period (0: every tick), replicas
     spread over it in phase groups; between measurements it keeps its smoothed value."""

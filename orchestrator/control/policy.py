@@ -419,6 +419,7 @@ class States(NamedTuple):
     held_idle_target_ms: np.ndarray
     recover_to: np.ndarray
     calibration_var: np.ndarray
+    calibration_raw: np.ndarray
 
     @classmethod
     def of(cls, states: list[ReplicaState]) -> States:
@@ -428,7 +429,7 @@ class States(NamedTuple):
                           s.cut_pressure, _NAN if s.calibration is None else s.calibration,
                           s.calibration_at_s, _NAN if s.held_target_ms is None else s.held_target_ms,
                           _NAN if s.held_idle_target_ms is None else s.held_idle_target_ms, s.recover_to,
-                          s.calibration_var)
+                          s.calibration_var, _NAN if s.calibration_raw is None else s.calibration_raw)
                          for s in states], dtype=np.float64).reshape(-1, len(cls._fields))
         return cls(*rows.T)
 
@@ -448,7 +449,7 @@ class States(NamedTuple):
                 values["calm_since_s"] = None
             if row[7] != row[7]:  # NaN: not measured yet
                 values["headroom"] = None
-            for column in (10, 12, 13):  # NaN: not measured (or built) yet
+            for column in (10, 12, 13, 16):  # NaN: not measured (or built) yet
                 if row[column] != row[column]:
                     values[names[column]] = None
             # `dataclasses.replace` per replica per tick was a tenth of a tick at 256 replicas;
@@ -723,26 +724,33 @@ def hysteresis_band(calibration_var: np.ndarray, cfg: PolicyConfig) -> np.ndarra
     replica's calibration is noisier, so that its smoothed value's own wander under a steady
     load does not cross the band.
 
-    Each raw measurement (a median over the replica's recent steps) deviates from the smoothed
-    calibration with relative variance `calibration_var`; smoothing n-th measurements with weight
-    w leaves a wander of sqrt(w / (2 - w)) of that spread (an exponential average of independent
-    noise), and the band is `hysteresis_noise_sigmas` of it, at most `max_target_hysteresis`. On
+    The raw measurements (each a median over the replica's recent steps) spread with relative
+    variance `calibration_var` (from consecutive measurements, see `_smoothed_calibrations`);
+    smoothing them with weight w leaves a wander of sqrt(w / (2 - w)) of that spread (an
+    exponential average of independent noise), and the band is `hysteresis_noise_sigmas` of it,
+    at most `max_target_hysteresis`. On
     a quiet host the floor holds; on a noisy one (CI: a 5.2% move of the smoothed calibration in
     15 s of steady offline load halved the idle row's budget, 24 -> 12 sequences, on the bench
     model's flat step curve) the band follows the noise measured on that host."""
-    period_s = max(cfg.calibration_every_s, 0.25)
-    weight = 1.0 if cfg.calibration_smoothing_s <= 0 else 1.0 - math.exp(-period_s / cfg.calibration_smoothing_s)
-    wander = np.sqrt(np.maximum(calibration_var, 0.0) * weight / (2.0 - weight))
+    wander = np.sqrt(np.maximum(calibration_var, 0.0)) * _wander_factor(cfg)
     return np.clip(cfg.hysteresis_noise_sigmas * wander, cfg.target_hysteresis,
                    max(cfg.target_hysteresis, cfg.max_target_hysteresis))
+
+
+def _wander_factor(cfg: PolicyConfig) -> float:
+    """The smoothed calibration's standard deviation per unit of the raw measurements' (an
+    exponential average with weight w of independent noise keeps sqrt(w / (2 - w)) of it), at
+    one measurement per `calibration_every_s` (per 250-ms tick, the controller's default
+    period, where that is 0)."""
+    period_s = cfg.calibration_every_s if cfg.calibration_every_s > 0 else 0.25
+    weight = 1.0 if cfg.calibration_smoothing_s <= 0 else 1.0 - math.exp(-period_s / cfg.calibration_smoothing_s)
+    return math.sqrt(weight / (2.0 - weight))
 
 
 def hysteresis_band_of(calibration_var: float, cfg: PolicyConfig) -> float:
     """`hysteresis_band` of one replica, in plain floats (the controller's status rows: a numpy
     call per replica per tick is milliseconds at hundreds of replicas)."""
-    period_s = max(cfg.calibration_every_s, 0.25)
-    weight = 1.0 if cfg.calibration_smoothing_s <= 0 else 1.0 - math.exp(-period_s / cfg.calibration_smoothing_s)
-    wander = math.sqrt(max(calibration_var, 0.0) * weight / (2.0 - weight))
+    wander = math.sqrt(max(calibration_var, 0.0)) * _wander_factor(cfg)
     return min(max(cfg.hysteresis_noise_sigmas * wander, cfg.target_hysteresis),
                max(cfg.target_hysteresis, cfg.max_target_hysteresis))
 
@@ -779,13 +787,23 @@ def _smoothed_calibrations(states: States, raw: np.ndarray, measured: np.ndarray
         else:
             weight = np.ones(len(smooth))
         out[smooth] = (1.0 - weight) * prev[smooth] + weight * raw[smooth]
+    # The noise: half the squared difference of consecutive raw measurements (relative), whose
+    # mean is the raw spread's variance whatever the level; a deviation from the lagging smoothed
+    # value would count a real change of speed again at every measurement until the smoothing
+    # caught up (a jump of the calibration from 1 to 2 saturated the band for minutes). Each
+    # sample is also clipped where it alone would saturate the band.
     var = states.calibration_var.copy()
-    if len(smooth) and cfg.calibration_noise_window_s > 0:
-        dev2 = ((raw[smooth] - prev[smooth]) / prev[smooth]) ** 2
-        dt = (now_s - states.calibration_at_s[smooth]).tolist()
+    last = states.calibration_raw
+    pairs = np.flatnonzero(measured & ~np.isnan(prev) & ~np.isnan(last))
+    if len(pairs) and cfg.calibration_noise_window_s > 0:
+        d2 = 0.5 * ((raw[pairs] - last[pairs]) / prev[pairs]) ** 2
+        factor = _wander_factor(cfg)
+        if cfg.hysteresis_noise_sigmas > 0 and factor > 0:
+            d2 = np.minimum(d2, (cfg.max_target_hysteresis / (cfg.hysteresis_noise_sigmas * factor)) ** 2)
+        dt = (now_s - states.calibration_at_s[pairs]).tolist()
         keep = np.array([math.exp(-max(0.0, d) / cfg.calibration_noise_window_s) for d in dt])
-        var[smooth] = keep * var[smooth] + (1.0 - keep) * dev2
-    return states._replace(calibration=out, calibration_var=var,
+        var[pairs] = keep * var[pairs] + (1.0 - keep) * d2
+    return states._replace(calibration=out, calibration_var=var, calibration_raw=np.where(measured, raw, last),
                            calibration_at_s=np.where(measured, now_s, states.calibration_at_s))
 
 

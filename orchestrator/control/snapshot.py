@@ -103,9 +103,12 @@ class ReplicaState:
     """The scale the first cut of the latest episode set: up to it the scale grows back by
     undoing cuts (`fast_recovery`), beyond it additively."""
     calibration_var: float = 0.0
-    """Smoothed squared relative deviation of each raw calibration measurement from the smoothed
-    calibration: how noisy this replica's calibration is on this host (it widens the band within
-    which the tables are held, `PolicyConfig.target_hysteresis`)."""
+    """Variance of the raw calibration measurements relative to the calibration (from consecutive
+    measurements, averaged over `calibration_noise_window_s`): how noisy this replica's
+    calibration is on this host; it widens the band within which the tables are held
+    (`PolicyConfig.target_hysteresis`)."""
+    calibration_raw: float | None = None
+    """The latest raw calibration measurement (the next one is differenced against it); None: none yet."""
 
     def to_json(self) -> dict[str, Any]:
         return {"scale": self.scale, "throttle": self.throttle,
@@ -117,7 +120,8 @@ class ReplicaState:
                 "cut_pressure": self.cut_pressure, "calibration": self.calibration,
                 "calibration_at_s": None if math.isinf(self.calibration_at_s) else self.calibration_at_s,
                 "held_target_ms": self.held_target_ms, "held_idle_target_ms": self.held_idle_target_ms,
-                "recover_to": self.recover_to, "calibration_var": self.calibration_var}
+                "recover_to": self.recover_to, "calibration_var": self.calibration_var,
+                "calibration_raw": self.calibration_raw}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ReplicaState:
@@ -130,7 +134,7 @@ class ReplicaState:
                    float(d.get("cut_pressure", 0.0)), d.get("calibration"),
                    -math.inf if d.get("calibration_at_s") is None else float(d["calibration_at_s"]),
                    d.get("held_target_ms"), d.get("held_idle_target_ms"), float(d.get("recover_to", 1.0)),
-                   float(d.get("calibration_var", 0.0)))
+                   float(d.get("calibration_var", 0.0)), d.get("calibration_raw"))
 
 
 @dataclass(frozen=True)

@@ -355,7 +355,11 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     def budget(label: str) -> tuple[int, int]:
         return rows[label][1]["offline_budget_seqs"], rows[label][1]["offline_budget_tokens"]
 
+    # Excused only where the calibration rose by more than the band that holds the tables (a
+    # smaller move leaves them as they were), and by half the budget at most: a 5% move on the
+    # flat curve halves it, no more.
+    band = rows["after_end"][1].get("target_band") or 0.0
     slower_host = (budget("after_end") < budget("before_end")
-                   and rows["after_end"][1]["model_calibration"] > rows["before_end"][1]["model_calibration"])
-    share = budget("after_end")[0] / max(budget("before_end")[0], 1) if slower_host else 1.0
+                   and rows["after_end"][1]["model_calibration"] > (1.0 + band) * rows["before_end"][1]["model_calibration"])
+    share = max(budget("after_end")[0] / max(budget("before_end")[0], 1), 0.5) if slower_host else 1.0
     assert after >= 0.8 * before * share, report

@@ -184,7 +184,7 @@ def test_chat_and_a_batch_job_run_on_an_emulated_stack_at_the_modelled_step_time
 
 def test_chat_is_served_shortest_predicted_reply_first_through_serve(emulated_stack):
     """Every slot held by a long chat request; then a request the predictor reads as long, and
-    after it one it reads as short. When the first slot frees, the short one takes it: it
+    once the engine holds it waiting, one it reads as short. When the first slot frees, the short one takes it: it
     arrived later and still gets its first token first (FCFS would serve the long one)."""
     stack = emulated_stack
     client = openai.OpenAI(base_url=stack["endpoint"], api_key="unused", max_retries=0, timeout=120)
@@ -206,7 +206,7 @@ def test_chat_is_served_shortest_predicted_reply_first_through_serve(emulated_st
     # Blockers end one after another (60 tokens apart), so slots free one at a time; the first
     # of the two to get a slot holds it for 32 tokens, so the other's first token comes some
     # 30 steps later (about 0.4 s of the emulated A100), far over the serving path's jitter.
-    blockers = [threading.Thread(target=ask, args=(f"blocker-{i}", LONG_PROMPT.format(i=1000 + i), 150 + 60 * i, started))
+    blockers = [threading.Thread(target=ask, args=(f"blocker-{i}", LONG_PROMPT.format(i=1000 + i), 300 + 60 * i, started))
                 for i in range(NUM_SLOTS)]
     for th in blockers:
         th.start()
@@ -214,7 +214,13 @@ def test_chat_is_served_shortest_predicted_reply_first_through_serve(emulated_st
     long_one = threading.Thread(target=ask, args=("long", LONG_PROMPT.format(i=2000), 32))
     short_one = threading.Thread(target=ask, args=("short", SHORT_PROMPT.format(i=2000), 32))
     long_one.start()
-    time.sleep(0.5)  # both wait: the first blocker has 150 tokens to go
+    # The short one is sent once the engine holds the long one waiting (reported within 0.1 s;
+    # the first blocker has some 300 tokens, over 3 s, to go): arrival order is then certain.
+    deadline, seen = time.monotonic() + 3.0, 0
+    while seen < NUM_SLOTS + 1 and time.monotonic() < deadline:
+        seen = ((controller_in_force(stack).get("replicas") or [{}])[0]).get("online_requests", 0)
+        time.sleep(0.05)
+    assert seen >= NUM_SLOTS + 1, f"the long request never waited in the engine ({seen} online)"
     short_one.start()
     for th in (*blockers, long_one, short_one):
         th.join(timeout=120)
