@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import project_path
+
 POLICIES = ("fcfs", "sjf", "oracle", "tau0.3", "tau0", "adversarial", "srpt", "srpt-oracle")
 """`srpt*`: the same predictions with limited preemption of running chat (`order.policy: srpt`),
 on an engine of their own (the engine's order is fixed at its start)."""
@@ -493,8 +495,8 @@ def run_length_bench(config, *, data: Path, predictor_dir: Path, out: Path, opts
         os.environ.pop(ENV_ENGINE_CHANNEL, None)
     results = [summarize(pooled(parts[p]), ttft_target_ms=ttft_target_ms) for p in opts.policies if p in parts]
     rows = with_ratios(results)
-    doc = {"kind": "length-scheduling-bench", "options": asdict(opts), "model": source,
-           "predictor": str(predictor_dir), "predictor_meta": predictor.meta.get("val"),
+    doc = {"kind": "length-scheduling-bench", "options": asdict(opts), "model": project_path(source),
+           "predictor": project_path(str(predictor_dir)), "predictor_meta": predictor.meta.get("val"),
            "capacity_req_s": capacity, "rate_per_s": rate, "ttft_alone_ms": ttft_alone_ms,
            "ttft_target_ms": ttft_target_ms, "results": rows, "per_round": per_round}
     (out / "results.json").write_text(json.dumps(doc, indent=2))

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import project_path
+
 ORDERS = ("fcfs", "prefix_sharing")
 
 
@@ -140,9 +142,7 @@ def run(config, out: Path, opts: PrefixBenchOptions, on_progress=print) -> dict[
     batch = build_batch(opts)
     rows = [_run_order(config, source, order, batch, opts, on_progress) for order in ORDERS]
     rows = with_ratio(rows)
-    root = Path(__file__).resolve().parents[1]
-    model = os.path.relpath(source, root) if Path(source).is_absolute() and Path(source).is_relative_to(root) else source
-    doc = {"kind": "prefix-order-bench", "model": model, "options": asdict(opts), "results": rows}
+    doc = {"kind": "prefix-order-bench", "model": project_path(source), "options": asdict(opts), "results": rows}
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     plot(rows, out / "prefix-order.png")
     return doc
