@@ -587,6 +587,13 @@ def derived_headroom(prev: float | None, load: ReplicaLoad, tpot_slo_ms: float, 
     return None if math.isnan(value) else float(value)
 
 
+def _decays(dt_s: np.ndarray, tau_s: float) -> np.ndarray:
+    """exp(-dt / tau) of every elapsed time (negative ones as 0): the share an exponential
+    average keeps of its old value. With math.exp, not np.exp: numpy's vectorized exp may differ
+    in the last bit, and the budget tables compare targets with predictions at their edges."""
+    return np.array([math.exp(-max(0.0, dt) / tau_s) for dt in np.asarray(dt_s, dtype=np.float64).tolist()])
+
+
 def _derived_headrooms(prev: np.ndarray, signals: Signals, tpot_slo_ms: float, dt_s: np.ndarray,
                        cfg: PolicyConfig) -> np.ndarray:
     """`derived_headroom` of every replica (NaN: not measured yet)."""
@@ -598,10 +605,7 @@ def _derived_headrooms(prev: np.ndarray, signals: Signals, tpot_slo_ms: float, d
     smooth = np.flatnonzero(measured_now & ~np.isnan(prev))
     out = np.where(measured_now, measured, prev)
     if len(smooth):
-        # math.exp, not np.exp: numpy's vectorized exp may differ in the last bit, and the budget
-        # tables compare targets with predictions at their edges.
-        weight = 1.0 - np.array([math.exp(-max(0.0, dt) / cfg.headroom_smoothing_s)
-                                 for dt in dt_s[smooth].tolist()])
+        weight = 1.0 - _decays(dt_s[smooth], cfg.headroom_smoothing_s)
         out[smooth] = (1.0 - weight) * prev[smooth] + weight * measured[smooth]
     return out
 
@@ -728,10 +732,10 @@ def hysteresis_band(calibration_var: np.ndarray, cfg: PolicyConfig) -> np.ndarra
     variance `calibration_var` (from consecutive measurements, see `_smoothed_calibrations`);
     smoothing them with weight w leaves a wander of sqrt(w / (2 - w)) of that spread (an
     exponential average of independent noise), and the band is `hysteresis_noise_sigmas` of it,
-    at most `max_target_hysteresis`. On
-    a quiet host the floor holds; on a noisy one (CI: a 5.2% move of the smoothed calibration in
-    15 s of steady offline load halved the idle row's budget, 24 -> 12 sequences, on the bench
-    model's flat step curve) the band follows the noise measured on that host."""
+    at most `max_target_hysteresis`. On a quiet host the floor holds; on a noisy one (CI: a 5.2%
+    move of the smoothed calibration in 15 s of steady offline load halved the idle row's budget,
+    24 -> 12 sequences, on the bench model's flat step curve) the band follows the noise measured
+    on that host."""
     wander = np.sqrt(np.maximum(calibration_var, 0.0)) * _wander_factor(cfg)
     return np.clip(cfg.hysteresis_noise_sigmas * wander, cfg.target_hysteresis,
                    max(cfg.target_hysteresis, cfg.max_target_hysteresis))
@@ -781,9 +785,7 @@ def _smoothed_calibrations(states: States, raw: np.ndarray, measured: np.ndarray
     out = np.where(first, raw, prev)
     if len(smooth):
         if cfg.calibration_smoothing_s > 0:
-            # math.exp for the reason given in `_derived_headrooms`.
-            dt = (now_s - states.calibration_at_s[smooth]).tolist()
-            weight = np.array([1.0 - math.exp(-max(0.0, d) / cfg.calibration_smoothing_s) for d in dt])
+            weight = 1.0 - _decays(now_s - states.calibration_at_s[smooth], cfg.calibration_smoothing_s)
         else:
             weight = np.ones(len(smooth))
         out[smooth] = (1.0 - weight) * prev[smooth] + weight * raw[smooth]
@@ -800,8 +802,7 @@ def _smoothed_calibrations(states: States, raw: np.ndarray, measured: np.ndarray
         factor = _wander_factor(cfg)
         if cfg.hysteresis_noise_sigmas > 0 and factor > 0:
             d2 = np.minimum(d2, (cfg.max_target_hysteresis / (cfg.hysteresis_noise_sigmas * factor)) ** 2)
-        dt = (now_s - states.calibration_at_s[pairs]).tolist()
-        keep = np.array([math.exp(-max(0.0, d) / cfg.calibration_noise_window_s) for d in dt])
+        keep = _decays(now_s - states.calibration_at_s[pairs], cfg.calibration_noise_window_s)
         var[pairs] = keep * var[pairs] + (1.0 - keep) * d2
     return states._replace(calibration=out, calibration_var=var, calibration_raw=np.where(measured, raw, last),
                            calibration_at_s=np.where(measured, now_s, states.calibration_at_s))
