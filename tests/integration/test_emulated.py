@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from orchestrator.config import EmulationConfig
-from tests.integration.conftest import MODEL_CACHE, ROOT, controller_in_force, start_stack
+from tests.integration.conftest import MODEL_CACHE, ROOT, colocate_cmd, controller_in_force, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -99,8 +99,7 @@ def _train_length_predictor(work: Path) -> Path:
     pq.write_table(pa.table({"id": [r[0] for r in rows], "prompt": [r[1] for r in rows],
                              "response": [r[2] for r in rows]}), data)
     out = work / "predictor"
-    done = subprocess.run([str(Path(sys.executable).parent / "colocate"), "length", "train", str(data),
-                           "--out", str(out), "--tokenizer", str(MODEL_CACHE)],
+    done = subprocess.run(colocate_cmd("length", "train", str(data), "--out", str(out), "--tokenizer", str(MODEL_CACHE)),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
@@ -184,8 +183,9 @@ def test_chat_and_a_batch_job_run_on_an_emulated_stack_at_the_modelled_step_time
 
 def test_chat_is_served_shortest_predicted_reply_first_through_serve(emulated_stack):
     """Every slot held by a long chat request; then a request the predictor reads as long, and
-    once the engine holds it waiting, one it reads as short. When the first slot frees, the short one takes it: it
-    arrived later and still gets its first token first (FCFS would serve the long one)."""
+    once the engine holds it waiting, one it reads as short. When the first slot frees, the
+    short one takes it: it arrived later and still gets its first token first (FCFS would serve
+    the long one)."""
     stack = emulated_stack
     client = openai.OpenAI(base_url=stack["endpoint"], api_key="unused", max_retries=0, timeout=120)
     first_token_at: dict[str, float] = {}
