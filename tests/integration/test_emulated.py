@@ -206,7 +206,10 @@ def test_chat_is_served_shortest_predicted_reply_first_through_serve(emulated_st
     # Blockers end one after another (60 tokens apart), so slots free one at a time; the first
     # of the two to get a slot holds it for 32 tokens, so the other's first token comes some
     # 30 steps later (about 0.4 s of the emulated A100), far over the serving path's jitter.
-    blockers = [threading.Thread(target=ask, args=(f"blocker-{i}", LONG_PROMPT.format(i=1000 + i), 300 + 60 * i, started))
+    # The first blocker runs 1,000 tokens (some 13 s): on a loaded host the eight reach their
+    # first tokens seconds apart through Serve, and it must still be running when the long one
+    # has been seen waiting (CI once saw two blockers of 300-360 tokens end before that).
+    blockers = [threading.Thread(target=ask, args=(f"blocker-{i}", LONG_PROMPT.format(i=1000 + i), 1000 + 60 * i, started))
                 for i in range(NUM_SLOTS)]
     for th in blockers:
         th.start()
@@ -214,13 +217,15 @@ def test_chat_is_served_shortest_predicted_reply_first_through_serve(emulated_st
     long_one = threading.Thread(target=ask, args=("long", LONG_PROMPT.format(i=2000), 32))
     short_one = threading.Thread(target=ask, args=("short", SHORT_PROMPT.format(i=2000), 32))
     long_one.start()
-    # The short one is sent once the engine holds the long one waiting (reported within 0.1 s;
-    # the first blocker has some 300 tokens, over 3 s, to go): arrival order is then certain.
-    deadline, seen = time.monotonic() + 3.0, 0
+    # The short one is sent once the engine holds the long one waiting (reported within 0.1 s),
+    # and while no blocker has ended: arrival order is then certain.
+    deadline, seen = time.monotonic() + 5.0, 0
     while seen < NUM_SLOTS + 1 and time.monotonic() < deadline:
         seen = ((controller_in_force(stack).get("replicas") or [{}])[0]).get("online_requests", 0)
         time.sleep(0.05)
-    assert seen >= NUM_SLOTS + 1, f"the long request never waited in the engine ({seen} online)"
+    starts = {k: round(v - min(first_token_at.values()), 3) for k, v in first_token_at.items()}
+    assert seen >= NUM_SLOTS + 1 and not done_at, (
+        f"the long request never waited in the engine behind every blocker ({seen} online)", starts, done_at)
     short_one.start()
     for th in (*blockers, long_one, short_one):
         th.join(timeout=120)

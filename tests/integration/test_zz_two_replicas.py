@@ -91,9 +91,20 @@ def test_offline_work_goes_to_the_replica_chat_leaves_room_on(two_replicas):
         extra_body={"request_class": "offline", "ignore_eos": True})) for _ in range(NUM_OFFLINE)]
     for t in threads:
         t.start()
+    # What is tested is where each offline request was placed, and it is placed when it reaches a
+    # replica: the chat must be running until every one has (not until they all complete, which
+    # on a fast or a slow host may come before or after the chat's fixed length runs out).
+    deadline, reached = time.monotonic() + 120, 0
+    while reached < NUM_OFFLINE and time.monotonic() < deadline:
+        now = reports(stack)
+        reached = sum(r["num_inflight"]["offline"] + r["num_completed"]["offline"] - before[rid]
+                      for rid, r in now.items())
+        time.sleep(0.05)
+    # Read after the reports: the chat was running when they showed every request placed.
+    assert reached >= NUM_OFFLINE and not chat_done.is_set(), (
+        "the chat stream ended before every offline request reached a replica", reached, chat_outcome, budgets)
     for t in threads:
         t.join(timeout=120)
-    assert not chat_done.is_set(), ("the chat stream ended before the offline work did", chat_outcome, budgets)
     chat_done.set()
     deadline = time.monotonic() + 10
     while True:
