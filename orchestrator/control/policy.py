@@ -709,7 +709,11 @@ def _model_budgets(model: LatencyModel, loads: tuple[ReplicaLoad, ...], target_m
                                  np.array([float(load.num_offline_running - load.num_offline_paused) for load in loads]),
                                  contexts[:, 1], np.zeros(num))
     columns = tuple(current)
-    p50, p99 = cache.current.predict(model, np.column_stack([current[c] for c in columns]), columns)
+    # The current batch's prediction is shown, not decided on: only the head the budget is
+    # chosen with is asked (the median: half the trees of a two-headed model, a tenth of a tick
+    # at 256 replicas).
+    p50, p99 = cache.current.predict(model, np.column_stack([current[c] for c in columns]), columns,
+                                     p50_only=not tail)
     measured = _calibrate(model, loads, columns, cfg, cache, factors, states, now_s)
     states = _smoothed_calibrations(states, factors, measured, now_s, cfg)
     factors[:] = np.where(np.isnan(states.calibration), 1.0, states.calibration)
