@@ -73,17 +73,21 @@ def test_offline_work_goes_to_the_replica_chat_leaves_room_on(two_replicas):
         finally:
             chat_done.set()
 
+    # The chat's 1,900 tokens last some 7 s on a fast host: everything up to the offline requests'
+    # placement reads the registry as few times as it can (a read is 0.1-1 s).
+    started_s = time.monotonic()
     threading.Thread(target=chat, daemon=True).start()
     busy = None
     deadline = time.monotonic() + 30
     while busy is None:
         assert time.monotonic() < deadline and not chat_done.is_set(), ("the chat stream did not start", chat_outcome)
-        busy = next((rid for rid, r in reports(stack).items() if r["num_inflight"]["online"] == 1), None)
-        time.sleep(0.2)
-    (idle,) = [rid for rid in reports(stack) if rid != busy]
-    budgets = {rid: r["budget"]["max_offline_seqs"] for rid, r in reports(stack).items()}
+        now = reports(stack)
+        busy = next((rid for rid, r in now.items() if r["num_inflight"]["online"] == 1), None)
+        time.sleep(0.1)
+    (idle,) = [rid for rid in now if rid != busy]
+    budgets = {rid: r["budget"]["max_offline_seqs"] for rid, r in now.items()}
     assert budgets[busy][1] < budgets[idle][0], budgets  # chat leaves the busy replica less room
-    time.sleep(2.0)  # two routing-stats publications with the chat in them
+    time.sleep(1.0)  # two routing-stats publications (every 0.5 s) with the chat in them
 
     before = {rid: r["num_completed"]["offline"] for rid, r in reports(stack).items()}
     threads = [threading.Thread(target=lambda: client.chat.completions.create(
@@ -102,10 +106,14 @@ def test_offline_work_goes_to_the_replica_chat_leaves_room_on(two_replicas):
         time.sleep(0.05)
     # Read after the reports: the chat was running when they showed every request placed.
     assert reached >= NUM_OFFLINE and not chat_done.is_set(), (
-        "the chat stream ended before every offline request reached a replica", reached, chat_outcome, budgets)
+        "the chat stream ended before every offline request reached a replica", reached, chat_outcome, budgets,
+        f"{time.monotonic() - started_s:.1f} s since the chat was sent")
+    placed_s = time.monotonic() - started_s
     for t in threads:
         t.join(timeout=120)
     chat_done.set()
+    print(f"every offline request reached a replica {placed_s:.1f} s after the chat was sent "
+          f"({chat_outcome['tokens']} chat chunks by the end)")
     deadline = time.monotonic() + 10
     while True:
         after = {rid: r["num_completed"]["offline"] for rid, r in reports(stack).items()}
