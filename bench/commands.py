@@ -154,6 +154,8 @@ def register(app: typer.Typer) -> None:
         replicas: int = typer.Option(1, "--replicas", min=1, help="Simulated replicas."),
         duration_s: float = typer.Option(380.0, "--duration-s", min=1.0, help="Seconds of chat per policy run."),
         online_trace: Path | None = typer.Option(None, "--online-trace", help="Azure-format chat trace CSV."),
+        offline_trace: Path | None = typer.Option(None, "--offline-trace",
+                                                  help="Offline lengths CSV (arXiv format), as the bench's."),
         rate: float = typer.Option(0.8, "--rate", min=0.001, help="Chat requests per second, whole fleet."),
         policy: str | None = typer.Option(None, "--policy", help="One policy or a comma-separated list "
                                           "(online-only, offline-only, colocate, static-N, naive); default all."),
@@ -192,7 +194,7 @@ def register(app: typer.Typer) -> None:
         if (out / "results.json").exists():
             _echo(f"error: {out / 'results.json'} exists; choose another --out")
             raise typer.Exit(2)
-        for path in (online_trace, host_steps):
+        for path in (online_trace, offline_trace, host_steps):
             if path is not None and not path.exists():
                 _echo(f"error: {path}: no such file")
                 raise typer.Exit(2)
@@ -208,7 +210,7 @@ def register(app: typer.Typer) -> None:
             _echo(f"error: {err}")
             raise typer.Exit(2) from None
         opts = SimOptions(num_replicas=replicas, duration_s=duration_s, rate_per_s=rate, online_trace=online_trace,
-                          policies=policies, static_caps=caps, num_offline_requests=num_offline_requests,
+                          offline_trace=offline_trace, policies=policies, static_caps=caps, num_offline_requests=num_offline_requests,
                           client_overhead_ms=client_overhead_ms, step_scale=step_scale,
                           controller_model=controller_model, seed=seed, full_lengths=full_lengths,
                           host_steps=host_steps, offline_routing=offline_routing,
