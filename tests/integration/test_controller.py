@@ -362,4 +362,9 @@ def test_a_chat_step_up_makes_the_controller_cut_offline_work_and_it_recovers_af
     slower_host = (budget("after_end") < budget("before_end")
                    and rows["after_end"][1]["model_calibration"] > (1.0 + band) * rows["before_end"][1]["model_calibration"])
     share = max(budget("after_end")[0] / max(budget("before_end")[0], 1), 0.5) if slower_host else 1.0
-    assert after >= 0.8 * before * share, report
+    # Recovery is held on the offline work the engine admits per step, the controller's part;
+    # tokens per second also follow the host's speed, which moves between the windows on a shared
+    # host (seen: 72.0 and 70.3 offline tokens per step before and after the chat, the budget
+    # 24/128 throughout, and 303 against 223 tok/s: the same steps ran a quarter slower).
+    assert step_after >= 0.8 * step_before * share, report
+    assert after >= 0.5 * before * share, report  # and the batch runs again at a rate of its order
