@@ -488,7 +488,7 @@ def start_controller(config, cwd: Path | None = None):
                                 get_if_exists=True, resources={head_node_resource(): 0.001}).remote(
         model_id=config.model.id, slo_path=resolve(c.slo_path), period_s=c.period_s,
         silence_timeout_s=c.silence_timeout_s, model_path=resolve(c.model_path),
-        profile_path=resolve(c.profile_path), policy=c.policy.model_dump(mode="json"),
+        profile_path=resolve(c.profile_path), policy=config.effective_policy().model_dump(mode="json"),
         learn_online=c.learn_online, refit_period_s=c.refit_period_s, job_policy=config.order.job_policy)
     ray.get(handle.ready.remote(), timeout=60)
     return handle
