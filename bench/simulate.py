@@ -261,7 +261,7 @@ class Simulation:
         core = ControllerCore(model_id=self.config.model.id, slo_path=str(self.slo_file), period_s=c.period_s,
                               silence_timeout_s=c.silence_timeout_s,
                               model_path=None if self.opts.controller_model == "oracle" else self.prior_path,
-                              profile_path=None, policy=self.config.effective_policy().model_dump(mode="json"), clock=clock,
+                              profile_path=None, policy=c.policy.model_dump(mode="json", exclude_unset=True), clock=clock,
                               store=MemoryCheckpoint(), metrics=False, admission=lambda total: None,
                               learn_online=False, refit_period_s=c.refit_period_s)
         if self.opts.controller_model == "oracle":

@@ -7,7 +7,6 @@ path and the reason.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -295,8 +294,9 @@ class PolicyConfig(_Strict):
     """Context assumed for online requests a replica does not hold yet (for its k > now rows)."""
     seq_candidates: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     """Offline sequence counts the model is asked about, ascending from 0; the budget never
-    exceeds the largest. Left unset in a stack config whose engines leave offline work more than
-    64 slots, it is extended to them (`ColocateConfig`, `seq_candidates_to`)."""
+    exceeds the largest. Left unset, the controller extends them to the offline slots of the
+    engines that report (orchestrator.control.policy.policy_for_engines): 64 would leave two
+    thirds of a 256-slot GPU engine's offline slots unused."""
     chunk_candidates: tuple[int, ...] = (0, 16, 32, 64, 128, 256, 512)
     """Offline prefill chunk sizes (tokens) the model is asked about, ascending from 0."""
     min_offline_chunk_tokens: int = Field(32, ge=0)
@@ -506,43 +506,6 @@ class ColocateConfig(_Strict):
     @property
     def endpoint(self) -> str:
         return f"http://{self.serve.host}:{self.serve.port}/v1"
-
-    def effective_policy(self) -> PolicyConfig:
-        """`controller.policy` as the controller runs it on this stack's engines: the default
-        `seq_candidates` stop at 64 offline sequences, and on an engine of 256 slots (vLLM's
-        default on a GPU; manifests/colocate-gpu.yaml) offline work may hold 192, so unless the
-        config sets them they are extended to the engines' offline slots. Simulated on the
-        emulated A100 with a decode-heavy batch (docs/results/sim-decode-heavy-2026-12-08): the
-        budget sat at 64 at every chat load on an engine of 96 offline slots; with candidates
-        to 96, offline output +11% at the same SLO."""
-        policy = self.controller.policy
-        if "seq_candidates" in policy.model_fields_set:
-            return policy
-        seqs = self.replicas.engine_kwargs.get("max_num_seqs")
-        slots = offline_slot_count(seqs if isinstance(seqs, int) else VLLM_DEFAULT_MAX_NUM_SEQS, policy)
-        wider = seq_candidates_to(policy.seq_candidates, slots)
-        return policy if wider == policy.seq_candidates else policy.model_copy(update={"seq_candidates": wider})
-
-
-VLLM_DEFAULT_MAX_NUM_SEQS = 256
-"""vLLM's `max_num_seqs` where a config leaves it unset (its long-standing default)."""
-
-
-def offline_slot_count(max_num_seqs: int, policy: PolicyConfig) -> int:
-    """Sequence slots offline work may hold on an engine of `max_num_seqs` (at least 1): what
-    `online_slot_share` leaves (orchestrator.control.policy.offline_slots, in plain ints)."""
-    return max(1, max_num_seqs - max(1, math.ceil(max_num_seqs * policy.online_slot_share)))
-
-
-def seq_candidates_to(candidates: tuple[int, ...], slots: int) -> tuple[int, ...]:
-    """`candidates` extended past their largest up to `slots`, which ends the list, by the
-    ladder of powers of two and their halfway points (96, 128, 192, 256, 384, ...): each step
-    at most 1.5x, as fine, relatively, as the defaults below 64."""
-    ladder = sorted({m << n for n in range(1, 20) for m in (2, 3)})
-    out = list(candidates) + [v for v in ladder if candidates[-1] < v < slots]
-    if out[-1] < slots:
-        out.append(slots)
-    return tuple(out)
 
 
 class ConfigError(ValueError):

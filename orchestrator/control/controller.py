@@ -39,6 +39,7 @@ from orchestrator.control.policy import (
     candidate_grid,
     decide,
     hysteresis_band_of,
+    policy_for_engines,
 )
 from orchestrator.control.profile import load_profile
 from orchestrator.control.reply import make_reply
@@ -129,6 +130,8 @@ class ControllerCore:
         self.silence_timeout_s = silence_timeout_s
         self.clock = clock
         self.policy = PolicyConfig.model_validate(policy or {})
+        # The operator's candidates stay as set; left unset, they follow the engines' slots.
+        self._candidates_follow_engines = "seq_candidates" not in self.policy.model_fields_set
         self.latency_model = None
         self.notes: list[str] = []
         if model_path:
@@ -290,6 +293,9 @@ class ControllerCore:
         snapshot = Snapshot(now_s=now, slo=targets, replicas=tuple(replica_load(r) for r in fresh.values()),
                             step_budget_ms=(self.profile or {}).get("step_budget_ms"))
         # decide
+        if self._candidates_follow_engines:
+            self.policy = policy_for_engines(self.policy, max((load.max_num_seqs or 0 for load in snapshot.replicas),
+                                                              default=0))
         previous = {rid: s for rid, s in self.state.items()}
         decision = decide(snapshot, self.state, self.model_in_force, self.policy, self._grid_cache)
         # act
@@ -488,7 +494,7 @@ def start_controller(config, cwd: Path | None = None):
                                 get_if_exists=True, resources={head_node_resource(): 0.001}).remote(
         model_id=config.model.id, slo_path=resolve(c.slo_path), period_s=c.period_s,
         silence_timeout_s=c.silence_timeout_s, model_path=resolve(c.model_path),
-        profile_path=resolve(c.profile_path), policy=config.effective_policy().model_dump(mode="json"),
+        profile_path=resolve(c.profile_path), policy=c.policy.model_dump(mode="json", exclude_unset=True),
         learn_online=c.learn_online, refit_period_s=c.refit_period_s, job_policy=config.order.job_policy)
     ray.get(handle.ready.remote(), timeout=60)
     return handle

@@ -487,6 +487,32 @@ def offline_slots(max_num_seqs: int, cfg: PolicyConfig) -> int:
     return int(_offline_slots(np.array([float(max_num_seqs)]), cfg)[0])
 
 
+def seq_candidates_to(candidates: tuple[int, ...], slots: int) -> tuple[int, ...]:
+    """`candidates` extended past their largest up to `slots`, which ends the list, by the
+    ladder of powers of two and their halfway points (96, 128, 192, 256, 384, ...): each step
+    at most 1.5x, as fine, relatively, as the defaults below 64."""
+    ladder = sorted({m << n for n in range(1, 20) for m in (2, 3)})
+    out = list(candidates) + [v for v in ladder if candidates[-1] < v < slots]
+    if out[-1] < slots:
+        out.append(slots)
+    return tuple(out)
+
+
+def policy_for_engines(cfg: PolicyConfig, max_num_seqs: int | None) -> PolicyConfig:
+    """`cfg` with its `seq_candidates` reaching the offline slots of an engine of `max_num_seqs`
+    (the largest a replica reported), when they fall short; the caller keeps the operator's own
+    candidates out of this. The defaults stop at 64: on an engine of 128 slots (96 offline; the
+    emulated A100) the budget sat at 64 at every chat load, and with candidates to 96 a
+    decode-heavy batch ran 10-23% more offline output at the same SLO, simulated
+    (docs/results/sim-decode-heavy-2026-12-08). vLLM's own default `max_num_seqs` depends on the
+    device (128 on CPU, 256, 1024 on an H100 under Ray Serve LLM), so the engines' reports decide,
+    not the config."""
+    if not max_num_seqs:
+        return cfg
+    wider = seq_candidates_to(cfg.seq_candidates, offline_slots(max_num_seqs, cfg))
+    return cfg if wider == cfg.seq_candidates else cfg.model_copy(update={"seq_candidates": wider})
+
+
 def _offline_slots(max_num_seqs: np.ndarray, cfg: PolicyConfig) -> np.ndarray:
     """`offline_slots` of every engine (inf where the engine has not reported its slots, 0)."""
     kept = np.maximum(1.0, np.ceil(max_num_seqs * cfg.online_slot_share))

@@ -180,7 +180,9 @@ def config_from_args(args: dict[str, Any]) -> tuple[ColocateConfig, Path]:
     config_path = args.get("config_path")
     config = load_config(None if config_path is None else base / config_path)
     if args.get("config"):
-        merged = {**config.model_dump(mode="json"), **args["config"]}
+        # Only what the file set: a full dump would mark every default as set by the operator
+        # (the controller keeps an operator's `seq_candidates` as they are, and extends defaults).
+        merged = {**config.model_dump(mode="json", exclude_unset=True), **args["config"]}
         config = parse_config(merged, "application args")
     return config, base
 

@@ -133,30 +133,3 @@ def test_every_manifest_model_has_slo_targets_in_the_file_it_names():
         slo_path = ROOT / cfg.controller.slo_path
         assert cfg.model.id in load_slo(slo_path).models, f"{manifest.name}: {cfg.model.id} not in {slo_path.name}"
 
-
-def test_the_policy_asks_about_as_many_offline_sequences_as_the_engines_leave_offline_work():
-    """The default candidates stop at 64; the controller runs with them extended to the engines'
-    offline slots (max_num_seqs less the quarter kept for chat), unless the config sets them."""
-    from orchestrator.config import seq_candidates_to
-
-    default = ColocateConfig().controller.policy.seq_candidates
-    assert default[-1] == 64
-    assert seq_candidates_to(default, 24) == default
-    assert seq_candidates_to(default, 96)[len(default):] == (96,)
-    assert seq_candidates_to(default, 192)[len(default):] == (96, 128, 192)
-    assert seq_candidates_to(default, 700)[len(default):] == (96, 128, 192, 256, 384, 512, 700)
-
-    def effective(**controller):
-        return ColocateConfig.model_validate({"replicas": {"engine_kwargs": {"max_num_seqs": 256}},
-                                              "controller": controller}).effective_policy()
-
-    gpu = effective()
-    assert gpu.seq_candidates[-3:] == (96, 128, 192)  # 256 slots, 64 kept for chat
-    assert gpu.model_dump(exclude={"seq_candidates"}) == ColocateConfig().controller.policy.model_dump(
-        exclude={"seq_candidates"})
-    # Set by the operator: as set.
-    assert effective(policy={"seq_candidates": [0, 1, 8]}).seq_candidates == (0, 1, 8)
-    # A small engine: the defaults already reach its slots.
-    small = ColocateConfig.model_validate({"replicas": {"engine_kwargs": {"max_num_seqs": 32}}})
-    assert small.effective_policy() is small.controller.policy
-    assert load_config(ROOT / "manifests" / "colocate-gpu.yaml").effective_policy().seq_candidates[-1] == 192

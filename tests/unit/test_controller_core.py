@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from orchestrator.config import PolicyConfig
 from orchestrator.control.controller import ControllerCore
 from orchestrator.control.slo import SloError, apply_setting, load_slo
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SLO_YAML = textwrap.dedent("""\
     kind: ColocateSLO
@@ -234,3 +238,46 @@ def test_a_report_is_fresh_by_when_it_arrived_not_by_its_senders_clock(setup):
     assert set(c.tick().replicas) == {"far"}
     clock.t += 10.0  # no report for 10 s: stale, whatever the sender's clock said
     assert c.tick().replicas == {}
+
+
+def test_sequence_candidates_follow_the_offline_slots_engines_report_unless_the_operator_set_them(setup, tmp_path):
+    """The default candidates stop at 64; engines of 256 slots leave offline work 192 (a quarter
+    kept for chat): the controller asks its model about as many as the largest engine reported.
+    Candidates the operator set stay as set; engines not yet reporting their slots change nothing."""
+    from orchestrator.control.policy import seq_candidates_to
+
+    make, slo, clock, store = setup
+    default = PolicyConfig().seq_candidates
+    assert default[-1] == 64
+    assert seq_candidates_to(default, 24) == default
+    assert seq_candidates_to(default, 96)[len(default):] == (96,)
+    assert seq_candidates_to(default, 192)[len(default):] == (96, 128, 192)
+    assert seq_candidates_to(default, 700)[len(default):] == (96, 128, 192, 256, 384, 512, 700)
+
+    c = make()
+    c.reports["r1"] = report(clock)  # slots not reported yet
+    c.tick()
+    assert c.policy.seq_candidates == default
+    c.reports["r1"] = report(clock, max_num_seqs=32)
+    c.reports["r2"] = report(clock, rid="r2", max_num_seqs=256)
+    c.tick()
+    assert c.policy.seq_candidates == (*default, 96, 128, 192)
+    assert c.policy.model_dump(exclude={"seq_candidates"}) == PolicyConfig().model_dump(exclude={"seq_candidates"})
+
+    own = ControllerCore(model_id="m", slo_path=str(slo), clock=clock, store=MemoryStore(), metrics=False,
+                         admission=lambda total: None, policy={"seq_candidates": [0, 1, 8]})
+    own.reports["r2"] = report(clock, rid="r2", max_num_seqs=256)
+    own.tick()
+    assert own.policy.seq_candidates == (0, 1, 8)
+
+
+def test_serve_application_args_keep_what_the_file_left_unset():
+    """`config_from_args` merges inline config over the file's: a full dump would mark every
+    default as set, and the controller would take default candidates for the operator's own."""
+    from orchestrator.serving.app import config_from_args
+
+    config, _ = config_from_args({"config_path": "manifests/colocate-gpu.yaml", "base_dir": str(ROOT),
+                                  "config": {"cluster": {"address": "auto"}}})
+    assert config.cluster.address == "auto"
+    assert "seq_candidates" not in config.controller.policy.model_fields_set
+    assert config.replicas.engine_kwargs["max_num_seqs"] == 256
