@@ -276,10 +276,11 @@ def register(app: typer.Typer) -> None:
     def demo(
         config: str | None = typer.Option(None, "--config", "-c", help=f"Config YAML (default {DEFAULT_CONFIG})."),
         duration_s: float = typer.Option(45.0, "--duration-s", help="Seconds of chat beside the batch job."),
-        reference_s: float = typer.Option(15.0, "--reference-s", help="Seconds of chat alone first (the SLO is "
-                                          "1.5 x its p99 TTFT and TPOT)."),
+        reference_s: float | None = typer.Option(None, "--reference-s", help="Seconds of the trace replayed alone "
+                                                 "first (the SLO is 1.5 x its p99 TTFT and TPOT); default: the "
+                                                 "co-located window's own requests."),
         chat_rate: float = typer.Option(1.0, "--chat-rate", help="Mean chat requests per second."),
-        num_offline: int = typer.Option(1000, "--num-offline", help="Requests in the batch job: a backlog that "
+        num_offline: int = typer.Option(5000, "--num-offline", help="Requests in the batch job: a backlog that "
                                         "outlasts the chat, stopped with it (its results so far are kept)."),
         scenarios: int = typer.Option(30, "--scenarios", help="Scenarios in this host's engine profile."),
         out: Path | None = typer.Option(None, "--out", help="Output directory (default .colocate/demo/<time>)."),
