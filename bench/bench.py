@@ -57,6 +57,21 @@ class BenchOptions:
     offline_trace: Path | None = None
     num_offline_requests: int = 4000
     job_concurrency: int = 64
+    full_lengths: bool = False
+    """Trace lengths as recorded (`length_limits`), for a model with a GPU-sized context (the
+    emulated engine's); the default scales them to the bench model's."""
+
+
+def length_limits(max_len: int, full_lengths: bool, kind: str) -> dict[str, Any]:
+    """How a trace's lengths fit an engine of `max_len` context (`kind`: "chat" or "offline"):
+    the bench's scaling to a small model's context (the traces' prompts average ~1,100 tokens,
+    arXiv's ~8,000), or, `full_lengths`, as recorded, capped to the context (output at a quarter
+    of it, the prompt at the rest). The bench and the simulator build their workloads with it."""
+    if full_lengths:
+        return {"length_scale": 1.0, "max_prompt_tokens": max_len * 3 // 4, "max_output_tokens": max_len // 4}
+    if kind == "chat":
+        return {"length_scale": max_len / 8192, "max_prompt_tokens": max_len // 4, "max_output_tokens": max_len // 8}
+    return {"length_scale": max_len / 16384, "max_prompt_tokens": max_len // 2, "max_output_tokens": max_len // 8}
 
 
 def quick_options(**kw) -> BenchOptions:
@@ -178,8 +193,8 @@ class Bench:
         from profiler.workload import AZURE_CONV, load_chat_trace
 
         return load_chat_trace(self.opts.online_trace or AZURE_CONV, rate_per_s=self.opts.rate_per_s,
-                               duration_s=self.opts.duration_s, length_scale=self.max_len / 8192,
-                               max_prompt_tokens=self.max_len // 4, max_output_tokens=self.max_len // 8)
+                               duration_s=self.opts.duration_s,
+                               **length_limits(self.max_len, self.opts.full_lengths, "chat"))
 
     def _override(self, budget) -> None:
         import ray
@@ -315,9 +330,8 @@ class Bench:
         from profiler.workload import ARXIV_LENGTHS, load_offline_lengths
 
         return load_offline_lengths(self.opts.offline_trace or ARXIV_LENGTHS,
-                                    num_requests=self.opts.num_offline_requests,
-                                    length_scale=self.max_len / 16384, max_prompt_tokens=self.max_len // 2,
-                                    max_output_tokens=self.max_len // 8, seed=seed)
+                                    num_requests=self.opts.num_offline_requests, seed=seed,
+                                    **length_limits(self.max_len, self.opts.full_lengths, "offline"))
 
     def batch_sweep(self) -> list[dict[str, Any]]:
         """Offline streams alone at steady batch sizes, with the batch job's own length

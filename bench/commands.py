@@ -83,6 +83,8 @@ def register(app: typer.Typer) -> None:
         num_offline_requests: int | None = typer.Option(None, "--num-offline-requests", min=1,
                                                         help="Requests per backlog batch job (default 4000)."),
         quick: bool = typer.Option(False, "--quick", help="Short runs and fewer baselines (about 4 minutes on 2 cores)."),
+        full_lengths: bool = typer.Option(False, "--full-lengths", help="Trace lengths as recorded (capped to the "
+                                          "context), for the emulated engine; default: scaled to the bench model."),
         out: Path | None = typer.Option(None, "--out", help="Results directory (default results/bench-<time>)."),
     ) -> None:
         """Replay chat and a batch job under every policy side by side; write results.json and plots."""
@@ -104,6 +106,7 @@ def register(app: typer.Typer) -> None:
             opts.static_caps = tuple(int(c) for c in static_caps.split(","))
         if num_offline_requests is not None:
             opts.num_offline_requests = num_offline_requests
+        opts.full_lengths = full_lengths
         out_dir = out or Path("results") / f"bench-{_time.strftime('%Y%m%d-%H%M%S')}"
         try:
             summary = run_bench(cfg, opts, out_dir, on_progress=_echo)

@@ -30,6 +30,7 @@ from bench.bench import (
     chat_metrics,
     counter_delta,
     format_table,
+    length_limits,
     plot,
     summarize,
 )
@@ -173,16 +174,14 @@ class Simulation:
         from orchestrator.sim.cluster import ChatRequest
         from profiler.workload import AZURE_CONV, load_chat_trace
 
-        scale, max_prompt, max_output = (1.0, self.max_len * 3 // 4, self.max_len // 4) if self.opts.full_lengths \
-            else (self.max_len / 8192, self.max_len // 4, self.max_len // 8)
+        limits = length_limits(self.max_len, self.opts.full_lengths, "chat")
         trace = self.opts.online_trace
         if trace is not None and trace.suffix == ".parquet":
             if getattr(self, "_sharegpt", None) is None:
-                self._sharegpt = self._sharegpt_chat(trace, max_prompt, max_output)
+                self._sharegpt = self._sharegpt_chat(trace, limits["max_prompt_tokens"], limits["max_output_tokens"])
             return list(self._sharegpt)
         specs = load_chat_trace(self.opts.online_trace or AZURE_CONV, rate_per_s=self.opts.rate_per_s,
-                                duration_s=self.opts.duration_s, length_scale=scale,
-                                max_prompt_tokens=max_prompt, max_output_tokens=max_output, repeat=True)
+                                duration_s=self.opts.duration_s, repeat=True, **limits)
         return [ChatRequest(s.arrival_s, s.num_prompt_tokens, s.num_output_tokens) for s in specs]
 
     def _sharegpt_chat(self, path: Path, max_prompt: int, max_output: int):
@@ -232,11 +231,9 @@ class Simulation:
     def offline(self, seed: int) -> list[tuple[int, int]]:
         from profiler.workload import ARXIV_LENGTHS, load_offline_lengths
 
-        scale, max_prompt, max_output = (1.0, self.max_len * 3 // 4, self.max_len // 4) if self.opts.full_lengths \
-            else (self.max_len / 16384, self.max_len // 2, self.max_len // 8)
         specs = load_offline_lengths(self.opts.offline_trace or ARXIV_LENGTHS,
-                                     num_requests=self.opts.num_offline_requests, length_scale=scale,
-                                     max_prompt_tokens=max_prompt, max_output_tokens=max_output, seed=seed)
+                                     num_requests=self.opts.num_offline_requests, seed=seed,
+                                     **length_limits(self.max_len, self.opts.full_lengths, "offline"))
         return [(s.num_prompt_tokens, s.num_output_tokens) for s in specs]
 
     # --- one run ------------------------------------------------------------------------------

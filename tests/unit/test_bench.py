@@ -100,3 +100,16 @@ def test_plots_are_written(tmp_path):
     paths = plot(runs, {"slo": SLO}, tmp_path)
     assert [p.name for p in paths] == ["latency_cdf.png", "timeseries.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_length_limits_scale_to_a_small_context_or_keep_the_recorded_lengths():
+    from bench.bench import length_limits
+
+    # The bench model (2,048 context): chat scaled by a quarter, offline (arXiv) by an eighth.
+    assert length_limits(2048, False, "chat") == {"length_scale": 0.25, "max_prompt_tokens": 512, "max_output_tokens": 256}
+    assert length_limits(2048, False, "offline") == {"length_scale": 0.125, "max_prompt_tokens": 1024,
+                                                      "max_output_tokens": 256}
+    # Full lengths, either kind: as recorded, the prompt within three quarters of the context.
+    for kind in ("chat", "offline"):
+        assert length_limits(4096, True, kind) == {"length_scale": 1.0, "max_prompt_tokens": 3072,
+                                                   "max_output_tokens": 1024}
