@@ -86,10 +86,6 @@ class SchedulerAccess:
     def current_step(self) -> int:
         return self._s.current_step
 
-    def has_unfinished_requests(self) -> bool:
-        """Requests running or waiting: the engine's loop steps again without waiting for work."""
-        return bool(self._s.has_unfinished_requests())
-
     def running(self) -> list:
         return list(self._s.running)
 

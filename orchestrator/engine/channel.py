@@ -41,9 +41,9 @@ from orchestrator.engine.shm import process_alive
 from orchestrator.names import ENV_ENGINE_CHANNEL
 
 MAGIC = 0xC0C0CA7E
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 5
 
-RING_COLUMNS: tuple[str, ...] = (*[f.name for f in STEP_SCHEMA], "end_time_s", "num_online_reqs", "cycle_ms")
+RING_COLUMNS: tuple[str, ...] = (*[f.name for f in STEP_SCHEMA], "end_time_s", "num_online_reqs")
 DEFAULT_RING_CAPACITY = 8192
 LATENCY_COLUMNS: tuple[str, ...] = ("time_s", "ttft_ms", "tpot_ms")
 """One row per online request event: ttft_ms or tpot_ms is set, the other is NaN."""

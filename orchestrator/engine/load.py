@@ -84,14 +84,8 @@ class LoadWindow:
     def observe(self, steps: Mapping[str, np.ndarray], latency_events: Mapping[str, Any], now_s: float,
                 running_tpot_max_ms: float = 0.0) -> dict[str, Any]:
         """Take the steps (columns: CALIBRATION_COLUMNS, `end_time_s`, `num_online_reqs`,
-        `kv_cache_usage`, and `cycle_ms` where the engine measured it) and latency events
-        (`time_s`, `ttft_ms`, `tpot_ms`) since the last report; return the report's windowed fields.
-
-        A step's latency here is its cycle when measured (`orchestrator.engine.step_timer`): the
-        controller's model is learned and calibrated on what a request waits per token, which on
-        a busy host is up to a third more than the step at large batches."""
-        if "cycle_ms" in steps:
-            steps = {**steps, "step_latency_ms": steps["cycle_ms"]}
+        `kv_cache_usage`) and latency events (`time_s`, `ttft_ms`, `tpot_ms`) since the last
+        report; return the report's windowed fields."""
         self.latencies.add(latency_events)
         ttft_p99, tpot_p99 = self.latencies.p99s(now_s, running_tpot_max_ms)
         with_online = np.asarray(steps["num_online_reqs"]) > 0

@@ -9,10 +9,6 @@ so with async scheduling, where two steps are in flight, each step gets its own 
 go to a bounded ring, exportable to Parquet with the versioned schema, and, when the replica gave
 the engine a channel (`orchestrator.engine.channel`), to the channel's step ring too.
 
-Each record also carries the step's cycle (`step_timer`: the step plus the host's time since the
-previous step's answer while the engine was busy), what a request in the step waited for its
-token; the replica's load window hands the controller cycles, not steps, to learn from.
-
 For every online request it records, from the engine's own clock, the time to its first token
 (from the front end's arrival time) and, when it finishes, its time per output token. These are
 the latencies the controller holds against the SLO: measured where the tokens are produced, they
@@ -93,14 +89,13 @@ class TelemetryScheduler(Scheduler):
             log.warning("colocate: engine channel unavailable (%s); telemetry stays in the engine", err)
 
     def schedule(self, *args, **kwargs):
-        started = time.perf_counter()
         output = super().schedule(*args, **kwargs)
         start = time.perf_counter()
         record = step_record(self.access, output) if self.access.total_scheduled_tokens(output) > 0 else None
         now = time.perf_counter()
         self._telemetry_cost_s += now - start
         if record is not None:
-            self._steps.scheduled(output, record, now, started)
+            self._steps.scheduled(output, record, now)
         return output
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -108,15 +103,13 @@ class TelemetryScheduler(Scheduler):
             time.sleep(self._step_delay_s)  # an emulated slower host: the step takes this much longer
         answered = self._steps.answered(scheduler_output, time.perf_counter())
         if answered is not None:
-            record, latency_ms, cycle_ms = answered
+            record, latency_ms = answered
             record["step_latency_ms"] = latency_ms
-            record["cycle_ms"] = cycle_ms
             self.telemetry.append(record)
             if self.channel is not None and self._publish_steps:
                 self._publish(record)
         online = self._online_scheduled(scheduler_output)
         result = super().update_from_output(scheduler_output, model_runner_output)
-        self._steps.updated(self.access.has_unfinished_requests())
         if online and self.channel is not None and self._publish_steps:
             self._record_request_latencies(online)
         return result

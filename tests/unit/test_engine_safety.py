@@ -132,33 +132,13 @@ def test_steps_are_timed_against_their_own_answer_not_the_first_pending():
     timer.scheduled(a, "step a", 0.0)
     timer.scheduled(b, "step b", 0.010)
     # Async scheduling: b's answer may come while a's never does (or comes later).
-    assert timer.answered(b, 0.030)[:2] == ("step b", pytest.approx(20.0))
-    assert timer.answered(a, 0.050)[:2] == ("step a", pytest.approx(50.0))
+    assert timer.answered(b, 0.030) == ("step b", pytest.approx(20.0))
+    assert timer.answered(a, 0.050) == ("step a", pytest.approx(50.0))
     assert timer.answered(a, 0.060) is None
     outputs = [object() for _ in range(20)]  # kept alive: ids of live objects are distinct
     for i, out in enumerate(outputs):
         timer.scheduled(out, i, float(i))
     assert len(timer) == timer.max_pending
-
-
-def test_a_steps_cycle_runs_from_the_previous_answer_while_the_engine_is_busy():
-    timer = StepTimer()
-    a, b, c, d = (object() for _ in range(4))
-    # Idle before a: its cycle starts with its schedule() call (2 ms of scheduling, 10 ms step).
-    timer.scheduled(a, "a", now_s=0.002, started_s=0.0)
-    assert timer.answered(a, 0.012) == ("a", pytest.approx(10.0), pytest.approx(12.0))
-    timer.updated(busy=True)
-    # Sync scheduling: the host took 3 ms after a's answer before b's schedule() began, 1 ms in it.
-    timer.scheduled(b, "b", now_s=0.016, started_s=0.015)
-    assert timer.answered(b, 0.026) == ("b", pytest.approx(10.0), pytest.approx(14.0))
-    timer.updated(busy=True)
-    # Async scheduling: c was scheduled before b's answer; its cycle is from b's answer on.
-    timer.scheduled(c, "c", now_s=0.020, started_s=0.019)
-    assert timer.answered(c, 0.037) == ("c", pytest.approx(17.0), pytest.approx(11.0))
-    timer.updated(busy=False)
-    # Nothing was left after c: d waited for work, so its cycle starts with its own schedule().
-    timer.scheduled(d, "d", now_s=0.501, started_s=0.500)
-    assert timer.answered(d, 0.511) == ("d", pytest.approx(10.0), pytest.approx(11.0))
 
 
 def test_a_half_written_budget_table_is_never_applied(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from orchestrator.engine.load import MIN_RUNNING_TPOT_TOKENS, OnlineLatencies, running_tpot_ms
@@ -18,20 +17,3 @@ def test_a_running_request_counts_once_its_tpot_is_a_rate_over_enough_tokens():
     lat.add({"time_s": [9.0, 9.5], "ttft_ms": [float("nan")] * 2, "tpot_ms": [40.0, 50.0]})
     assert lat.p99s(10.0, running_tpot_max_ms=running_tpot_ms(10.0, 5.0, 51))[1] == pytest.approx(99.0)  # of 40, 50, 100
     assert lat.p99s(10.0)[1] == pytest.approx(40.0 + 0.99 * 10.0)
-
-
-def test_the_controller_learns_from_cycles_where_the_engine_measured_them():
-    from orchestrator.engine.load import CALIBRATION_COLUMNS, LoadWindow
-
-    n = 4
-    steps = {c: np.full(n, 1.0) for c in CALIBRATION_COLUMNS}
-    steps.update(step_latency_ms=np.full(n, 10.0), cycle_ms=np.array([12.0, 13.0, 12.0, 14.0]),
-                 end_time_s=np.arange(n) + 99.0, num_online_reqs=np.ones(n), kv_cache_usage=np.full(n, 0.1))
-    empty = {"time_s": [], "ttft_ms": [], "tpot_ms": []}
-    out = LoadWindow().observe(steps, empty, now_s=103.0)
-    assert out["step_p50_ms"] == pytest.approx(12.5)
-    assert out["new_steps"]["step_latency_ms"] == [12.0, 13.0, 12.0, 14.0]
-    assert out["recent_steps"]["step_latency_ms"] == [12.0, 13.0, 12.0, 14.0]
-    # Without cycles (the simulator's steps are back to back), the steps themselves.
-    del steps["cycle_ms"]
-    assert LoadWindow().observe(steps, empty, now_s=103.0)["step_p50_ms"] == pytest.approx(10.0)
